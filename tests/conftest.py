@@ -1,0 +1,53 @@
+"""Shared fixtures: one throwaway PostgreSQL per session, a fresh database per test."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from tokensforge.db import migrate
+from tokensforge.embedded_pg import EmbeddedPostgres
+
+from .invariants import assert_ledger_invariants
+
+TEMPLATE = "tf_template"
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[EmbeddedPostgres]:
+    cluster = EmbeddedPostgres.throwaway()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+async def template_db(pg: EmbeddedPostgres) -> str:
+    """A migrated database that every test's database is cloned from (fast: file copy)."""
+    conn = await asyncpg.connect(pg.admin_dsn("postgres"))
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+        await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+    finally:
+        await conn.close()
+    await migrate(pg.admin_dsn(TEMPLATE))
+    return TEMPLATE
+
+
+@pytest.fixture
+async def dsn(pg: EmbeddedPostgres, template_db: str) -> AsyncIterator[str]:
+    """A fresh migrated database; SPEC §5 invariants are checked on it after the test."""
+    name = "t_" + secrets.token_hex(6)
+    admin = await asyncpg.connect(pg.admin_dsn("postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_db}")
+        yield pg.admin_dsn(name)
+        await assert_ledger_invariants(pg.admin_dsn(name))
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()

@@ -1,0 +1,148 @@
+"""Admin endpoints (SPEC §2), behind TOKENSFORGE_ADMIN_TOKEN."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from ..catalog import CatalogError
+from ..errors import InvalidApiKey, InvalidRequest, TokensForgeError
+from ..ledger.model import bucket_view, entry_view
+from ..state import GATEWAY, Gateway
+from .common import json_response, read_json, require_str
+
+log = logging.getLogger("tokensforge.admin")
+routes = web.RouteTableDef()
+
+
+class AdminDisabled(TokensForgeError):
+    status, code, type, final = 403, "admin_disabled", "permission_error", True
+
+
+def _gateway(request: web.Request) -> Gateway:
+    """The gateway, once the admin token checked out (constant-time)."""
+    gw = request.app[GATEWAY]
+    token = gw.settings.admin_token
+    if not token:
+        raise AdminDisabled("the admin API is disabled: set TOKENSFORGE_ADMIN_TOKEN to enable it")
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header[:7].lower() == "bearer " else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise InvalidApiKey("a valid admin token is required")
+    return gw
+
+
+def _policy_field(body: dict[str, Any]) -> dict[str, Any]:
+    policy = body.get("policy") or {}
+    if not isinstance(policy, dict):
+        raise InvalidRequest("'policy' must be an object", param="policy")
+    return policy
+
+
+@routes.post("/admin/accounts")
+async def create_account(request: web.Request) -> web.Response:
+    gw = _gateway(request)
+    body = await read_json(request)
+    name = require_str(body, "name")
+    assert name is not None
+    account = await gw.accounts.create_account(name, gw.catalog.buckets)
+    account["buckets"] = [bucket_view(b.id, b.name, 0, 0) for b in gw.catalog.buckets.values()]
+    return json_response(account, status=201)
+
+
+@routes.get("/admin/accounts/{account_id}")
+async def get_account(request: web.Request) -> web.Response:
+    gw = _gateway(request)
+    account_id = request.match_info["account_id"]
+    account = await gw.accounts.get_account(account_id)
+    account["buckets"] = await account_buckets(gw, account_id)
+    return json_response(account)
+
+
+async def account_buckets(gw: Gateway, account_id: str) -> list[dict[str, Any]]:
+    rows = {r["bucket"]: r for r in await gw.ledger.balances(account_id)}
+    views = []
+    for bucket in gw.catalog.buckets.values():
+        row = rows.pop(bucket.id, None)
+        views.append(bucket_view(bucket.id, bucket.name, row["balance_nanos"] if row else 0,
+                                 row["reserved_nanos"] if row else 0))
+    for bucket_id, row in rows.items():  # a bucket the catalog no longer lists still holds money
+        views.append(bucket_view(bucket_id, bucket_id, row["balance_nanos"], row["reserved_nanos"]))
+    return views
+
+
+@routes.post("/admin/accounts/{account_id}/projects")
+async def create_project(request: web.Request) -> web.Response:
+    gw = _gateway(request)
+    body = await read_json(request)
+    name = require_str(body, "name")
+    assert name is not None
+    project = await gw.accounts.create_project(request.match_info["account_id"], name, _policy_field(body))
+    return json_response(project, status=201)
+
+
+@routes.post("/admin/accounts/{account_id}/keys")
+async def create_key(request: web.Request) -> web.Response:
+    gw = _gateway(request)
+    body = await read_json(request)
+    name = require_str(body, "name")
+    assert name is not None
+    project_id = require_str(body, "project_id", optional=True)
+    key = await gw.accounts.create_key(request.match_info["account_id"], name, project_id, _policy_field(body))
+    log.info("created key %s (%s) for account %s", key["id"], key["prefix"], key["account_id"])
+    return json_response(key, status=201)
+
+
+@routes.post("/admin/keys/{key_id}/revoke")
+async def revoke_key(request: web.Request) -> web.Response:
+    gw = _gateway(request)
+    key = await gw.accounts.revoke_key(request.match_info["key_id"])
+    gw.keys.invalidate()
+    await notify(gw, "keys")
+    return json_response(key)
+
+
+@routes.post("/admin/accounts/{account_id}/topups")
+async def topup(request: web.Request) -> web.Response:
+    gw = _gateway(request)
+    body = await read_json(request)
+    bucket = require_str(body, "bucket")
+    if bucket not in gw.catalog.buckets:
+        raise InvalidRequest(
+            f"unknown bucket {bucket!r} (buckets: {', '.join(gw.catalog.buckets)})", param="bucket")
+    amount = body.get("amount_nanos")
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise InvalidRequest("'amount_nanos' must be a positive integer (nano-USD)", param="amount_nanos")
+    if amount > 10**18:
+        raise InvalidRequest("'amount_nanos' is too large", param="amount_nanos")
+    key = require_str(body, "idempotency_key")
+    note = body.get("note")
+    if note is not None and not isinstance(note, str):
+        raise InvalidRequest("'note' must be a string", param="note")
+    assert bucket is not None and key is not None
+    entry, created = await gw.ledger.topup(request.match_info["account_id"], bucket, amount, key, note)
+    view = entry_view(entry)
+    view["replayed"] = not created
+    return json_response(view, status=201 if created else 200)
+
+
+@routes.post("/admin/catalog/reload")
+async def reload_catalog(request: web.Request) -> web.Response:
+    gw = _gateway(request)
+    try:
+        catalog = await gw.reload_catalog()
+    except CatalogError as exc:
+        raise InvalidRequest(f"catalog not reloaded, the old one keeps serving: {exc}") from None
+    await notify(gw, "catalog")
+    return json_response({"reloaded": True, "source": catalog.source, "models": len(catalog.models)})
+
+
+async def notify(gw: Gateway, what: str) -> None:
+    """Tell every other gateway process (LISTEN/NOTIFY) that `what` changed."""
+    try:
+        await gw.pool.execute("SELECT pg_notify('tokensforge', $1)", what)
+    except Exception:  # the local change is done; peers still expire caches by TTL
+        log.warning("could not notify peers of %s change", what)

@@ -1,0 +1,56 @@
+"""The one place that turns errors into HTTP answers in the OpenAI error shape."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from ..errors import InvalidRequest, NotFound, RequestTooLarge, TokensForgeError
+from .common import REQUEST_ID, json_response, new_request_id
+
+log = logging.getLogger("tokensforge.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: TokensForgeError, request_id: str) -> web.Response:
+    headers = {"x-request-id": request_id, **error.headers}
+    if error.final:
+        headers["x-should-retry"] = "false"
+    return json_response(error.body(), status=error.status, headers=headers)
+
+
+def _from_http(exc: web.HTTPException) -> TokensForgeError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return RequestTooLarge("the request body is too large")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("no such endpoint")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        err = InvalidRequest(f"method {exc.method} is not allowed here")
+        err.status = 405
+        return err
+    err = InvalidRequest(exc.reason or "bad request")
+    err.status = exc.status
+    return err
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = new_request_id()  # never the client's: ids key money rows
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except TokensForgeError as exc:
+        return error_response(exc, request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http(exc), request_id)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(TokensForgeError("internal error"), request_id)
+    if not response.prepared:
+        response.headers["x-request-id"] = request_id
+    return response

@@ -1,0 +1,182 @@
+"""The ledger's SQL: every money movement is one call of a database function.
+
+Database errors are translated here and nowhere else: connection trouble
+becomes LedgerUnavailable (the gateway fails closed), SQLSTATE TF001 becomes
+ReservationResolved, serialization failures and deadlocks are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from .. import metrics
+from ..errors import (
+    BudgetExceeded, IdempotencyConflict, InsufficientBalance, LedgerUnavailable, NotFound,
+    ReservationResolved,
+)
+from .model import BudgetLimit
+
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+_RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
+_MAX_RETRIES = 3
+
+
+@asynccontextmanager
+async def translated(op: str) -> AsyncIterator[None]:
+    """Time a ledger operation and map database failures to domain errors."""
+    started = time.perf_counter()
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) == "TF001":
+            raise ReservationResolved(str(exc)) from None
+        if isinstance(exc, _UNAVAILABLE):
+            raise LedgerUnavailable("the ledger database is unavailable; nothing was charged") from exc
+        raise
+    except _UNAVAILABLE as exc:
+        raise LedgerUnavailable("the ledger database is unavailable; nothing was charged") from exc
+    finally:
+        metrics.LEDGER_OP_DURATION.labels(op).observe(time.perf_counter() - started)
+
+
+class LedgerStore:
+    """Top-ups, reservations, settlement and the account's money views."""
+
+    def __init__(self, pool: asyncpg.Pool, *, reservation_ttl_s: float = 600.0) -> None:
+        self.pool = pool
+        self.reservation_ttl_s = reservation_ttl_s
+
+    async def _call(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        for attempt in range(_MAX_RETRIES):
+            try:
+                async with translated(op):
+                    return await self.pool.fetch(sql, *args)
+            except _RETRYABLE:
+                if attempt == _MAX_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def topup(
+        self, account_id: str, bucket: str, amount_nanos: int, idempotency_key: str, note: str | None,
+    ) -> tuple[asyncpg.Record, bool]:
+        """Credit a bucket once per idempotency key; returns (entry, created)."""
+        try:
+            rows = await self._call(
+                "topup", "SELECT outcome, entry_seq FROM tf_topup($1, $2, $3, $4, $5)",
+                account_id, bucket, amount_nanos, idempotency_key, note)
+        except asyncpg.ForeignKeyViolationError:
+            raise NotFound(f"account {account_id!r} does not exist", param="account_id") from None
+        outcome, seq = rows[0]["outcome"], rows[0]["entry_seq"]
+        if outcome == "conflict":
+            raise IdempotencyConflict(
+                f"idempotency key {idempotency_key!r} was already used with a different bucket or amount",
+                param="idempotency_key")
+        entry = await self.pool.fetchrow("SELECT * FROM ledger_entries WHERE seq = $1", seq)
+        assert entry is not None
+        return entry, outcome == "created"
+
+    async def reserve(
+        self, reservation_id: str, account_id: str, bucket: str, amount_nanos: int,
+        budgets: Sequence[BudgetLimit] = (), receipt: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> int:
+        """Hold `amount_nanos` in the bucket (and budgets); returns the available amount left."""
+        rows = await self._call(
+            "reserve", "SELECT * FROM tf_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            reservation_id, request_id or reservation_id, account_id, bucket, amount_nanos, self.reservation_ttl_s,
+            [b.scope for b in budgets], [b.period for b in budgets], [b.limit_nanos for b in budgets],
+            receipt)
+        row = rows[0]
+        if row["outcome"] == "insufficient_balance":
+            raise InsufficientBalance(bucket, amount_nanos, row["available_nanos"])
+        if row["outcome"] == "budget_exceeded":
+            raise BudgetExceeded(
+                f"the {row['budget_scope'].split(':')[0]} budget cannot cover this request: needs "
+                f"{amount_nanos} nano-USD, {row['budget_remaining_nanos']} left in the period",
+                budget_scope=row["budget_scope"].split(":")[0],
+                needed_nanos=amount_nanos, remaining_nanos=row["budget_remaining_nanos"])
+        available: int = row["available_nanos"]
+        return available
+
+    async def finish(
+        self, reservation_id: str, charge_nanos: int, record: dict[str, Any] | None,
+    ) -> tuple[str | None, int]:
+        """Settle (charge > 0) or void (charge 0) a reservation; returns (ledger entry id, balance after).
+
+        With a record, the usage record is written in the same transaction.
+        """
+        status = "settled" if charge_nanos > 0 else "voided"
+        rows = await self._call(
+            "settle" if charge_nanos > 0 else "void",
+            "SELECT * FROM tf_finish($1, $2, $3, $4)", reservation_id, charge_nanos, status, record)
+        return rows[0]["ledger_entry_id"], rows[0]["balance_after_nanos"]
+
+    async def record(self, receipt: dict[str, Any]) -> None:
+        """A usage record for a request that reserved nothing."""
+        await self._call("record", "SELECT tf_record($1)", receipt)
+
+    async def expire(self, limit: int = 500) -> int:
+        rows = await self._call("expire", "SELECT tf_expire($1) AS n", limit)
+        count: int = rows[0]["n"]
+        return count
+
+    async def balances(self, account_id: str) -> list[asyncpg.Record]:
+        async with translated("read"):
+            return await self.pool.fetch(
+                "SELECT bucket, balance_nanos, reserved_nanos FROM buckets WHERE account_id = $1 ORDER BY bucket",
+                account_id)
+
+    async def available(self, account_id: str, bucket: str) -> int:
+        async with translated("read"):
+            value = await self.pool.fetchval(
+                "SELECT balance_nanos - reserved_nanos FROM buckets WHERE account_id = $1 AND bucket = $2",
+                account_id, bucket)
+        return int(value or 0)
+
+    async def ledger(
+        self, account_id: str, *, limit: int, after: int | None, bucket: str | None = None,
+    ) -> list[asyncpg.Record]:
+        async with translated("read"):
+            return await self.pool.fetch(
+                "SELECT * FROM ledger_entries WHERE account_id = $1"
+                " AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR bucket = $3)"
+                " ORDER BY seq DESC LIMIT $4",
+                account_id, after, bucket, limit)
+
+    async def usage(
+        self, account_id: str, *, limit: int, after: int | None, filters: dict[str, str | None],
+    ) -> list[asyncpg.Record]:
+        async with translated("read"):
+            return await self.pool.fetch(
+                "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
+                " AND ($2::bigint IS NULL OR seq < $2)"
+                " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
+                " AND ($5::text IS NULL OR bucket = $5) AND ($6::text IS NULL OR status = $6)"
+                " ORDER BY seq DESC LIMIT $7",
+                account_id, after, filters.get("model"), filters.get("route_kind"),
+                filters.get("bucket"), filters.get("status"), limit)
+
+    async def receipt(self, account_id: str, request_id: str) -> asyncpg.Record | None:
+        async with translated("read"):
+            return await self.pool.fetchrow(
+                "SELECT receipt, created_at, latency_ms FROM usage_records"
+                " WHERE account_id = $1 AND request_id = $2", account_id, request_id)
+
+    async def entry(self, entry_id: str) -> asyncpg.Record | None:
+        async with translated("read"):
+            return await self.pool.fetchrow("SELECT * FROM ledger_entries WHERE id = $1", entry_id)

@@ -1,0 +1,28 @@
+"""Prometheus metric families (SPEC §2 names and labels; never account or key ids)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LEDGER_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+REQUESTS = Counter(
+    "tokensforge_requests", "Client requests by outcome.", ["model", "route_kind", "bucket", "status"])
+REQUEST_DURATION = Histogram(
+    "tokensforge_request_duration_seconds", "Whole request time.", ["route_kind"], buckets=_LATENCY_BUCKETS)
+UPSTREAM_ATTEMPTS = Counter(
+    "tokensforge_upstream_attempts", "Upstream attempts by channel and outcome.", ["channel", "outcome"])
+UPSTREAM_LATENCY = Histogram(
+    "tokensforge_upstream_latency_seconds", "Upstream time to headers.", ["channel"], buckets=_LATENCY_BUCKETS)
+FALLBACKS = Counter("tokensforge_fallbacks", "Fallbacks taken (channel or route).", ["kind"])
+SPEND = Counter("tokensforge_spend_nanos", "Charged nano-USD.", ["bucket", "route_kind"])
+TOKENS = Counter("tokensforge_tokens", "Tokens billed.", ["direction", "route_kind"])
+CHANNEL_UP = Gauge(
+    "tokensforge_channel_up", "1 when the channel's circuit is not open.", ["channel"], multiprocess_mode="max")
+CIRCUIT_STATE = Gauge(
+    "tokensforge_circuit_state", "0 closed, 1 half-open, 2 open.", ["channel"], multiprocess_mode="max")
+RESERVATIONS_INFLIGHT = Gauge(
+    "tokensforge_reservations_inflight", "Open reservations held by this process.", multiprocess_mode="livesum")
+LEDGER_OP_DURATION = Histogram(
+    "tokensforge_ledger_op_duration_seconds", "Ledger database operation time.", ["op"], buckets=_LEDGER_BUCKETS)

@@ -1,0 +1,738 @@
+"""Simulated OpenAI-compatible upstream with deterministic token counts and fault injection.
+
+Used by the demo, the end-to-end tests and the benchmarks, so the hot paths avoid per-request
+work that can be done once at import time (reply text, token JSON, stream chunk envelopes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import hmac
+import itertools
+import random
+import signal
+import struct
+import sys
+import time
+from array import array
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+MOCK_MODEL = "mock-model"
+DEFAULT_COMPLETION_TOKENS = 16
+MAX_COMPLETION_TOKENS = 4096
+MAX_EMBEDDING_DIM = 4096
+WORDS = (
+    "lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit",
+    "sed", "do", "eiusmod", "tempor", "incididunt", "ut", "labore", "et",
+    "dolore", "magna", "aliqua", "enim", "ad", "minim", "veniam", "quis",
+)  # fmt: skip
+PER_MESSAGE_TOKENS = 3
+DISCONNECT_POLL_S = 0.02
+MALFORMED_BODY = b'{"id": "chatcmpl-mock", "object": "chat.completion", "choices": [{'
+_U32_TO_UNIT = 2.0 / 0xFFFFFFFF
+_SENTINEL = "\x00tokensforge-token\x00"
+_SENTINEL_JSON = orjson.dumps(_SENTINEL)
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE_EVENT = b"data: [DONE]\n\n"
+_ERROR_KINDS: dict[int, tuple[str, str | None, str]] = {
+    400: ("invalid_request_error", None, "Invalid request (mock upstream)."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+    403: ("invalid_request_error", "permission_denied", "Permission denied (mock upstream)."),
+    404: ("invalid_request_error", "not_found", "Not found (mock upstream)."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached (mock upstream)."),
+    500: ("server_error", None, "The server had an error while processing your request."),
+    502: ("server_error", "bad_gateway", "Bad gateway (mock upstream)."),
+    503: ("server_error", "service_unavailable", "The engine is currently overloaded."),
+}
+
+
+# --------------------------------------------------------------------------- token accounting
+
+
+def count_tokens(text: str) -> int:
+    """Deterministic stand-in for a tokenizer: one token per 4 UTF-8 bytes, rounded up."""
+    if not text:
+        return 0
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    return (size + 3) // 4
+
+
+def _content_tokens(content: Any) -> int:
+    """Count string content or the text parts of multimodal content; anything else is free."""
+    if isinstance(content, str):
+        return count_tokens(content)
+    if isinstance(content, list):
+        return sum(
+            count_tokens(part["text"])
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        )
+    return 0
+
+
+def prompt_tokens(messages: list) -> int:
+    """Prompt size the mock bills: content tokens plus a fixed per-message overhead."""
+    return sum(
+        _content_tokens(m.get("content") if isinstance(m, dict) else None) + PER_MESSAGE_TOKENS
+        for m in messages
+    )
+
+
+def _build_reply_text() -> tuple[str, tuple[int, ...]]:
+    """Prebuild the longest reply once; any shorter reply is a prefix slice of it."""
+    words = [WORDS[i % len(WORDS)] for i in range(MAX_COMPLETION_TOKENS)]
+    ends = tuple(itertools.accumulate(len(w) + (1 if i else 0) for i, w in enumerate(words)))
+    return " ".join(words), ends
+
+
+_REPLY_TEXT, _REPLY_ENDS = _build_reply_text()
+_SPACED_TOKEN_JSON = tuple(orjson.dumps(w + " ") for w in WORDS)
+_LAST_TOKEN_JSON = tuple(orjson.dumps(w) for w in WORDS)
+
+
+def reply_text(n: int) -> str:
+    """The n-token reply: n words from WORDS, cycled, joined by single spaces."""
+    return _REPLY_TEXT[: _REPLY_ENDS[n - 1]] if n > 0 else ""
+
+
+def _token_json(i: int, n: int) -> bytes:
+    """JSON string of stream token i of n; every token but the last carries its trailing space."""
+    table = _LAST_TOKEN_JSON if i == n - 1 else _SPACED_TOKEN_JSON
+    return table[i % len(WORDS)]
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Behaviour of the mock for one model (or the default)."""
+
+    latency_ms: int = 0
+    chunk_delay_ms: int = 0
+    error_status: int | None = None
+    error_rate: float = 1.0
+    retry_after_s: int | None = None
+    hang: bool = False
+    cut_after_chunks: int | None = None
+    no_usage: bool = False
+    malformed_json: bool = False
+    completion_tokens: int | None = None
+
+
+@dataclass
+class MockConfig:
+    """Startup configuration; per_model entries replace the default for that model name."""
+
+    default: Faults = field(default_factory=Faults)
+    per_model: dict[str, Faults] = field(default_factory=dict)
+    api_key: str | None = None
+    embedding_dim: int = 8
+    seed: int = 0
+
+
+_FAULT_TYPES: dict[str, tuple[type, ...]] = {
+    "latency_ms": (int,),
+    "chunk_delay_ms": (int,),
+    "error_status": (int, type(None)),
+    "error_rate": (int, float),
+    "retry_after_s": (int, type(None)),
+    "hang": (bool,),
+    "cut_after_chunks": (int, type(None)),
+    "no_usage": (bool,),
+    "malformed_json": (bool,),
+    "completion_tokens": (int, type(None)),
+}
+
+
+def faults_from_dict(data: Any) -> Faults:
+    """Build Faults from JSON, rejecting unknown keys and wrong types so typos fail loudly."""
+    if not isinstance(data, dict):
+        raise ValueError("faults must be a JSON object")
+    for key, value in data.items():
+        allowed = _FAULT_TYPES.get(key)
+        if allowed is None:
+            raise ValueError(f"unknown fault {key!r}; known: {', '.join(_FAULT_TYPES)}")
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ValueError(f"fault {key!r} has invalid value {value!r}")
+    return Faults(**data)
+
+
+def per_model_from_dict(data: Any) -> dict[str, Faults]:
+    """Parse `{"model": {fault: value}}` into per-model Faults."""
+    if not isinstance(data, dict):
+        raise ValueError("per-model faults must be a JSON object keyed by model name")
+    return {str(model): faults_from_dict(spec) for model, spec in data.items()}
+
+
+# --------------------------------------------------------------------------- runtime state
+
+
+@dataclass
+class _Stats:
+    """Counters the tests read through /_mock/stats."""
+
+    requests: int = 0
+    by_model: dict[str, int] = field(default_factory=dict)
+    inflight: int = 0
+    cancelled: int = 0
+    completed: int = 0
+    cut: int = 0
+    last_request: dict[str, Any] | None = None
+
+    def reset(self) -> None:
+        """Zero everything except inflight, which still has live handlers to decrement it."""
+        inflight = self.inflight
+        self.__init__()  # type: ignore[misc]
+        self.inflight = inflight
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _State:
+    """Per-app mutable state: current faults, seeded RNG, id counter and stats."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+        self.default = config.default
+        self.per_model = dict(config.per_model)
+        self.rng = random.Random(config.seed)
+        self.ids = itertools.count(1)
+        self.stats = _Stats()
+        self.expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    def faults_for(self, model: str) -> Faults:
+        return self.per_model.get(model, self.default)
+
+    def replace_faults(self, default: Faults, per_model: dict[str, Faults]) -> None:
+        """Swap faults and reseed so error_rate sequences restart deterministically."""
+        self.default = default
+        self.per_model = per_model
+        self.rng = random.Random(self.config.seed)
+
+    def should_fail(self, faults: Faults) -> bool:
+        if faults.error_status is None:
+            return False
+        return faults.error_rate >= 1.0 or self.rng.random() < faults.error_rate
+
+
+STATE_KEY = web.AppKey("tokensforge_mock_state", _State)
+
+
+class _ApiError(Exception):
+    """Raised inside handlers; rendered as an OpenAI-shaped error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str | None = None,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        err_type, code, default_message = _ERROR_KINDS.get(
+            status, ("server_error" if status >= 500 else "invalid_request_error", None, "")
+        )
+        super().__init__(message or default_message or f"Mock upstream error {status}.")
+        self.status = status
+        self.body = {"error": {"message": str(self), "type": err_type, "code": code, "param": param}}
+        self.headers = headers
+
+    def response(self) -> web.Response:
+        return web.Response(
+            status=self.status,
+            body=orjson.dumps(self.body),
+            content_type="application/json",
+            headers=self.headers,
+        )
+
+
+class _StreamCut(Exception):
+    """The stream was deliberately broken; carries the response aiohttp must finish."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("stream cut by fault injection")
+        self.response = response
+
+
+def _json_response(payload: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+
+# --------------------------------------------------------------------------- request plumbing
+
+Handler = Callable[[web.Request, _State, Any], Awaitable[web.StreamResponse]]
+
+
+def _parse_body(raw: bytes) -> Any:
+    """Parsed JSON body, or None when absent/invalid (handlers decide whether that is an error)."""
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _record(request: web.Request, stats: _Stats, body: Any) -> None:
+    stats.requests += 1
+    stats.last_request = {
+        "path": request.path,
+        "headers": {k.lower(): v for k, v in request.headers.items()},
+        "body": body,
+    }
+
+
+def _check_auth(request: web.Request, state: _State) -> None:
+    if state.expected_auth is None:
+        return
+    given = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(given, state.expected_auth):
+        raise _ApiError(401)
+
+
+def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a /v1 handler with auth, error rendering and inflight/cancelled/completed stats."""
+
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE_KEY]
+        stats = state.stats
+        stats.inflight += 1
+        try:
+            body = _parse_body(await request.read())
+            _record(request, stats, body)
+            _check_auth(request, state)
+            response = await handler(request, state, body)
+        except _ApiError as exc:
+            response = exc.response()
+        except _StreamCut as exc:
+            stats.cut += 1
+            return exc.response
+        except ConnectionResetError:
+            # The client went away; aiohttp silently drops whatever we return now.
+            stats.cancelled += 1
+            return web.Response(status=499)
+        except asyncio.CancelledError:
+            stats.cancelled += 1
+            raise
+        finally:
+            stats.inflight -= 1
+        stats.completed += 1
+        return response
+
+    return wrapper
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _sleep_connected(request: web.Request, seconds: float) -> None:
+    """Sleep but notice a departed client: aiohttp does not cancel handlers on disconnect."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        if _client_gone(request):
+            raise ConnectionResetError("client disconnected")
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        await asyncio.sleep(min(remaining, DISCONNECT_POLL_S))
+
+
+async def _apply_faults(request: web.Request, state: _State, faults: Faults) -> web.Response | None:
+    """Run the pre-response faults; returns a response that replaces the normal one, if any."""
+    if faults.hang:
+        await _sleep_connected(request, float("inf"))
+    if faults.latency_ms > 0:
+        await _sleep_connected(request, faults.latency_ms / 1000)
+    if state.should_fail(faults):
+        assert faults.error_status is not None
+        headers = {"retry-after": str(faults.retry_after_s)} if faults.retry_after_s is not None else None
+        raise _ApiError(faults.error_status, headers=headers)
+    if faults.malformed_json:
+        return web.Response(body=MALFORMED_BODY, content_type="application/json")
+    return None
+
+
+def _require_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _ApiError(400, "We could not parse the JSON body of your request.")
+    return body
+
+
+def _require_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _ApiError(400, "you must provide a model parameter", param="model")
+    state_model: str = model
+    return state_model
+
+
+def _count_model(stats: _Stats, model: str) -> None:
+    stats.by_model[model] = stats.by_model.get(model, 0) + 1
+
+
+# --------------------------------------------------------------------------- chat completions
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _completion_length(body: dict[str, Any], faults: Faults) -> tuple[int, str]:
+    """Output length and the finish_reason it implies (a client cap means "length")."""
+    if faults.completion_tokens is not None:
+        return min(max(faults.completion_tokens, 0), MAX_COMPLETION_TOKENS), "stop"
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise _ApiError(400, f"Invalid '{key}': expected an integer >= 1.", param=key)
+        return min(value, MAX_COMPLETION_TOKENS), "length"
+    return DEFAULT_COMPLETION_TOKENS, "stop"
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+async def chat_completions(request: web.Request, state: _State, body: Any) -> web.StreamResponse:
+    """POST /v1/chat/completions."""
+    body = _require_object(body)
+    model = _require_model(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise _ApiError(400, "'messages' must be an array.", param="messages")
+    _count_model(state.stats, model)
+    faults = state.faults_for(model)
+    n, finish_reason = _completion_length(body, faults)
+    replacement = await _apply_faults(request, state, faults)
+    if replacement is not None:
+        return replacement
+    head = {
+        "id": f"chatcmpl-mock-{next(state.ids)}",
+        "created": int(time.time()),
+        "model": model,
+    }
+    usage = None if faults.no_usage else _usage(prompt_tokens(messages), n)
+    if body.get("stream") is True:
+        include_usage = _include_usage(body) and usage is not None
+        stream = _ChatStream(head, n, finish_reason, usage if include_usage else None)
+        return await stream.send(request, faults)
+    return _json_response(_chat_completion(head, n, finish_reason, usage))
+
+
+def _chat_completion(
+    head: dict[str, Any], n: int, finish_reason: str, usage: dict[str, int] | None
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "id": head["id"],
+        "object": "chat.completion",
+        "created": head["created"],
+        "model": head["model"],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply_text(n), "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+    }
+    if usage is not None:
+        payload["usage"] = usage
+    return payload
+
+
+class _ChatStream:
+    """Renders one streamed completion; content chunks are spliced from a prebuilt envelope."""
+
+    def __init__(
+        self, head: dict[str, Any], n: int, finish_reason: str, usage: dict[str, int] | None
+    ) -> None:
+        self.base = {**head, "object": "chat.completion.chunk"}
+        self.n = n
+        self.finish_reason = finish_reason
+        self.usage = usage
+        self.prefix, self.suffix = self._content_envelope()
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            **self.base,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+        if self.usage is not None:
+            chunk["usage"] = None  # OpenAI sends an explicit null until the usage chunk
+        return chunk
+
+    def _content_envelope(self) -> tuple[bytes, bytes]:
+        """Split a serialized content chunk around its token so each chunk is two concatenations."""
+        template = orjson.dumps(self._chunk({"content": _SENTINEL}, None))
+        prefix, _, suffix = template.rpartition(_SENTINEL_JSON)
+        return b"data: " + prefix, suffix + b"\n\n"
+
+    async def send(self, request: web.Request, faults: Faults) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        await resp.write(_event(self._chunk({"role": "assistant", "content": ""}, None)))
+        await self._send_content(request, resp, faults)
+        await resp.write(_event(self._chunk({}, self.finish_reason)))
+        if self.usage is not None:
+            await resp.write(_event({**self.base, "choices": [], "usage": self.usage}))
+        await resp.write(_DONE_EVENT)
+        await resp.write_eof()
+        return resp
+
+    async def _send_content(
+        self, request: web.Request, resp: web.StreamResponse, faults: Faults
+    ) -> None:
+        """Write the token chunks; a cut fault stops after N of them and drops the connection."""
+        cut = faults.cut_after_chunks
+        count = self.n if cut is None else min(self.n, max(cut, 0))
+        delay = faults.chunk_delay_ms / 1000
+        for i in range(count):
+            if delay > 0 and i:
+                await asyncio.sleep(delay)
+            await resp.write(self.prefix + _token_json(i, self.n) + self.suffix)
+        if cut is not None:
+            if request.transport is not None:
+                request.transport.close()
+            raise _StreamCut(resp)
+
+
+def _event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def _embedding_inputs(raw: Any) -> list[tuple[bytes, int]]:
+    """Normalise `input` to (hash key, token count) pairs; token ids count one token each."""
+    if isinstance(raw, str):
+        return [(raw.encode(), count_tokens(raw))]
+    if isinstance(raw, list) and raw:
+        if all(isinstance(x, str) for x in raw):
+            return [(x.encode(), count_tokens(x)) for x in raw]
+        if all(_is_int(x) for x in raw):
+            return [(orjson.dumps(raw), len(raw))]
+        if all(isinstance(x, list) and x and all(_is_int(y) for y in x) for x in raw):
+            return [(orjson.dumps(x), len(x)) for x in raw]
+    raise _ApiError(
+        400, "'input' must be a string, an array of strings or an array of token arrays.", param="input"
+    )
+
+
+def embedding_vector(key: bytes, dim: int) -> array:
+    """Deterministic float32 vector in [-1, 1] expanded from sha256(key)."""
+    seed = hashlib.sha256(key).digest()
+    blocks = [seed]
+    blocks.extend(hashlib.sha256(seed + struct.pack("<I", i)).digest() for i in range(1, (dim * 4 + 31) // 32))
+    ints = struct.unpack(f"<{dim}I", b"".join(blocks)[: dim * 4])
+    return array("f", [v * _U32_TO_UNIT - 1.0 for v in ints])
+
+
+def _encode_vector(vector: array, encoding_format: str) -> list[float] | str:
+    """float -> JSON numbers; base64 -> little-endian float32 bytes, as the openai SDK decodes."""
+    if encoding_format == "float":
+        return vector.tolist()
+    if sys.byteorder != "little":
+        vector = array("f", vector)
+        vector.byteswap()
+    return base64.b64encode(vector.tobytes()).decode("ascii")
+
+
+def _embedding_dim(body: dict[str, Any], default: int) -> int:
+    dims = body.get("dimensions")
+    if dims is None:
+        return default
+    if not _is_int(dims) or not 1 <= dims <= MAX_EMBEDDING_DIM:
+        raise _ApiError(400, f"Invalid 'dimensions': expected 1..{MAX_EMBEDDING_DIM}.", param="dimensions")
+    return dims
+
+
+async def embeddings(request: web.Request, state: _State, body: Any) -> web.StreamResponse:
+    """POST /v1/embeddings."""
+    body = _require_object(body)
+    model = _require_model(body)
+    inputs = _embedding_inputs(body.get("input"))
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise _ApiError(400, "'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+    dim = _embedding_dim(body, state.config.embedding_dim)
+    _count_model(state.stats, model)
+    faults = state.faults_for(model)
+    replacement = await _apply_faults(request, state, faults)
+    if replacement is not None:
+        return replacement
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode_vector(embedding_vector(key, dim), encoding_format)}
+        for i, (key, _) in enumerate(inputs)
+    ]
+    payload: dict[str, Any] = {"object": "list", "data": data, "model": model}
+    if not faults.no_usage:
+        tokens = sum(t for _, t in inputs)
+        payload["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return _json_response(payload)
+
+
+# --------------------------------------------------------------------------- models, health, hooks
+
+
+async def list_models(request: web.Request, state: _State, body: Any) -> web.StreamResponse:
+    """GET /v1/models: the default model plus every model with its own faults."""
+    names = [MOCK_MODEL, *sorted(m for m in state.per_model if m != MOCK_MODEL)]
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "tokensforge-mock"} for m in names]
+    return _json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def _faults_json(state: _State) -> dict[str, Any]:
+    return {
+        "default": dataclasses.asdict(state.default),
+        "per_model": {m: dataclasses.asdict(f) for m, f in state.per_model.items()},
+    }
+
+
+async def set_faults(request: web.Request) -> web.Response:
+    """POST /_mock/faults: replace default and per-model faults so a test can change behaviour."""
+    state = request.app[STATE_KEY]
+    body = _parse_body(await request.read())
+    try:
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        default = faults_from_dict(body.get("default") or {})
+        per_model = per_model_from_dict(body.get("per_model") or {})
+    except (ValueError, TypeError) as exc:
+        return _ApiError(400, str(exc)).response()
+    state.replace_faults(default, per_model)
+    return _json_response(_faults_json(state))
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    return _json_response(request.app[STATE_KEY].stats.to_json())
+
+
+async def reset_stats(request: web.Request) -> web.Response:
+    stats = request.app[STATE_KEY].stats
+    stats.reset()
+    return _json_response(stats.to_json())
+
+
+def create_app(config: MockConfig | None = None) -> web.Application:
+    """Build the mock upstream application; each app has its own state and seeded RNG."""
+    app = web.Application()
+    app[STATE_KEY] = _State(config or MockConfig())
+    app.router.add_post("/v1/chat/completions", _endpoint(chat_completions))
+    app.router.add_post("/v1/embeddings", _endpoint(embeddings))
+    app.router.add_get("/v1/models", _endpoint(list_models))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/_mock/faults", set_faults)
+    app.router.add_get("/_mock/stats", get_stats)
+    app.router.add_post("/_mock/reset", reset_stats)
+    return app
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _model_faults_arg(text: str) -> dict[str, Faults]:
+    """argparse type for --model-faults, so bad JSON is reported as a usage error."""
+    try:
+        return per_model_from_dict(orjson.loads(text))
+    except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"invalid --model-faults: {exc}") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the mock-upstream command line options."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    parser.add_argument("--latency-ms", type=int, default=0, help="delay before answering")
+    parser.add_argument("--chunk-delay-ms", type=int, default=0, help="delay between stream chunks")
+    parser.add_argument("--error-status", type=int, default=None, help="answer with this HTTP status")
+    parser.add_argument("--error-rate", type=float, default=1.0, help="fraction of requests failing")
+    parser.add_argument("--retry-after", type=int, default=None, help="retry-after seconds on errors")
+    parser.add_argument("--hang", action="store_true", help="never answer")
+    parser.add_argument("--cut-after", type=int, default=None, metavar="N",
+                        help="drop streams after N content chunks")  # fmt: skip
+    parser.add_argument("--no-usage", action="store_true", help="omit usage from responses")
+    parser.add_argument("--malformed-json", action="store_true", help="answer 200 with broken JSON")
+    parser.add_argument("--completion-tokens", type=int, default=None, help="fixed output length")
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    parser.add_argument("--embedding-dim", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed for --error-rate sampling")
+    parser.add_argument("--model-faults", type=_model_faults_arg, default={}, metavar="JSON",
+                        help='per-model faults, e.g. {"m": {"error_status": 500}}')  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> MockConfig:
+    """Translate parsed options into a MockConfig."""
+    default = Faults(
+        latency_ms=args.latency_ms,
+        chunk_delay_ms=args.chunk_delay_ms,
+        error_status=args.error_status,
+        error_rate=args.error_rate,
+        retry_after_s=args.retry_after,
+        hang=args.hang,
+        cut_after_chunks=args.cut_after,
+        no_usage=args.no_usage,
+        malformed_json=args.malformed_json,
+        completion_tokens=getattr(args, "completion_tokens", None),
+    )
+    return MockConfig(
+        default=default,
+        per_model=dict(args.model_faults or {}),
+        api_key=args.api_key,
+        embedding_dim=getattr(args, "embedding_dim", 8),
+        seed=getattr(args, "seed", 0),
+    )
+
+
+async def serve(config: MockConfig, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, announcing the bound URL (real port when port is 0)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1] if runner.addresses else port
+        print(f"mock-upstream listening on http://{host}:{bound}/v1", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """CLI entry point: run the mock on uvloop; returns 0 after a clean signal shutdown."""
+    import uvloop
+
+    uvloop.run(serve(config_from_args(args), args.host, args.port))
+    return 0

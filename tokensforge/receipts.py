@@ -1,0 +1,120 @@
+"""Receipts (SPEC §2): what one request did, told the same way everywhere.
+
+A `Trace` is filled in while the request runs; `build_receipt` turns it into
+the JSON document that goes to the client, into the usage record, and (with
+the ledger entry id and balance the database adds) to /v1/receipts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .catalog import Route
+from .money import ROUNDING, usd
+from .pricing import Usage
+
+
+@dataclass(slots=True)
+class Attempt:
+    channel: str
+    outcome: str  # ok | timeout | connect | 5xx | 429 | 4xx | malformed | stream_cut | skipped
+    status: int | None = None
+    latency_ms: int = 0
+    route: str | None = None
+    skipped: str | None = None  # "circuit_open"
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "channel": self.channel, "outcome": self.outcome, "status": self.status, "latency_ms": self.latency_ms}
+        if self.route is not None:
+            out["route"] = self.route
+        if self.skipped is not None:
+            out["skipped"] = self.skipped
+        return out
+
+
+@dataclass(slots=True)
+class Trace:
+    request_id: str
+    account_id: str
+    project_id: str | None
+    key_id: str
+    selected_model: str | None = None
+    route: Route | None = None
+    original_route: Route | None = None  # set when a cross-route fallback moved the request
+    upstream_model: str | None = None
+    served_by: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    status: str = "failed"
+    usage: Usage | None = None
+    usage_source: str | None = None
+    reserved_nanos: int = 0
+    charge_nanos: int = 0
+    price_nanos: int = 0
+    ledger_entry_id: str | None = None
+    balance_after_nanos: int | None = None
+    latency_ms: int | None = None
+    error: dict[str, Any] | None = None
+    endpoint: str = "chat.completions"
+
+    @property
+    def fallback_kind(self) -> str:
+        if self.original_route is not None:
+            return "route"
+        tried = [a.channel for a in self.attempts if a.skipped is None]
+        return "channel" if self.served_by is not None and tried and tried[0] != self.served_by else "none"
+
+
+def build_receipt(t: Trace) -> dict[str, Any]:
+    route = t.route
+    receipt: dict[str, Any] = {
+        "object": "receipt",
+        "request_id": t.request_id,
+        "status": t.status,
+        "endpoint": t.endpoint,
+        "selected_model": t.selected_model,
+        "upstream_model": t.upstream_model,
+        "route": {"id": route.id, "kind": route.kind} if route else None,
+        "bucket": route.bucket if route else None,
+        "price": {
+            "input_per_mtok": str(route.input_price),
+            "output_per_mtok": str(route.output_price),
+            "rounding": ROUNDING,
+        } if route else None,
+        "account_id": t.account_id,
+        "project_id": t.project_id,
+        "key_id": t.key_id,
+        "channels": {
+            "primary": route.primary.channel,
+            "backups": [c.channel for c in route.backups],
+            "served_by": t.served_by,
+        } if route else None,
+        "attempts": [a.as_dict() for a in t.attempts],
+        "fallback": {
+            "used": t.fallback_kind != "none",
+            "cross_route": t.original_route is not None,
+            "from_route": t.original_route.id if t.original_route else None,
+        },
+        "on_failure": route.on_failure if route else None,
+        "usage": t.usage.as_dict() if t.usage else None,
+        "usage_source": t.usage_source,
+        "reserved_nanos": t.reserved_nanos,
+        "charge_nanos": t.charge_nanos,
+        "charge_usd": usd(t.charge_nanos),
+        "price_nanos": t.price_nanos,
+        "ledger_entry_id": t.ledger_entry_id,
+        "balance_after_nanos": t.balance_after_nanos,
+        "latency_ms": t.latency_ms,
+    }
+    if t.error is not None:
+        receipt["error"] = t.error
+    return receipt
+
+
+def finish_receipt(receipt: dict[str, Any], ledger_entry_id: str | None, balance_after_nanos: int | None) -> None:
+    """Add what only the database knows once the money moved."""
+    receipt["ledger_entry_id"] = ledger_entry_id
+    receipt["balance_after_nanos"] = balance_after_nanos
+    if balance_after_nanos is not None:
+        receipt["balance_after_usd"] = usd(balance_after_nanos)

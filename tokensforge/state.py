@@ -1,0 +1,62 @@
+"""The gateway's shared state, handed to every handler through one typed app key."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiohttp import web
+
+from .accounts import AccountStore, KeyIdentity
+from .catalog import Catalog, CatalogError, load_catalog
+from .keys import hash_key
+from .ledger.store import LedgerStore
+from .settings import Settings
+
+
+class KeyCache:
+    """Bearer key → identity, kept for a fraction of a second so a revocation bites within one."""
+
+    def __init__(self, accounts: AccountStore, ttl_s: float) -> None:
+        self.accounts = accounts
+        self.ttl_s = ttl_s
+        self._entries: dict[bytes, tuple[float, KeyIdentity | None]] = {}
+
+    async def lookup(self, plaintext: str) -> KeyIdentity | None:
+        digest = hash_key(plaintext)
+        now = time.monotonic()
+        hit = self._entries.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        identity = await self.accounts.identity(plaintext)
+        if len(self._entries) > 100_000:
+            self._entries.clear()
+        self._entries[digest] = (now + self.ttl_s, identity)
+        return identity
+
+    def invalidate(self) -> None:
+        self._entries.clear()
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    catalog: Catalog
+    pool: asyncpg.Pool
+    ledger: LedgerStore
+    accounts: AccountStore
+    keys: KeyCache
+    started_at: float = field(default_factory=time.time)
+
+    async def reload_catalog(self) -> Catalog:
+        """Re-read the catalog file and swap it in; a bad file leaves the old one serving."""
+        if self.settings.config_path is None:
+            raise CatalogError("no catalog file configured; nothing to reload")
+        catalog = load_catalog(self.settings.config_path)
+        await self.accounts.ensure_buckets(catalog.buckets)
+        self.catalog = catalog
+        return catalog
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
