@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from .accounts import AccountStore
@@ -18,10 +17,9 @@ from .ledger.store import LedgerStore
 from .ledger.sweeper import sweep_forever
 from .settings import Settings
 from .state import GATEWAY, Gateway, KeyCache
+from .upstream.client import UpstreamClient, new_session
 
 log = logging.getLogger("tokensforge")
-
-HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
 
 
 def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Application:
@@ -31,6 +29,7 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     app.add_routes(views.routes)
     app.add_routes(client.routes)
     app.cleanup_ctx.append(_database(settings, catalog, dsn))
+    app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_sweeper)
     if not settings.admin_token:
         log.warning("TOKENSFORGE_ADMIN_TOKEN is not set: the admin API is disabled")
@@ -52,6 +51,14 @@ def _database(settings: Settings, catalog: Catalog, dsn: str):  # type: ignore[n
         finally:
             await pool.close()
     return ctx
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    gw = app[GATEWAY]
+    session = new_session()
+    gw.upstream = UpstreamClient(session, gw.settings.channel_env)
+    yield
+    await session.close()
 
 
 async def _sweeper(app: web.Application) -> AsyncIterator[None]:

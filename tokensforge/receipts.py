@@ -116,5 +116,3 @@ def finish_receipt(receipt: dict[str, Any], ledger_entry_id: str | None, balance
     """Add what only the database knows once the money moved."""
     receipt["ledger_entry_id"] = ledger_entry_id
     receipt["balance_after_nanos"] = balance_after_nanos
-    if balance_after_nanos is not None:
-        receipt["balance_after_usd"] = usd(balance_after_nanos)

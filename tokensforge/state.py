@@ -12,7 +12,10 @@ from .accounts import AccountStore, KeyIdentity
 from .catalog import Catalog, CatalogError, load_catalog
 from .keys import hash_key
 from .ledger.store import LedgerStore
+from .ratelimit import RateLimiter
 from .settings import Settings
+from .upstream.client import UpstreamClient
+from .upstream.health import HealthRegistry
 
 
 class KeyCache:
@@ -47,6 +50,9 @@ class Gateway:
     ledger: LedgerStore
     accounts: AccountStore
     keys: KeyCache
+    upstream: UpstreamClient | None = None
+    health: HealthRegistry = field(default_factory=HealthRegistry)
+    limiter: RateLimiter = field(default_factory=RateLimiter)
     started_at: float = field(default_factory=time.time)
 
     async def reload_catalog(self) -> Catalog:

@@ -1,0 +1,161 @@
+"""What a key may see before and after it spends: models, quote, balance, usage, ledger, receipts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..catalog import Model, Route
+from ..errors import InvalidRequest, ModelNotFound, NotFound, PermissionDenied
+from ..ledger.model import entry_view, parse_cursor
+from ..money import usd
+from ..policy import EffectivePolicy
+from ..pricing import size_reservation
+from ..routing import allowed_routes, find_model, select_route
+from ..state import Gateway
+from .admin import account_buckets
+from .auth import authenticate
+from .client import route_pin
+from .common import json_response, query_limit, read_json
+
+routes = web.RouteTableDef()
+
+
+def route_view(gw: Gateway, route: Route) -> dict[str, Any]:
+    return {
+        "id": route.id,
+        "kind": route.kind,
+        "bucket": route.bucket,
+        "input_price_per_mtok": str(route.input_price),
+        "output_price_per_mtok": str(route.output_price),
+        "channels": {"primary": route.primary.channel, "backups": [c.channel for c in route.backups]},
+        "upstream_models": {c.channel: c.upstream_model for c in route.channels},
+        "retry": route.retry.as_dict(),
+        "on_failure": route.on_failure,
+        "healthy": any(gw.health.healthy(c.channel) for c in route.channels),
+    }
+
+
+def model_view(gw: Gateway, model: Model, policy: EffectivePolicy) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": int(gw.started_at),
+        "owned_by": model.owned_by,
+        "type": model.type,
+        "max_output_tokens": model.max_output_tokens,
+        "routes": [route_view(gw, r) for r in allowed_routes(model, policy)],
+    }
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    gw, _, policy = await authenticate(request)
+    data = [model_view(gw, m, policy) for m in gw.catalog.models.values() if policy.allows_model(m.id)]
+    return json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/models/{model_id:.+}")
+async def get_model(request: web.Request) -> web.Response:
+    gw, _, policy = await authenticate(request)
+    model = gw.catalog.models.get(request.match_info["model_id"])
+    if model is None or not policy.allows_model(model.id):
+        raise ModelNotFound(f"model {request.match_info['model_id']!r} does not exist", param="model")
+    return json_response(model_view(gw, model, policy))
+
+
+@routes.post("/v1/quote")
+async def quote(request: web.Request) -> web.Response:
+    """What a chat request would do, without doing it."""
+    gw, identity, policy = await authenticate(request)
+    body = await read_json(request)
+    model = find_model(gw.catalog, body.get("model"))
+    out: dict[str, Any] = {"object": "quote", "model": model.id}
+    try:
+        route = select_route(model, policy, route_pin(request, body))
+    except PermissionDenied as exc:
+        out.update(allowed=False, reason=exc.message, code=exc.code, route=None)
+        return json_response(out)
+    sizing = size_reservation(body, model, route)
+    available = await gw.ledger.available(identity.account_id, route.bucket)
+    allowed = available >= sizing.amount_nanos
+    out.update({
+        "route": {"id": route.id, "kind": route.kind},
+        "bucket": route.bucket,
+        "bucket_name": gw.catalog.buckets[route.bucket].name,
+        "price": {"input_per_mtok": str(route.input_price), "output_per_mtok": str(route.output_price),
+                  "rounding": "half_up_nano"},
+        "channels": {"primary": route.primary.channel, "backups": [c.channel for c in route.backups]},
+        "healthy": any(gw.health.healthy(c.channel) for c in route.channels),
+        "retry": route.retry.as_dict(),
+        "on_failure": route.on_failure,
+        "allow_cross_route_fallback": policy.allow_cross_route_fallback,
+        "estimated_input_tokens": sizing.input_tokens,
+        "max_output_tokens": sizing.output_tokens,
+        "reserve_nanos": sizing.amount_nanos,
+        "reserve_usd": usd(sizing.amount_nanos),
+        "available_nanos": available,
+        "available_usd": usd(available),
+        "allowed": allowed,
+        "reason": None if allowed else (
+            f"bucket {route.bucket!r} has {available} nano-USD available; this request reserves "
+            f"{sizing.amount_nanos}"),
+        "code": None if allowed else "insufficient_balance",
+    })
+    return json_response(out)
+
+
+@routes.get("/v1/balance")
+async def balance(request: web.Request) -> web.Response:
+    gw, identity, _ = await authenticate(request)
+    return json_response({"object": "balance", "account_id": identity.account_id,
+                          "buckets": await account_buckets(gw, identity.account_id)})
+
+
+def _page(rows: list[Any], limit: int, view: Any) -> dict[str, Any]:
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"object": "list", "data": [view(r) for r in rows], "has_more": more,
+            "next_cursor": str(rows[-1]["seq"]) if more else None}
+
+
+def _cursor(request: web.Request) -> int | None:
+    try:
+        return parse_cursor(request.query.get("after"))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="after") from None
+
+
+def _usage_view(row: Any) -> dict[str, Any]:
+    record = dict(row["receipt"])
+    record["created_at"] = row["created_at"].isoformat()
+    record["latency_ms"] = row["latency_ms"]
+    return record
+
+
+@routes.get("/v1/usage")
+async def usage(request: web.Request) -> web.Response:
+    gw, identity, _ = await authenticate(request)
+    limit = query_limit(request)
+    filters = {k: request.query.get(k) for k in ("model", "route_kind", "bucket", "status")}
+    rows = await gw.ledger.usage(identity.account_id, limit=limit + 1, after=_cursor(request), filters=filters)
+    return json_response(_page(rows, limit, _usage_view))
+
+
+@routes.get("/v1/ledger")
+async def ledger(request: web.Request) -> web.Response:
+    gw, identity, _ = await authenticate(request)
+    limit = query_limit(request)
+    rows = await gw.ledger.ledger(identity.account_id, limit=limit + 1, after=_cursor(request),
+                                  bucket=request.query.get("bucket"))
+    return json_response(_page(rows, limit, entry_view))
+
+
+@routes.get("/v1/receipts/{request_id}")
+async def receipt(request: web.Request) -> web.Response:
+    gw, identity, _ = await authenticate(request)
+    row = await gw.ledger.receipt(identity.account_id, request.match_info["request_id"])
+    if row is None:
+        raise NotFound(f"no finished request {request.match_info['request_id']!r} in this account")
+    return json_response(_usage_view(row))

@@ -1,0 +1,105 @@
+"""`tokensforge demo`: the whole product on one machine, with no setup.
+
+Embedded PostgreSQL, the simulated upstream on a free loopback port, a demo
+catalog pointing at it, and a funded demo account. The demo key and admin
+token live in files under the data dir (the database holds only the key's
+hash), so a restart keeps balances and prints the same key.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from importlib import resources
+from pathlib import Path
+
+from .accounts import AccountStore
+from .catalog import Catalog, load_catalog
+from .db import create_pool, migrate
+from .keys import hash_key, new_key
+from .ledger.store import LedgerStore
+from .mock_upstream import Faults, MockConfig, create_app as create_mock_app
+from .server import listening_socket, running, serve_forever
+from .settings import Settings
+
+log = logging.getLogger("tokensforge.demo")
+
+DEMO_ACCOUNT = "acct_demo"
+DEMO_FUNDING_NANOS = {"credit": 5_000_000_000, "routed": 5_000_000_000}  # $5 each
+UPSTREAM_KEY_ENV = "TOKENSFORGE_DEMO_UPSTREAM_KEY"
+
+
+def _secret_file(path: Path, make: str) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.write_text(make + "\n")
+    path.chmod(0o600)
+    return make
+
+
+def write_catalog(data_dir: Path, upstream_url: str) -> Path:
+    template = resources.files("tokensforge.demo_files").joinpath("catalog.toml").read_text(encoding="utf-8")
+    path = data_dir / "demo-catalog.toml"
+    path.write_text(template.replace("{upstream}", upstream_url), encoding="utf-8")
+    return path
+
+
+async def bootstrap(dsn: str, catalog: Catalog, api_key: str) -> None:
+    """Idempotently create the demo account, its key and its initial funding."""
+    await migrate(dsn)
+    pool = await create_pool(dsn, min_size=1, max_size=2)
+    try:
+        accounts, ledger = AccountStore(pool), LedgerStore(pool)
+        if not await pool.fetchval("SELECT 1 FROM accounts WHERE id = $1", DEMO_ACCOUNT):
+            await accounts.create_account("Demo account", catalog.buckets, account_id=DEMO_ACCOUNT)
+        if not await pool.fetchval("SELECT 1 FROM api_keys WHERE key_hash = $1", hash_key(api_key)):
+            await accounts.create_key(DEMO_ACCOUNT, "demo key", None, {}, plaintext=api_key)
+        for bucket, amount in DEMO_FUNDING_NANOS.items():
+            await ledger.topup(DEMO_ACCOUNT, bucket, amount, f"demo-initial-{bucket}", "demo funding")
+    finally:
+        await pool.close()
+
+
+def banner(host: str, port: int, api_key: str, admin_token: str) -> str:
+    base = f"http://{host}:{port}"
+    return f"""
+Tokens Forge demo is running.
+
+  API base URL   {base}/v1
+  API key        {api_key}
+  Admin token    {admin_token}
+  Playground     {base}/playground
+  Metrics        {base}/metrics
+
+Try it:
+  curl -s {base}/v1/balance -H "Authorization: Bearer {api_key}"
+  curl -s {base}/v1/chat/completions -H "Authorization: Bearer {api_key}" \\
+       -H "content-type: application/json" \\
+       -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "hi"}}]}}'
+
+Press Ctrl-C to stop (balances are kept in {{data dir}}/pg).
+"""
+
+
+async def run_demo(settings: Settings, dsn: str) -> None:
+    data_dir = settings.data_dir
+    upstream_secret = _secret_file(data_dir / "demo-upstream-secret", secrets.token_urlsafe(24))
+    api_key = _secret_file(data_dir / "demo-key", new_key())
+    admin_token = settings.admin_token or _secret_file(data_dir / "admin-token", "adm-" + secrets.token_urlsafe(24))
+    mock = create_mock_app(MockConfig(
+        per_model={"relay-a/gpt-4o-mini-flaky": Faults(error_status=503, error_rate=0.25)},
+        api_key=upstream_secret))
+    mock_sock = listening_socket("127.0.0.1", 0)
+    upstream_url = f"http://127.0.0.1:{mock_sock.getsockname()[1]}/v1"
+    async with running(mock, mock_sock):
+        catalog = load_catalog(write_catalog(data_dir, upstream_url))
+        await bootstrap(dsn, catalog, api_key)
+        env = dict(settings.channel_env)
+        env[UPSTREAM_KEY_ENV] = upstream_secret
+        demo_settings = Settings(**{**settings.__dict__, "config_path": data_dir / "demo-catalog.toml",
+                                    "admin_token": admin_token, "channel_env": env})
+
+        async def ready() -> None:
+            print(banner(settings.host, settings.port, api_key, admin_token), flush=True)
+
+        await serve_forever(demo_settings, catalog, dsn, on_ready=ready)

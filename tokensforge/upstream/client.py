@@ -1,0 +1,135 @@
+"""Calls to upstream channels: one pooled session, the channel's own secret, classified failures.
+
+Every failure becomes an `AttemptFailure` whose `outcome` is one of the retry
+classes of SPEC §1 (timeout, connect, 5xx, 429) or a class that is never
+retried (4xx). Messages never carry the channel's URL or secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ..catalog import Channel
+
+
+class AttemptFailure(Exception):
+    def __init__(self, outcome: str, message: str, *, status: int | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+        self.message = message
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+def new_session() -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
+    return aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True,
+        json_serialize=lambda v: orjson.dumps(v).decode(), raise_for_status=False)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _upstream_message(raw: bytes) -> str:
+    try:
+        data = orjson.loads(raw)
+        message = data["error"]["message"]
+        return str(message)[:500]
+    except Exception:  # not an OpenAI-shaped error; say nothing of its body
+        return ""
+
+
+class UpstreamClient:
+    """Opens requests to channels; concurrency per channel is capped by its max_concurrency."""
+
+    def __init__(self, session: aiohttp.ClientSession, env: Mapping[str, str]) -> None:
+        self.session = session
+        self.env = env
+        self._limits: dict[str, asyncio.Semaphore] = {}
+
+    def _headers(self, channel: Channel) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        secret = self.env.get(channel.api_key_env) if channel.api_key_env else None
+        if secret:
+            headers["authorization"] = f"Bearer {secret}"
+        return headers
+
+    def limit(self, channel: Channel) -> asyncio.Semaphore:
+        sem = self._limits.get(channel.id)
+        if sem is None:
+            sem = self._limits[channel.id] = asyncio.Semaphore(channel.max_concurrency)
+        return sem
+
+    def scrub(self, channel: Channel, text: str) -> str:
+        """Remove the channel's URL and secret from anything that may reach a client or a log."""
+        text = text.replace(channel.base_url, f"<channel {channel.id}>")
+        secret = self.env.get(channel.api_key_env) if channel.api_key_env else None
+        return text.replace(secret, "<secret>") if secret else text
+
+    async def open(self, channel: Channel, path: str, payload: bytes) -> aiohttp.ClientResponse:
+        """POST and wait for the status line; non-2xx answers become AttemptFailure."""
+        timeout = aiohttp.ClientTimeout(
+            total=channel.timeout_s, sock_connect=channel.connect_timeout_s,
+            sock_read=channel.first_byte_timeout_s or channel.timeout_s)
+        try:
+            response = await self.session.post(
+                channel.base_url + path, data=payload, headers=self._headers(channel), timeout=timeout)
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise AttemptFailure("timeout", f"channel {channel.id} timed out") from None
+        except aiohttp.ClientConnectorError:
+            raise AttemptFailure("connect", f"could not connect to channel {channel.id}") from None
+        except aiohttp.ClientError as exc:
+            raise AttemptFailure("connect", f"channel {channel.id} failed: {type(exc).__name__}") from None
+        if response.status < 400:
+            return response
+        try:
+            raw = await response.read()
+        except (asyncio.TimeoutError, aiohttp.ClientError):
+            raw = b""
+        finally:
+            response.release()
+        message = self.scrub(channel, _upstream_message(raw))
+        status = response.status
+        if status == 429:
+            raise AttemptFailure("429", message or "rate limited upstream", status=status,
+                                 retry_after_s=_retry_after(response.headers))
+        outcome = "5xx" if status >= 500 else "4xx"
+        raise AttemptFailure(outcome, message or f"upstream answered {status}", status=status)
+
+    async def read_json(self, channel: Channel, response: aiohttp.ClientResponse) -> dict[str, Any]:
+        """The whole body of a non-streamed answer, parsed; malformed JSON is a failure."""
+        try:
+            raw = await response.read()
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise AttemptFailure("timeout", f"channel {channel.id} timed out", status=response.status) from None
+        except aiohttp.ClientError:
+            raise AttemptFailure("5xx", f"channel {channel.id} broke the response", status=response.status) from None
+        finally:
+            response.release()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            raise AttemptFailure("malformed", f"channel {channel.id} sent malformed JSON", status=response.status)
+        return data
