@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 
 from tokensforge.db import migrate
 from tokensforge.embedded_pg import EmbeddedPostgres
 
+from .harness import Gw, Mock, gateway_of, gateway_settings, start_gateway, start_mock, write_catalog
 from .invariants import assert_ledger_invariants
 
 TEMPLATE = "tf_template"
@@ -51,3 +54,27 @@ async def dsn(pg: EmbeddedPostgres, template_db: str) -> AsyncIterator[str]:
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
+
+
+# ---------------------------------------------------------------- end-to-end: mock upstream + gateway
+
+
+@pytest.fixture(scope="session")
+async def mock_upstream() -> AsyncIterator[Mock]:
+    ctx, url = await start_mock()
+    async with ctx, aiohttp.ClientSession() as session:
+        yield Mock(url, session)
+
+
+@pytest.fixture
+async def gw(dsn: str, mock_upstream: Mock, tmp_path: Path) -> AsyncIterator[Gw]:
+    await mock_upstream.reset()
+    settings = gateway_settings(write_catalog(tmp_path / "catalog.toml", mock_upstream.url))
+    ctx, url, app = await start_gateway(settings, dsn)
+    async with ctx, aiohttp.ClientSession() as session:
+        harness = Gw(url, dsn, gateway_of(app), mock_upstream, session)
+        try:
+            yield harness
+        finally:
+            for client in harness.clients:
+                await client.close()

@@ -376,8 +376,7 @@ def _require_model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _ApiError(400, "you must provide a model parameter", param="model")
-    state_model: str = model
-    return state_model
+    return model
 
 
 def _count_model(stats: _Stats, model: str) -> None:

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..errors import InvalidRequest
 
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 def new_request_id() -> str:

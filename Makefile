@@ -1,0 +1,50 @@
+# Two commands for a newcomer: `make run` and `make test`. Both build .venv here.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8080
+
+.PHONY: run test venv venv-test postgres promtool bench bench-peer check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+venv: $(VENV)/.installed-run
+venv-test: $(VENV)/.installed-test
+
+# PostgreSQL server binaries (initdb, pg_ctl): found, or installed from Debian's packages.
+postgres:
+	@bash deploy/ensure-postgres.sh >/dev/null
+
+# promtool checks the alert rules in deploy/ (Debian's prometheus package ships it).
+promtool:
+	@bash deploy/ensure-promtool.sh >/dev/null
+
+run: venv postgres
+	$(BIN)/tokensforge demo --port $(PORT)
+
+test: venv-test postgres promtool
+	$(BIN)/pytest
+
+bench: venv-test postgres
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+bench-peer: venv-test postgres
+	$(BIN)/python -m benchmarks.run --peer $(BENCH_ARGS)
+
+check: venv-test
+	$(BIN)/pip install -q ruff mypy
+	$(BIN)/ruff check tokensforge tests
+	$(BIN)/mypy tokensforge
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
