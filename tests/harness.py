@@ -52,6 +52,13 @@ timeout_s = {timeout_s}
 connect_timeout_s = 1
 
 [[channels]]
+id = "official-quick"
+base_url = "{mock}"
+api_key_env = "TF_TEST_UPSTREAM_KEY"
+timeout_s = 0.4
+connect_timeout_s = 1
+
+[[channels]]
 id = "dead"
 base_url = "{dead}"
 api_key_env = "TF_TEST_UPSTREAM_KEY"
@@ -104,6 +111,19 @@ max_output_tokens = 1000
   input_price_per_mtok = "0.15"
   output_price_per_mtok = "0.60"
   channels = [{{ channel = "official-a", upstream_model = "up-chain-official" }}]
+
+[[models]]
+id = "quick-timeout"
+max_output_tokens = 100
+
+  [[models.routes]]
+  id = "quick-timeout/official"
+  kind = "official"
+  bucket = "credit"
+  input_price_per_mtok = "0.15"
+  output_price_per_mtok = "0.60"
+  channels = [{{ channel = "official-quick", upstream_model = "up-quick" }}]
+  retry = {{ max_attempts = 2, retry_on = ["timeout", "connect", "5xx", "429"], backoff_ms = 1 }}
 
 [[models]]
 id = "fine-price"

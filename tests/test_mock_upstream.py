@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tokensforge.mock_upstream import (
@@ -122,7 +122,9 @@ async def test_sdk_chat_non_streamed_usage_matches(make_client: ClientFactory) -
     assert default.usage is not None and default.usage.completion_tokens == 16
 
 
-async def test_completion_tokens_fault_and_max_completion_tokens(make_client: ClientFactory) -> None:
+async def test_completion_tokens_fault_and_max_completion_tokens(
+    make_client: ClientFactory,
+) -> None:
     config = MockConfig(per_model={"fixed": Faults(completion_tokens=3)})
     client = await make_client(config)
     body = {"model": "fixed", "messages": [], "max_tokens": 50, "extra_field": {"x": 1}}
@@ -165,7 +167,8 @@ async def test_stream_without_include_usage_has_no_usage(make_client: ClientFact
         stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
         chunks = [chunk async for chunk in stream]
     assert all(c.usage is None and c.choices for c in chunks)
-    resp = await client.post("/v1/chat/completions", json={"model": "m", "messages": [], "stream": True})
+    body = {"model": "m", "messages": [], "stream": True}
+    resp = await client.post("/v1/chat/completions", json=body)
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     events = sse_events(await resp.read())
     assert all("usage" not in e for e in events)
@@ -432,6 +435,9 @@ def test_run_from_args_serves_and_exits_cleanly_on_sigterm() -> None:
         line = proc.stdout.readline().decode()
         assert line.startswith("mock-upstream listening on http://127.0.0.1:")
         assert line.rstrip().endswith("/v1") and ":0/" not in line
+        health_url = line.split(" on ")[1].strip().removesuffix("/v1") + "/healthz"
+        with urllib.request.urlopen(health_url, timeout=5) as health:
+            assert health.read() == b"ok"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=5) == 0
     finally:

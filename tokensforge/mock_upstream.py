@@ -74,7 +74,9 @@ def _content_tokens(content: Any) -> int:
         return sum(
             count_tokens(part["text"])
             for part in content
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            if isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
         )
     return 0
 
@@ -245,7 +247,8 @@ class _ApiError(Exception):
         )
         super().__init__(message or default_message or f"Mock upstream error {status}.")
         self.status = status
-        self.body = {"error": {"message": str(self), "type": err_type, "code": code, "param": param}}
+        error = {"message": str(self), "type": err_type, "code": code, "param": param}
+        self.body = {"error": error}
         self.headers = headers
 
     def response(self) -> web.Response:
@@ -359,7 +362,8 @@ async def _apply_faults(request: web.Request, state: _State, faults: Faults) -> 
         await _sleep_connected(request, faults.latency_ms / 1000)
     if state.should_fail(faults):
         assert faults.error_status is not None
-        headers = {"retry-after": str(faults.retry_after_s)} if faults.retry_after_s is not None else None
+        retry_after = faults.retry_after_s
+        headers = {"retry-after": str(retry_after)} if retry_after is not None else None
         raise _ApiError(faults.error_status, headers=headers)
     if faults.malformed_json:
         return web.Response(body=MALFORMED_BODY, content_type="application/json")
@@ -405,7 +409,11 @@ def _completion_length(body: dict[str, Any], faults: Faults) -> tuple[int, str]:
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -537,16 +545,16 @@ def _embedding_inputs(raw: Any) -> list[tuple[bytes, int]]:
             return [(orjson.dumps(raw), len(raw))]
         if all(isinstance(x, list) and x and all(_is_int(y) for y in x) for x in raw):
             return [(orjson.dumps(x), len(x)) for x in raw]
-    raise _ApiError(
-        400, "'input' must be a string, an array of strings or an array of token arrays.", param="input"
-    )
+    message = "'input' must be a string, an array of strings or an array of token arrays."
+    raise _ApiError(400, message, param="input")
 
 
 def embedding_vector(key: bytes, dim: int) -> array:
     """Deterministic float32 vector in [-1, 1] expanded from sha256(key)."""
     seed = hashlib.sha256(key).digest()
     blocks = [seed]
-    blocks.extend(hashlib.sha256(seed + struct.pack("<I", i)).digest() for i in range(1, (dim * 4 + 31) // 32))
+    extra = range(1, (dim * 4 + 31) // 32)
+    blocks.extend(hashlib.sha256(seed + struct.pack("<I", i)).digest() for i in extra)
     ints = struct.unpack(f"<{dim}I", b"".join(blocks)[: dim * 4])
     return array("f", [v * _U32_TO_UNIT - 1.0 for v in ints])
 
@@ -566,7 +574,8 @@ def _embedding_dim(body: dict[str, Any], default: int) -> int:
     if dims is None:
         return default
     if not _is_int(dims) or not 1 <= dims <= MAX_EMBEDDING_DIM:
-        raise _ApiError(400, f"Invalid 'dimensions': expected 1..{MAX_EMBEDDING_DIM}.", param="dimensions")
+        message = f"Invalid 'dimensions': expected 1..{MAX_EMBEDDING_DIM}."
+        raise _ApiError(400, message, param="dimensions")
     return dims
 
 
@@ -577,7 +586,8 @@ async def embeddings(request: web.Request, state: _State, body: Any) -> web.Stre
     inputs = _embedding_inputs(body.get("input"))
     encoding_format = body.get("encoding_format") or "float"
     if encoding_format not in ("float", "base64"):
-        raise _ApiError(400, "'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+        message = "'encoding_format' must be 'float' or 'base64'."
+        raise _ApiError(400, message, param="encoding_format")
     dim = _embedding_dim(body, state.config.embedding_dim)
     _count_model(state.stats, model)
     faults = state.faults_for(model)
@@ -585,7 +595,11 @@ async def embeddings(request: web.Request, state: _State, body: Any) -> web.Stre
     if replacement is not None:
         return replacement
     data = [
-        {"object": "embedding", "index": i, "embedding": _encode_vector(embedding_vector(key, dim), encoding_format)}
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": _encode_vector(embedding_vector(key, dim), encoding_format),
+        }
         for i, (key, _) in enumerate(inputs)
     ]
     payload: dict[str, Any] = {"object": "list", "data": data, "model": model}
@@ -601,7 +615,9 @@ async def embeddings(request: web.Request, state: _State, body: Any) -> web.Stre
 async def list_models(request: web.Request, state: _State, body: Any) -> web.StreamResponse:
     """GET /v1/models: the default model plus every model with its own faults."""
     names = [MOCK_MODEL, *sorted(m for m in state.per_model if m != MOCK_MODEL)]
-    data = [{"id": m, "object": "model", "created": 0, "owned_by": "tokensforge-mock"} for m in names]
+    data = [
+        {"id": m, "object": "model", "created": 0, "owned_by": "tokensforge-mock"} for m in names
+    ]
     return _json_response({"object": "list", "data": data})
 
 
@@ -672,9 +688,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--latency-ms", type=int, default=0, help="delay before answering")
     parser.add_argument("--chunk-delay-ms", type=int, default=0, help="delay between stream chunks")
-    parser.add_argument("--error-status", type=int, default=None, help="answer with this HTTP status")
-    parser.add_argument("--error-rate", type=float, default=1.0, help="fraction of requests failing")
-    parser.add_argument("--retry-after", type=int, default=None, help="retry-after seconds on errors")
+    parser.add_argument("--error-status", type=int, default=None, help="answer with this status")
+    parser.add_argument("--error-rate", type=float, default=1.0, help="fraction that fails")
+    parser.add_argument("--retry-after", type=int, default=None, help="retry-after on errors")
     parser.add_argument("--hang", action="store_true", help="never answer")
     parser.add_argument("--cut-after", type=int, default=None, metavar="N",
                         help="drop streams after N content chunks")  # fmt: skip
