@@ -320,7 +320,7 @@ def _parse_retry(check: _Checker, raw: Any, entry: str) -> RetryPolicy:
     where = f"{entry} retry"
     table = check.table(raw, where, _RETRY_KEYS)
     retry_on = table.get("retry_on", sorted(FAILURE_CLASSES))
-    if not isinstance(retry_on, list) or not set(retry_on) <= FAILURE_CLASSES:
+    if not isinstance(retry_on, list) or not all(isinstance(c, str) and c in FAILURE_CLASSES for c in retry_on):
         raise check.fail(where, f"'retry_on' must be a list drawn from {sorted(FAILURE_CLASSES)}")
     backoff = table.get("backoff_ms", 50)
     if isinstance(backoff, bool) or not isinstance(backoff, int) or backoff < 0:

@@ -49,7 +49,12 @@ def usd(nanos: int) -> str:
 
 def usd_to_nanos(text: str) -> int:
     """Parse a USD amount given by a person ("0.25") into nanos; sub-nano digits refused."""
-    value = Decimal(text)
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not a USD amount") from None
+    if not value.is_finite():
+        raise ValueError(f"{text!r} is not a finite USD amount")
     nanos = value * NANOS_PER_USD
     if nanos != nanos.to_integral_value():
         raise ValueError(f"{text!r} has more than nine decimals")
