@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import openai
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokensforge.catalog import Catalog, load_catalog
 from tokensforge.mock_upstream import MockConfig, create_app as create_mock_app
@@ -124,6 +125,32 @@ max_output_tokens = 100
   output_price_per_mtok = "0.60"
   channels = [{{ channel = "official-quick", upstream_model = "up-quick" }}]
   retry = {{ max_attempts = 2, retry_on = ["timeout", "connect", "5xx", "429"], backoff_ms = 1 }}
+
+[[models]]
+id = "timeout-chain"
+max_output_tokens = 100
+
+  [[models.routes]]
+  id = "timeout-chain/routed"
+  kind = "routed"
+  bucket = "routed"
+  input_price_per_mtok = "0.06"
+  output_price_per_mtok = "0.24"
+  channels = [{{ channel = "official-quick", upstream_model = "up-tc-quick" }},
+              {{ channel = "relay-b", upstream_model = "up-tc-b" }}]
+  retry = {{ max_attempts = 2, retry_on = ["timeout", "connect", "5xx", "429"], backoff_ms = 1 }}
+
+[[models]]
+id = "meta/llama-3:8b"
+max_output_tokens = 100
+
+  [[models.routes]]
+  id = "meta/llama-3:8b/routed"
+  kind = "routed"
+  bucket = "routed"
+  input_price_per_mtok = "0.05"
+  output_price_per_mtok = "0.05"
+  channels = [{{ channel = "relay-b", upstream_model = "up-llama" }}]
 
 [[models]]
 id = "fine-price"
@@ -248,6 +275,17 @@ class Gw:
         status, body = await self.get("/v1/balance", key)
         assert status == 200, body
         return {b["bucket"]: b for b in body["buckets"]}
+
+    async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of /metrics, keyed by (name, sorted labels)."""
+        async with self.session.get(self.url + "/metrics") as r:
+            text = await r.text()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    async def counter(self, name: str, **labels: str) -> float:
+        samples = await self.metrics()
+        return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
     def client(self, key: str, **kwargs: Any) -> openai.AsyncOpenAI:
         client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from . import metrics
 from .accounts import AccountStore
 from .api import admin, client, ops, views
 from .api.middleware import error_middleware
@@ -15,9 +16,11 @@ from .catalog import Catalog
 from .db import create_pool, migrate
 from .ledger.store import LedgerStore
 from .ledger.sweeper import sweep_forever
+from .notify import listen_forever
 from .settings import Settings
 from .state import GATEWAY, Gateway, KeyCache
 from .upstream.client import UpstreamClient, new_session
+from .upstream.health import BreakerConfig, HealthRegistry
 
 log = logging.getLogger("tokensforge")
 
@@ -30,7 +33,7 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     app.add_routes(client.routes)
     app.cleanup_ctx.append(_database(settings, catalog, dsn))
     app.cleanup_ctx.append(_upstream)
-    app.cleanup_ctx.append(_sweeper)
+    app.cleanup_ctx.append(_background(dsn))
     if not settings.admin_token:
         log.warning("TOKENSFORGE_ADMIN_TOKEN is not set: the admin API is disabled")
     return app
@@ -46,7 +49,9 @@ def _database(settings: Settings, catalog: Catalog, dsn: str):  # type: ignore[n
             app[GATEWAY] = Gateway(
                 settings=settings, catalog=catalog, pool=pool,
                 ledger=LedgerStore(pool, reservation_ttl_s=settings.reservation_ttl_s),
-                accounts=accounts, keys=KeyCache(accounts, settings.key_cache_ttl_s))
+                accounts=accounts, keys=KeyCache(accounts, settings.key_cache_ttl_s),
+                health=HealthRegistry(BreakerConfig(failure_threshold=settings.breaker_failure_threshold,
+                                                    cooldown_s=settings.breaker_cooldown_s)))
             yield
         finally:
             await pool.close()
@@ -61,9 +66,26 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-async def _sweeper(app: web.Application) -> AsyncIterator[None]:
-    gw = app[GATEWAY]
-    task = asyncio.create_task(sweep_forever(gw.ledger, interval_s=gw.settings.sweep_interval_s))
-    yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+def _background(dsn: str):  # type: ignore[no-untyped-def]
+    """The sweeper, the database probe and the NOTIFY listener, in every process."""
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        gw = app[GATEWAY]
+        tasks = [asyncio.create_task(sweep_forever(gw.ledger, interval_s=gw.settings.sweep_interval_s)),
+                 asyncio.create_task(_probe_database(gw)),
+                 asyncio.create_task(listen_forever(gw, dsn))]
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return ctx
+
+
+async def _probe_database(gw: Gateway, interval_s: float = 2.0) -> None:
+    while True:
+        try:
+            async with asyncio.timeout(1.0):
+                up = await gw.pool.fetchval("SELECT 1") == 1
+        except Exception:  # unreachable, whatever the reason
+            up = False
+        metrics.DATABASE_UP.set(1 if up else 0)
+        await asyncio.sleep(interval_s)

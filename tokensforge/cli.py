@@ -15,7 +15,7 @@ from .catalog import CatalogError, load_catalog
 from .db import migrate
 from .demo import run_demo
 from .embedded_pg import EmbeddedPostgresError, PostgresNotFound
-from .server import database, serve_forever
+from .server import database, serve_forever, serve_workers
 from .settings import Settings
 
 
@@ -73,6 +73,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 2
         catalog = load_catalog(settings.config_path)
         with database(settings) as dsn:
+            if settings.workers > 1:
+                asyncio.run(migrate(dsn))  # once, before the workers race for the lock
+                return serve_workers(settings, dsn)
             uvloop.run(serve_forever(settings, catalog, dsn))
         return 0
     if args.command == "demo":

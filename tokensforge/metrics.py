@@ -26,3 +26,5 @@ RESERVATIONS_INFLIGHT = Gauge(
     "tokensforge_reservations_inflight", "Open reservations held by this process.", multiprocess_mode="livesum")
 LEDGER_OP_DURATION = Histogram(
     "tokensforge_ledger_op_duration_seconds", "Ledger database operation time.", ["op"], buckets=_LEDGER_BUCKETS)
+DATABASE_UP = Gauge(
+    "tokensforge_database_up", "1 when this process reaches the ledger database.", multiprocess_mode="livemin")

@@ -53,6 +53,7 @@ class Served:
     response: aiohttp.ClientResponse
     route: Route
     channel_id: str
+    data: dict[str, Any] | None = None  # the parsed body of a non-streamed answer
 
 
 class Call:
@@ -64,6 +65,8 @@ class Call:
         self.model: Model | None = None
         self.body: dict[str, Any] = {}
         self.reservation_id: str | None = None
+        self.pinned = False  # a pinned route is never swapped for another
+        self._read_body = True
 
     # ------------------------------------------------------------------ admission
 
@@ -97,14 +100,19 @@ class Call:
 
     # ------------------------------------------------------------------ upstream
 
-    async def serve(self, path: str, payload_for: Callable[[str], bytes]) -> Served:
-        """Walk the chain (and, if allowed, other routes) until a channel answers 200."""
+    async def serve(self, path: str, payload_for: Callable[[str], bytes], *, stream: bool) -> Served:
+        """Walk the chain (and, if allowed and not pinned, other routes) until a channel answers.
+
+        A non-streamed answer is read and parsed inside the attempt, so malformed JSON is
+        retried like a 5xx; a stream is handed over at its status line.
+        """
         assert self.model is not None and self.trace.route is not None
         first = self.trace.route
+        self._read_body = not stream
         failure = await self._walk_chain(first, path, payload_for)
         if isinstance(failure, Served):
             return failure
-        for fallback in fallback_routes(self.model, self.policy, first):
+        for fallback in [] if self.pinned else fallback_routes(self.model, self.policy, first):
             if not await self._move_to(fallback):
                 break
             result = await self._walk_chain(fallback, path, payload_for)
@@ -155,17 +163,21 @@ class Call:
                 continue
             skipped_in_row = 0
             if attempts > 0:
-                if not await self._backoff(retry.backoff_ms, attempts, last):
+                same_channel = previous == ref.channel
+                if not await self._backoff(retry.backoff_ms, attempts, last if same_channel else None):
                     break
-            if previous is not None and previous != ref.channel:
-                metrics.FALLBACKS.labels("channel").inc()
+                if not same_channel:
+                    metrics.FALLBACKS.labels("channel").inc()
             previous = ref.channel
             attempts += 1
             channel = self.gw.catalog.channels[ref.channel]
             started = time.perf_counter()
+            data = None
             try:
                 async with self.upstream.limit(channel):
                     response = await self.upstream.open(channel, path, payload_for(ref.upstream_model))
+                    if self._read_body:
+                        data = await self.upstream.read_json(channel, response)
             except AttemptFailure as failure:
                 self._attempt_done(ref.channel, failure.outcome, failure.status, started, tag, failure.message)
                 last = failure
@@ -175,11 +187,12 @@ class Call:
             self.trace.upstream_model = ref.upstream_model
             self._attempt_done(ref.channel, "ok", response.status, started, tag)
             self.trace.served_by = ref.channel
-            return Served(response, route, ref.channel)
+            return Served(response, route, ref.channel, data)
         return self._final_error(last)
 
     async def _backoff(self, backoff_ms: int, attempts: int, last: AttemptFailure | None) -> bool:
-        """Sleep before the next attempt; a retry-after beyond 10 s is not worth waiting for."""
+        """Sleep before the next attempt. `last` is given when retrying the channel that failed:
+        its retry-after is honoured, and one beyond 10 s is not worth waiting for."""
         delay = backoff_ms / 1000 * (2 ** (attempts - 1))
         if last is not None and last.retry_after_s is not None:
             if last.retry_after_s > 10:

@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
+import shutil
 import signal
 import socket
+import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import uvloop
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from .app import create_app
-from .catalog import Catalog
+from .catalog import Catalog, load_catalog
 from .embedded_pg import EmbeddedPostgres
 from .settings import Settings
 
@@ -75,4 +82,63 @@ async def serve_forever(settings: Settings, catalog: Catalog, dsn: str,
         log.info("tokensforge listening on http://%s:%d", settings.host, settings.port)
         if on_ready is not None:
             await on_ready()
+        await wait_for_signal()
+
+
+def serve_workers(settings: Settings, dsn: str) -> int:
+    """N worker processes on one port (SO_REUSEPORT); the kernel spreads connections.
+
+    Metrics use prometheus_client's multiprocess mode, so any worker's /metrics
+    reports all of them. A worker that dies is replaced; SIGINT/SIGTERM stop all.
+    """
+    metrics_dir = tempfile.mkdtemp(prefix="tokensforge-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by each worker at import
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def spawn(index: int) -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(target=_worker_main, args=(settings, dsn), name=f"tokensforge-worker-{index}")
+        proc.start()
+        return proc
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    workers = [spawn(i) for i in range(settings.workers)]
+    log.info("tokensforge: %d workers on http://%s:%d", settings.workers, settings.host, settings.port)
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for i, proc in enumerate(workers):
+                if not proc.is_alive() and not stopping:
+                    log.error("worker %s exited with %s; starting a new one", proc.pid, proc.exitcode)
+                    multiprocess.mark_process_dead(proc.pid)
+                    workers[i] = spawn(i)
+    finally:
+        for proc in workers:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in workers:
+            proc.join(timeout=20)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _worker_main(settings: Settings, dsn: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    assert settings.config_path is not None
+    catalog = load_catalog(settings.config_path)
+    uvloop.run(_worker(settings, catalog, dsn))
+
+
+async def _worker(settings: Settings, catalog: Catalog, dsn: str) -> None:
+    sock = listening_socket(settings.host, settings.port, reuse_port=True)
+    async with running(create_app(settings, catalog, dsn), sock):
         await wait_for_signal()

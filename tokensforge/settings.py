@@ -22,6 +22,8 @@ class Settings:
     key_cache_ttl_s: float = 0.5
     max_body_bytes: int = 4 * 1024 * 1024
     db_pool_size: int = 20
+    breaker_failure_threshold: int = 5
+    breaker_cooldown_s: float = 5.0
     channel_env: Mapping[str, str] = field(default_factory=dict)  # api_key_env → secret
 
     @classmethod
@@ -29,6 +31,7 @@ class Settings:
         env = os.environ if env is None else env
         config = overrides.pop("config_path", None) or env.get("TOKENSFORGE_CONFIG")
         values: dict[str, object] = {
+            **_tunables(env),
             "config_path": Path(str(config)) if config else None,
             "database_url": env.get("TOKENSFORGE_DATABASE_URL") or None,
             "admin_token": env.get("TOKENSFORGE_ADMIN_TOKEN") or None,
@@ -36,3 +39,22 @@ class Settings:
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+# Operational knobs that ops may set through the environment (TOKENSFORGE_<NAME>).
+_TUNABLE = {
+    "reservation_ttl_s": float, "sweep_interval_s": float, "key_cache_ttl_s": float,
+    "max_body_bytes": int, "db_pool_size": int, "breaker_failure_threshold": int, "breaker_cooldown_s": float,
+}
+
+
+def _tunables(env: Mapping[str, str]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for name, kind in _TUNABLE.items():
+        raw = env.get(f"TOKENSFORGE_{name.upper()}")
+        if raw:
+            try:
+                values[name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"TOKENSFORGE_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+    return values

@@ -129,6 +129,22 @@ async def topup(request: web.Request) -> web.Response:
     return json_response(view, status=201 if created else 200)
 
 
+@routes.get("/admin/routes/health")
+async def routes_health(request: web.Request) -> web.Response:
+    """Per channel: circuit state, rolling success rate and latency, last error; and the routes using it."""
+    gw = _gateway(request)
+    used_by: dict[str, list[str]] = {c: [] for c in gw.catalog.channels}
+    for route in gw.catalog.routes.values():
+        for ref in route.channels:
+            used_by[ref.channel].append(route.id)
+    channels = []
+    for channel_id in gw.catalog.channels:
+        view = gw.health.get(channel_id).view()
+        view["routes"] = used_by[channel_id]
+        channels.append(view)
+    return json_response({"object": "list", "data": channels})
+
+
 @routes.post("/admin/catalog/reload")
 async def reload_catalog(request: web.Request) -> web.Response:
     gw = _gateway(request)

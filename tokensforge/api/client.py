@@ -45,8 +45,10 @@ async def _start(request: web.Request, endpoint: str) -> tuple[Call, dict[str, A
         if model.type != expected:
             raise InvalidRequest(f"model {model.id!r} is a {model.type} model, not usable at /v1/{endpoint}",
                                  param="model")
-        route = select_route(model, policy, route_pin(request, body))
+        pin = route_pin(request, body)
+        route = select_route(model, policy, pin)
         trace.route = route
+        call.pinned = pin is not None
         _validate(endpoint, body)
         await call.admit(model, route, body)
     except TokensForgeError as exc:
@@ -99,7 +101,7 @@ def _headers(call: Call, served: Served | None = None) -> dict[str, str]:
 
 async def _serve_or_abandon(call: Call, path: str, body: dict[str, Any], *, stream: bool) -> Served:
     try:
-        return await call.serve(path, _payload_maker(body, stream=stream))
+        return await call.serve(path, _payload_maker(body, stream=stream), stream=stream)
     except TokensForgeError as exc:
         await call.abandon(exc)
         raise
@@ -124,13 +126,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def _unary(call: Call, body: dict[str, Any], path: str) -> web.Response:
     served = await _serve_or_abandon(call, path, body, stream=False)
-    channel = call.gw.catalog.channels[served.channel_id]
-    try:
-        data = await call.upstream.read_json(channel, served.response)
-    except Exception as exc:
-        error = UpstreamError(getattr(exc, "message", "the upstream response broke; nothing was charged"))
-        await call.abandon(error)
-        raise error from None
+    data = served.data
+    assert data is not None
     usage = usage_from(data.get("usage"))
     source = "upstream"
     if usage is None:

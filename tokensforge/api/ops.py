@@ -8,6 +8,7 @@ import os
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+from ..metrics import DATABASE_UP
 from ..state import GATEWAY
 from .common import json_response
 
@@ -29,6 +30,7 @@ async def readyz(request: web.Request) -> web.Response:
                 checks["database"] = await gw.pool.fetchval("SELECT 1") == 1
         except Exception:  # any failure to answer means not ready
             checks["database"] = False
+        DATABASE_UP.set(1 if checks["database"] else 0)
     ready = all(checks.values())
     return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
                          status=200 if ready else 503)
