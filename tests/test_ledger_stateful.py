@@ -379,8 +379,10 @@ class LedgerMachine(RuleBasedStateMachine):
             self.run(self.ledger.finish("req_never_reserved", 0, None))
         assert self.snapshot() == before
 
+    @precondition(lambda self: any(self.model.reservations[rid].short_ttl for rid in self.model.open()))
     @rule()
     def expire(self) -> None:
+        """The sweeper voids exactly the reservations past their TTL (the 0 s ones), never the others."""
         due = [rid for rid in self.model.open() if self.model.reservations[rid].short_ttl]
         count = self.run(self.ledger.expire())
         assert count == len(due)

@@ -1,0 +1,146 @@
+"""Circuit breaking, database outages and crashes (SPEC §5.5): fail closed, recover, lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import openai
+import orjson
+
+from tokensforge.db import migrate
+from tokensforge.embedded_pg import EmbeddedPostgres
+
+from .harness import Gw, Mock, gateway_of, gateway_settings, start_gateway, write_catalog
+from .invariants import assert_ledger_invariants
+from .procs import GatewayProcess
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+async def test_circuit_opens_skips_probes_and_closes(dsn: str, mock_upstream: Mock, tmp_path: Path) -> None:
+    await mock_upstream.reset()
+    settings = gateway_settings(write_catalog(tmp_path / "c.toml", mock_upstream.url),
+                                breaker_failure_threshold=3, breaker_cooldown_s=0.5)
+    ctx, url, app = await start_gateway(settings, dsn)
+    async with ctx, aiohttp.ClientSession() as session:
+        gw = Gw(url, dsn, gateway_of(app), mock_upstream, session)
+        _, key = await gw.account(routed=10**9)
+        client = gw.client(key)
+        await mock_upstream.faults(**{"up-relay-a": {"error_status": 500}})
+        for _ in range(3):  # relay-a fails, relay-b serves
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1,
+                                                 extra_body={"route": "routed"})
+        _, health = await gw.admin("GET", "/admin/routes/health")
+        relay_a = next(c for c in health["data"] if c["channel"] == "relay-a")
+        assert relay_a["state"] == "open" and relay_a["consecutive_failures"] == 3
+        assert relay_a["last_error"] and "gpt-4o-mini/routed" in relay_a["routes"]
+        assert await gw.counter("tokensforge_circuit_state", channel="relay-a") == 2
+        assert await gw.counter("tokensforge_channel_up", channel="relay-a") == 0
+        calls_before = (await mock_upstream.stats())["by_model"].get("up-relay-a", 0)
+        completion = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1,
+                                                          extra_body={"route": "routed"})
+        receipt = completion.model_extra["receipt"]
+        assert receipt["attempts"][0] == {"channel": "relay-a", "outcome": "skipped", "status": None,
+                                          "latency_ms": 0, "skipped": "circuit_open"}
+        assert receipt["channels"]["served_by"] == "relay-b"
+        assert (await mock_upstream.stats())["by_model"].get("up-relay-a", 0) == calls_before  # not called
+        models = await client.models.list()
+        routed = next(r for r in models.data[0].model_extra["routes"] if r["id"] == "gpt-4o-mini/routed")
+        assert routed["healthy"] is True  # relay-b still serves the route
+        await mock_upstream.faults()  # relay-a recovers
+        await asyncio.sleep(0.6)  # cool-down passes: the next request probes relay-a
+        completion = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1,
+                                                          extra_body={"route": "routed"})
+        assert completion.model_extra["receipt"]["channels"]["served_by"] == "relay-a"
+        _, health = await gw.admin("GET", "/admin/routes/health")
+        relay_a = next(c for c in health["data"] if c["channel"] == "relay-a")
+        assert relay_a["state"] == "closed" and relay_a["consecutive_failures"] == 0
+        assert 0 < relay_a["success_rate"] < 1 and relay_a["latency_p50_ms"] is not None
+        assert await gw.counter("tokensforge_circuit_state", channel="relay-a") == 0
+        for client_ in gw.clients:
+            await client_.close()
+
+
+async def test_database_outage_fails_closed_and_recovers(mock_upstream: Mock, tmp_path: Path) -> None:
+    await mock_upstream.reset()
+    cluster = EmbeddedPostgres.throwaway()
+    try:
+        dsn = cluster.start()
+        await migrate(dsn)
+        settings = gateway_settings(write_catalog(tmp_path / "c.toml", mock_upstream.url), key_cache_ttl_s=30)
+        ctx, url, app = await start_gateway(settings, dsn)
+        async with ctx, aiohttp.ClientSession() as session:
+            gw = Gw(url, dsn, gateway_of(app), mock_upstream, session)
+            _, key = await gw.account(credit=10**9)
+            client = gw.client(key, timeout=20)
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1)
+            served_before = (await mock_upstream.stats())["requests"]
+            cluster.stop()
+            async with session.get(url + "/readyz") as r:
+                assert r.status == 503 and (await r.json())["checks"]["database"] is False
+            for _ in range(3):
+                try:
+                    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1)
+                    raise AssertionError("served without a ledger")
+                except openai.InternalServerError as exc:
+                    assert exc.status_code == 503
+                    assert exc.response.json()["error"]["code"] == "ledger_unavailable"
+            assert (await mock_upstream.stats())["requests"] == served_before  # nothing served unbilled
+            cluster.start()
+            for _ in range(100):
+                async with session.get(url + "/readyz") as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+            assert r.status == 200
+            completion = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1)
+            assert completion.model_extra["receipt"]["charge_nanos"] > 0
+            for client_ in gw.clients:
+                await client_.close()
+        await assert_ledger_invariants(dsn)
+    finally:
+        cluster.close()
+
+
+async def test_gateway_killed_mid_stream_leaves_a_reservation_the_sweeper_voids(
+        dsn: str, gw: Gw, tmp_path: Path) -> None:
+    _, key = await gw.account(credit=10**9)
+    await gw.mock.faults(**{"up-official": {"chunk_delay_ms": 200}})
+    catalog = write_catalog(tmp_path / "c.toml", gw.mock.url)
+    victim = GatewayProcess(catalog, dsn=dsn, env={"TOKENSFORGE_RESERVATION_TTL_S": "1"})
+    with victim:
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(victim.url + "/v1/chat/completions", headers={
+                "authorization": f"Bearer {key}"}, data=orjson.dumps({
+                    "model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 50, "stream": True}))
+            request_id = response.headers["x-request-id"]
+            async for line in response.content:
+                if b"lorem" in line:
+                    break  # the stream is running: content reached the client
+            victim.stop(signal.SIGKILL)
+            response.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow("SELECT status, amount_nanos FROM reservations WHERE request_id = $1", request_id)
+        assert row["status"] == "open" and row["amount_nanos"] > 0
+        assert (await gw.balances(key))["credit"]["reserved_nanos"] == row["amount_nanos"]
+        for _ in range(60):  # the surviving gateway's sweeper voids it once the TTL passed
+            status = await conn.fetchval("SELECT status FROM reservations WHERE request_id = $1", request_id)
+            if status != "open":
+                break
+            await asyncio.sleep(0.1)
+        assert status == "expired"
+        usage = await conn.fetchrow("SELECT status, charge_nanos FROM usage_records WHERE request_id = $1",
+                                    request_id)
+        assert usage["status"] == "failed" and usage["charge_nanos"] == 0
+        await assert_ledger_invariants(conn)
+    finally:
+        await conn.close()
+    balances = await gw.balances(key)
+    assert balances["credit"]["reserved_nanos"] == 0 and balances["credit"]["balance_nanos"] == 10**9
+
+
