@@ -233,3 +233,26 @@ async def test_models_with_slash_and_colon_ids_are_reachable(gw: Gw) -> None:
     _, key = await gw.account(**FUNDS)
     model = await gw.client(key).models.retrieve("meta/llama-3:8b")
     assert model.id == "meta/llama-3:8b" and model.model_extra["routes"][0]["bucket"] == "routed"
+
+
+async def test_client_giving_up_on_a_non_streamed_request_voids_it(gw: Gw) -> None:
+    _, key = await gw.account(**FUNDS)
+    await gw.mock.faults(**{"up-official": {"latency_ms": 3000}})
+    before = (await gw.mock.stats())["cancelled"]
+    with pytest.raises(openai.APITimeoutError):
+        await gw.client(key, timeout=0.5).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    record = None
+    for _ in range(40):
+        _, usage = await gw.get("/v1/usage", key)
+        if usage["data"]:
+            record = usage["data"][0]
+            break
+        await asyncio.sleep(0.05)
+    assert record is not None and record["status"] == "client_cancelled" and record["charge_nanos"] == 0
+    for _ in range(40):
+        if (await gw.mock.stats())["cancelled"] == before + 1:
+            break
+        await asyncio.sleep(0.05)
+    assert (await gw.mock.stats())["cancelled"] == before + 1  # the upstream call was cut, not left running
+    assert await balances(gw, key) == FUNDS
+    assert (await gw.balances(key))["credit"]["reserved_nanos"] == 0

@@ -259,14 +259,14 @@ class Call:
             metrics.TOKENS.labels("output", route.kind).inc(billed.completion_tokens)
         return receipt
 
-    async def abandon(self, error: TokensForgeError) -> None:
+    async def abandon(self, error: TokensForgeError, status: str = "failed") -> None:
         """Void the reservation of a request that failed before anything was delivered."""
         self.trace.error = {"code": error.code, "message": error.message}
         if self.reservation_id is None:
             await self.refuse(error)
             return
         try:
-            await self.settle("failed", None, None)
+            await self.settle(status, None, None)
         except LedgerUnavailable:
             pass  # the sweeper voids it after its TTL
 

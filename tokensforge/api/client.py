@@ -105,6 +105,9 @@ async def _serve_or_abandon(call: Call, path: str, body: dict[str, Any], *, stre
     except TokensForgeError as exc:
         await call.abandon(exc)
         raise
+    except asyncio.CancelledError:  # the client went away while the upstream worked
+        await call.abandon(UpstreamError("the client disconnected before the answer"), "client_cancelled")
+        raise
     except BaseException:
         await call.abandon(UpstreamError("the request was interrupted"))
         raise
