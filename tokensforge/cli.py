@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from . import mock_upstream
+from . import mock_upstream, research_cli
 from .catalog import CatalogError, load_catalog
 from .db import migrate
 from .demo import run_demo
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_cmd = sub.add_parser("migrate", help="apply database migrations")
     migrate_cmd.add_argument("--data-dir", type=Path, default=Path(".tokensforge"))
 
+    research = sub.add_parser("research", help="write a research report through a running gateway")
+    research_cli.add_arguments(research)
+
     mock = sub.add_parser("mock-upstream", help="the simulated OpenAI-compatible upstream")
     mock_upstream.add_arguments(mock)
     return parser
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "mock-upstream":
         return mock_upstream.run_from_args(args)
+    if args.command == "research":
+        return asyncio.run(research_cli.run(args))
     try:
         return _dispatch(args)
     except CatalogError as exc:

@@ -127,7 +127,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _unary(call, body, "/embeddings")
 
 
-async def _unary(call: Call, body: dict[str, Any], path: str) -> web.Response:
+async def complete(call: Call, body: dict[str, Any], path: str) -> tuple[dict[str, Any], Served]:
+    """Serve an admitted non-streamed request and settle it; the answer carries its receipt."""
     served = await _serve_or_abandon(call, path, body, stream=False)
     data = served.data
     assert data is not None
@@ -140,6 +141,12 @@ async def _unary(call: Call, body: dict[str, Any], path: str) -> web.Response:
     except LedgerUnavailable:
         raise LedgerUnavailable("the ledger is unavailable, so the answer is withheld; nothing was charged") from None
     data["receipt"] = receipt
+    return data, served
+
+
+async def _unary(call: Call, body: dict[str, Any], path: str) -> web.Response:
+    data, served = await complete(call, body, path)
+    receipt = data["receipt"]
     headers = _headers(call, served)
     headers["x-tokensforge-charge-nanos"] = str(receipt["charge_nanos"])
     headers["x-tokensforge-ledger-entry"] = receipt["ledger_entry_id"] or ""

@@ -148,6 +148,12 @@ class LedgerStore:
                 account_id, bucket)
         return int(value or 0)
 
+    async def balance(self, account_id: str, bucket: str) -> int:
+        async with translated("read"):
+            value = await self.pool.fetchval(
+                "SELECT balance_nanos FROM buckets WHERE account_id = $1 AND bucket = $2", account_id, bucket)
+        return int(value or 0)
+
     async def ledger(
         self, account_id: str, *, limit: int, after: int | None, bucket: str | None = None,
     ) -> list[asyncpg.Record]:

@@ -1,0 +1,114 @@
+"""POST /v1/research/reports: the research assistant over the gateway's own billed route."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..errors import InsufficientBalance, InvalidRequest, TokensForgeError
+from ..money import usd
+from ..pricing import size_reservation
+from ..proxy import Call
+from ..receipts import Trace
+from ..research import DISCLAIMER, estimate_view, parse_request, section_body
+from ..routing import find_model, select_route
+from .auth import authenticate
+from .client import complete
+from .common import REQUEST_ID, json_response, read_json
+
+routes = web.RouteTableDef()
+
+
+class ChargeCapTooLow(InsufficientBalance):
+    """402 like a short bucket: the caller's own cap cannot pay for the first section."""
+
+    def __init__(self, bucket: str, needed_nanos: int, cap_nanos: int) -> None:
+        super().__init__(bucket, needed_nanos, cap_nanos)
+        self.message = f"max_charge_nanos {cap_nanos} cannot cover the first section ({needed_nanos} nano-USD)"
+        self.extra["max_charge_nanos"] = cap_nanos
+
+
+@routes.post("/v1/research/reports")
+async def create_report(request: web.Request) -> web.StreamResponse:
+    gw, identity, policy = await authenticate(request)
+    req = parse_request(await read_json(request))
+    pin = request.headers.get("x-tokensforge-route") or req.route
+    model = find_model(gw.catalog, req.model)
+    if model.type != "chat":
+        raise InvalidRequest(f"model {model.id!r} is not a chat model", param="model")
+    route = select_route(model, policy, pin)
+    reserves = [size_reservation(section_body(req, i), model, route).amount_nanos for i in range(len(req.sections))]
+    available = await gw.ledger.available(identity.account_id, route.bucket)
+    estimate = estimate_view(req, reserves, available, {"id": route.id, "kind": route.kind}, route.bucket)
+    if req.dry_run:
+        return json_response({"estimate": estimate})
+    if available < estimate["expected_nanos"]:
+        raise InsufficientBalance(route.bucket, estimate["expected_nanos"], available)
+    if req.max_charge_nanos < reserves[0]:
+        raise ChargeCapTooLow(route.bucket, reserves[0], req.max_charge_nanos)
+
+    balance_before = await gw.ledger.balance(identity.account_id, route.bucket)
+    report_id = "rep_" + secrets.token_hex(8)
+    stream = await _open_stream(request) if req.stream else None
+    if stream is not None:
+        await _event(stream, "estimate", estimate)
+    sections: list[dict[str, Any]] = []
+    status, total = "completed", 0
+    for index, title in enumerate(req.sections):
+        if total + reserves[index] > req.max_charge_nanos:
+            status = "stopped_at_cap"
+            break
+        if stream is not None:
+            await _event(stream, "section_started", {"index": index, "title": title})
+        trace = Trace(request[REQUEST_ID] + f"_s{index + 1}", identity.account_id, identity.project_id,
+                      identity.key_id, selected_model=model.id, endpoint="research.section")
+        call = Call(gw, identity, policy, trace)
+        call.pinned = pin is not None
+        body = section_body(req, index)
+        try:
+            await call.admit(model, route, body)
+        except TokensForgeError as exc:
+            await call.refuse(exc)
+            data = exc
+        else:
+            try:
+                data, _ = await complete(call, body, "/chat/completions")
+            except TokensForgeError as exc:  # already voided and recorded
+                data = exc
+        if isinstance(data, TokensForgeError):
+            status = "failed"
+            sections.append({"title": title, "content": None, "error": data.body()["error"], "receipt": None})
+            break
+        content = ((data.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
+        section = {"title": title, "content": content, "receipt": data["receipt"]}
+        sections.append(section)
+        total += data["receipt"]["charge_nanos"]
+        if stream is not None:
+            await _event(stream, "section_completed", {"index": index, **section})
+    balance_after = await gw.ledger.balance(identity.account_id, route.bucket)
+    report = {
+        "id": report_id, "object": "research.report", "topic": req.topic, "model": model.id,
+        "route": {"id": route.id, "kind": route.kind}, "bucket": route.bucket, "status": status,
+        "sections": sections, "total_charge_nanos": total, "total_charge_usd": usd(total),
+        "balance_before_nanos": balance_before, "balance_after_nanos": balance_after,
+        "disclaimer": DISCLAIMER,
+    }
+    if stream is None:
+        return json_response(report)
+    await _event(stream, "report_completed", report)
+    await stream.write_eof()
+    return stream
+
+
+async def _open_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
+                                           "x-request-id": request[REQUEST_ID]})
+    await response.prepare(request)
+    return response
+
+
+async def _event(stream: web.StreamResponse, name: str, data: Any) -> None:
+    await stream.write(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
