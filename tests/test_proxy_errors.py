@@ -76,6 +76,7 @@ async def test_401_invalid_and_revoked_keys(gw: Gw) -> None:
 
 async def test_402_names_bucket_needed_available_and_never_uses_the_other_bucket(gw: Gw) -> None:
     _, key = await gw.account(credit=100, routed=10**9)
+    refused = await gw.counter("tokensforge_requests_total", route_kind="official", status="refused")
     with pytest.raises(openai.APIStatusError) as info:
         await gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=50)
     error = _check(info.value, 402, "insufficient_balance")
@@ -85,6 +86,7 @@ async def test_402_names_bucket_needed_available_and_never_uses_the_other_bucket
     record = usage["data"][0]
     assert record["status"] == "failed" and record["charge_nanos"] == 0 and record["ledger_entry_id"] is None
     assert record["error"]["code"] == "insufficient_balance"
+    assert await gw.counter("tokensforge_requests_total", route_kind="official", status="refused") == refused + 1
 
 
 async def test_403_model_route_and_budget(gw: Gw) -> None:

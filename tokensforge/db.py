@@ -30,9 +30,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await _json_codecs(conn)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release (a round trip per use): pool connections never
+    LISTEN, hold advisory locks or change settings; transactions always close in `async with`."""
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session,
         command_timeout=30, max_inactive_connection_lifetime=60,
     )
     assert pool is not None

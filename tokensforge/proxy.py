@@ -92,7 +92,7 @@ class Call:
         """Record a request refused before any money was held (a usage record, no charge)."""
         self.trace.status = "failed"
         self.trace.error = {"code": error.code, "message": error.message}
-        self._count()
+        self._count("refused")  # the metric tells refusals (4xx, 402) from failures
         try:
             await shielded(self.gw.ledger.record(self._receipt()))
         except LedgerUnavailable:
@@ -274,9 +274,9 @@ class Call:
         self.trace.latency_ms = int((time.perf_counter() - self.started) * 1000)
         return build_receipt(self.trace)
 
-    def _count(self) -> None:
+    def _count(self, status: str | None = None) -> None:
         t = self.trace
         kind = t.route.kind if t.route else "none"
         metrics.REQUESTS.labels(t.selected_model or "none", kind, t.route.bucket if t.route else "none",
-                                t.status).inc()
+                                status or t.status).inc()
         metrics.REQUEST_DURATION.labels(kind).observe(time.perf_counter() - self.started)

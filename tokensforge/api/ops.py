@@ -6,7 +6,9 @@ import asyncio
 import os
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest, multiprocess,
+)
 
 from ..metrics import DATABASE_UP
 from ..state import GATEWAY
@@ -41,6 +43,8 @@ async def metrics(request: web.Request) -> web.Response:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        # process_* of the answering worker only (they cannot be summed across processes)
+        ProcessCollector(registry=registry)
         body = generate_latest(registry)
     else:
         body = generate_latest()
