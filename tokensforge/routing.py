@@ -37,17 +37,24 @@ def select_route(model: Model, policy: EffectivePolicy, pin: str | None = None) 
         raise ModelNotAllowed(f"this key may not use model {model.id!r}", param="model")
     usable = allowed_routes(model, policy)
     if pin is not None:
-        route = model.route(pin)
-        if route is None:
-            raise InvalidRequest(
-                f"model {model.id!r} has no route {pin!r} (routes: {', '.join(r.id for r in model.routes)})",
-                param="route")
-        if route not in usable:
-            raise RouteNotAllowed(f"this key may not use route {route.id!r}", param="route", route=route.id)
-        return route
+        return _pinned(model, usable, pin, policy)
     if not usable:
         raise RouteNotAllowed(f"this key may use no route of model {model.id!r}", param="model", route=None)
     return preference_order(usable, policy.route_preference)[0]
+
+
+def _pinned(model: Model, usable: list[Route], pin: str, policy: EffectivePolicy) -> Route:
+    """A pin names a route id, or a kind: then the preferred usable route of that kind."""
+    matching = [r for r in model.routes if r.id == pin] or [r for r in model.routes if r.kind == pin]
+    if not matching:
+        raise InvalidRequest(
+            f"model {model.id!r} has no route {pin!r} (routes: {', '.join(r.id for r in model.routes)})",
+            param="route")
+    allowed = [r for r in matching if r in usable]
+    if not allowed:
+        route = matching[0]
+        raise RouteNotAllowed(f"this key may not use route {route.id!r}", param="route", route=route.id)
+    return preference_order(allowed, policy.route_preference)[0]
 
 
 def fallback_routes(model: Model, policy: EffectivePolicy, chosen: Route) -> list[Route]:
