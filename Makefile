@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: run test venv venv-test postgres promtool bench bench-peer check clean
+.PHONY: run test venv venv-test postgres promtool chromium bench bench-peer check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,14 @@ postgres:
 promtool:
 	@bash deploy/ensure-promtool.sh >/dev/null
 
+# Chromium drives the playground's browser tests (Debian's package).
+chromium:
+	@bash deploy/ensure-chromium.sh >/dev/null
+
 run: venv postgres
 	$(BIN)/tokensforge demo --port $(PORT)
 
-test: venv-test postgres promtool
+test: venv-test postgres promtool chromium
 	$(BIN)/pytest
 
 bench: venv-test postgres

@@ -69,6 +69,7 @@ Tokens Forge demo is running.
   API key        {api_key}
   Admin token    {admin_token}
   Playground     {base}/playground
+                 {base}/playground#key={api_key}  (opens with the key set)
   Metrics        {base}/metrics
 
 Try it:
