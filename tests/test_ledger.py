@@ -11,10 +11,11 @@ import textwrap
 import asyncpg
 import pytest
 
+from tokensforge import metrics
 from tokensforge.accounts import AccountStore
 from tokensforge.db import create_pool
 from tokensforge.errors import (
-    BudgetExceeded, IdempotencyConflict, InsufficientBalance, NotFound, ReservationResolved,
+    BudgetExceeded, IdempotencyConflict, LedgerError, InsufficientBalance, NotFound, ReservationResolved,
 )
 from tokensforge.ledger.model import BudgetLimit
 from tokensforge.ledger.store import LedgerStore
@@ -86,7 +87,7 @@ async def test_charge_above_the_reservation_is_refused_by_the_database(stores) -
     acct = await _account(accounts)
     await ledger.topup(acct, "credit", 1000, "t", None)
     await ledger.reserve("req_x", acct, "credit", 100)
-    with pytest.raises(asyncpg.PostgresError, match="outside reservation"):
+    with pytest.raises(LedgerError, match="outside reservation"):
         await ledger.finish("req_x", 101, _record("req_x", acct))
     assert await ledger.available(acct, "credit") == 900  # nothing moved
 
@@ -188,3 +189,28 @@ async def test_sweeper_voids_reservation_of_a_killed_process(dsn: str, stores) -
     status = await ledger.pool.fetchval("SELECT status FROM reservations WHERE id = 'req_orphan'")
     usage = await ledger.pool.fetchrow("SELECT status, charge_nanos FROM usage_records WHERE request_id = 'req_orphan'")
     assert status == "expired" and usage["status"] == "failed" and usage["charge_nanos"] == 0
+
+
+def _settle_batches() -> float:
+    return sum(s.value for m in metrics.LEDGER_OP_DURATION.collect() for s in m.samples
+               if s.name.endswith("_count") and s.labels.get("op") == "settle")
+
+
+async def test_concurrent_settlements_share_transactions_and_stay_exact(stores) -> None:
+    ledger, accounts = stores
+    accts = [await _account(accounts) for _ in range(5)]
+    for acct in accts:
+        await ledger.topup(acct, "credit", 10**9, "t", None)
+    for i in range(200):
+        await ledger.reserve(f"req_g{i}", accts[i % 5], "credit", 1_000)
+    before = _settle_batches()
+    results = await asyncio.gather(*(
+        ledger.finish(f"req_g{i}", i % 7 * 100, _record(f"req_g{i}", accts[i % 5])) for i in range(200)))
+    batches = _settle_batches() - before
+    assert batches < 200  # group commit: several settlements per transaction
+    assert sum(1 for entry, _ in results if entry is not None) == sum(1 for i in range(200) if i % 7)
+    for n, acct in enumerate(accts):
+        expected = 10**9 - sum(i % 7 * 100 for i in range(n, 200, 5))
+        assert await ledger.available(acct, "credit") == expected
+    with pytest.raises(ReservationResolved):  # a settled reservation in a batch is refused alone
+        await asyncio.gather(ledger.finish("req_g0", 0, None), ledger.reserve("req_h", accts[0], "credit", 5))

@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 
 from tokensforge.accounts import AccountStore
 from tokensforge.db import create_pool
-from tokensforge.errors import BudgetExceeded, IdempotencyConflict, InsufficientBalance, ReservationResolved
+from tokensforge.errors import LedgerError, BudgetExceeded, IdempotencyConflict, InsufficientBalance, ReservationResolved
 from tokensforge.ledger.model import BudgetLimit
 from tokensforge.ledger.store import LedgerStore
 
@@ -358,7 +358,7 @@ class LedgerMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(self.model.open()))
         r = self.model.reservations[rid]
         before = self.snapshot()
-        with pytest.raises(asyncpg.PostgresError, match="outside reservation"):
+        with pytest.raises(LedgerError, match="outside reservation"):
             self.run(self.ledger.finish(rid, r.amount + extra, self.record(rid, r.account, "succeeded")))
         assert self.snapshot() == before  # still open, nothing charged
 

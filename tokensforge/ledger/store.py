@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,7 +17,7 @@ import asyncpg
 
 from .. import metrics
 from ..errors import (
-    BudgetExceeded, IdempotencyConflict, InsufficientBalance, LedgerUnavailable, NotFound,
+    BudgetExceeded, IdempotencyConflict, InsufficientBalance, LedgerError, LedgerUnavailable, NotFound,
     ReservationResolved,
 )
 from .model import BudgetLimit
@@ -53,12 +53,70 @@ async def translated(op: str) -> AsyncIterator[None]:
         metrics.LEDGER_OP_DURATION.labels(op).observe(time.perf_counter() - started)
 
 
+_Settlement = tuple[str, int, "dict[str, Any] | None"]
+
+
+class _SettleBatcher:
+    """Group commit without a timer: while `max_inflight` batches are in the database, new
+    settlements queue up and go together in the next one. At low load a settlement goes at
+    once, alone; under load many share one transaction, one round trip and one commit."""
+
+    def __init__(self, flush: Callable[[list[_Settlement]], Awaitable[list[asyncpg.Record]]],
+                 max_batch: int, max_inflight: int) -> None:
+        self._flush_fn = flush
+        self._max_batch = max_batch
+        self._max_inflight = max_inflight
+        self._queue: list[tuple[_Settlement, asyncio.Future[tuple[str | None, int]]]] = []
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references until done
+
+    async def submit(self, item: _Settlement) -> tuple[str | None, int]:
+        future: asyncio.Future[tuple[str | None, int]] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._kick()
+        return await future
+
+    def _kick(self) -> None:
+        while self._queue and self._inflight < self._max_inflight:
+            batch, self._queue = self._queue[:self._max_batch], self._queue[self._max_batch:]
+            self._inflight += 1
+            task = asyncio.get_running_loop().create_task(self._flush(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, batch: list[tuple[_Settlement, asyncio.Future[tuple[str | None, int]]]]) -> None:
+        try:
+            rows = await self._flush_fn([item for item, _ in batch])
+        except BaseException as exc:  # the whole transaction failed: every caller hears why
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for (item, future), row in zip(batch, rows, strict=True):
+                if future.done():
+                    continue
+                if row["outcome"] == "ok":
+                    future.set_result((row["ledger_entry_id"], row["balance_after_nanos"]))
+                elif row["outcome"] == "resolved":
+                    future.set_exception(ReservationResolved(f"reservation {item[0]} is not open"))
+                else:
+                    future.set_exception(LedgerError(
+                        f"charge {item[1]} outside reservation {item[0]}; nothing moved"))
+        finally:
+            self._inflight -= 1
+            self._kick()
+
+
 class LedgerStore:
     """Top-ups, reservations, settlement and the account's money views."""
 
-    def __init__(self, pool: asyncpg.Pool, *, reservation_ttl_s: float = 600.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, reservation_ttl_s: float = 600.0, max_batch: int = 128,
+                 max_inflight_batches: int = 4) -> None:
         self.pool = pool
         self.reservation_ttl_s = reservation_ttl_s
+        self._batcher = _SettleBatcher(self._finish_many, max_batch, max_inflight_batches)
 
     async def _call(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         for attempt in range(_MAX_RETRIES):
@@ -118,19 +176,22 @@ class LedgerStore:
     ) -> tuple[str | None, int]:
         """Settle (charge > 0) or void (charge 0) a reservation; returns (ledger entry id, balance after).
 
-        With a record, the usage record is written in the same transaction.
+        With a record, the usage record is written in the same transaction. Concurrent calls
+        are grouped into one transaction (group commit) by the batcher.
         """
-        status = "settled" if charge_nanos > 0 else "voided"
-        rows = await self._call(
-            "settle" if charge_nanos > 0 else "void",
-            "SELECT * FROM tf_finish($1, $2, $3, $4)", reservation_id, charge_nanos, status, record)
-        return rows[0]["ledger_entry_id"], rows[0]["balance_after_nanos"]
+        return await self._batcher.submit((reservation_id, charge_nanos, record))
+
+    async def _finish_many(self, items: list[_Settlement]) -> list[asyncpg.Record]:
+        return await self._call(
+            "settle", "SELECT * FROM tf_finish_many($1, $2, $3, $4) ORDER BY idx",
+            [i[0] for i in items], [i[1] for i in items],
+            ["settled" if i[1] > 0 else "voided" for i in items], [i[2] for i in items])
 
     async def record(self, receipt: dict[str, Any]) -> None:
         """A usage record for a request that reserved nothing."""
         await self._call("record", "SELECT tf_record($1)", receipt)
 
-    async def expire(self, limit: int = 500) -> int:
+    async def expire(self, limit: int = 100) -> int:
         rows = await self._call("expire", "SELECT tf_expire($1) AS n", limit)
         count: int = rows[0]["n"]
         return count
