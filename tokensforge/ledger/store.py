@@ -1,8 +1,8 @@
 """The ledger's SQL: every money movement is one call of a database function.
 
 Database errors are translated here and nowhere else: connection trouble
-becomes LedgerUnavailable (the gateway fails closed), SQLSTATE TF001 becomes
-ReservationResolved, serialization failures and deadlocks are retried.
+becomes LedgerUnavailable (the gateway fails closed); serialization failures and
+deadlocks are retried. Settlements are grouped into shared transactions.
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ async def translated(op: str) -> AsyncIterator[None]:
     try:
         yield
     except asyncpg.PostgresError as exc:
-        if getattr(exc, "sqlstate", None) == "TF001":
-            raise ReservationResolved(str(exc)) from None
         if isinstance(exc, _UNAVAILABLE):
             raise LedgerUnavailable("the ledger database is unavailable; nothing was charged") from exc
         raise

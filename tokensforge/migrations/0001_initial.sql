@@ -203,23 +203,30 @@ BEGIN
 END $$;
 
 -- Settle or void: post at most the reserved amount, release the rest, write the
--- charge entry and the usage record, all in one transaction. Exactly once:
--- a reservation that is no longer open raises SQLSTATE TF001.
-CREATE FUNCTION tf_finish(
-    p_id text, p_charge bigint, p_final_status text, p_record jsonb
-) RETURNS TABLE (ledger_entry_id text, balance_after_nanos bigint) LANGUAGE plpgsql AS $$
+-- charge entry and the usage record, all in one transaction, exactly once (a
+-- reservation no longer open answers 'resolved' and nothing moves).
+--
+-- Lock order everywhere is budget rows (by scope, period), then bucket rows (by
+-- account, bucket): tf_reserve takes a key's budget, its project's budget, then
+-- the bucket; a batch (group commit) pre-locks all its budget rows in sorted
+-- order, then all its bucket rows in sorted order. No two transactions can wait
+-- on each other in a cycle.
+CREATE FUNCTION tf_finish_item(p_id text, p_charge bigint, p_final_status text, p_record jsonb)
+RETURNS TABLE (outcome text, ledger_entry_id text, balance_after_nanos bigint) LANGUAGE plpgsql AS $$
 DECLARE
     r reservations%ROWTYPE;
     v_balance bigint;
     v_entry text;
 BEGIN
     UPDATE reservations SET status = p_final_status, resolved_at = now()
-    WHERE id = p_id AND status = 'open' RETURNING * INTO r;
+    WHERE id = p_id AND status = 'open' AND p_charge BETWEEN 0 AND amount_nanos RETURNING * INTO r;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'reservation % is not open', p_id USING ERRCODE = 'TF001';
-    END IF;
-    IF p_charge < 0 OR p_charge > r.amount_nanos THEN
-        RAISE EXCEPTION 'charge % outside reservation % of %', p_charge, p_id, r.amount_nanos USING ERRCODE = 'TF002';
+        IF EXISTS (SELECT 1 FROM reservations WHERE id = p_id AND status = 'open') THEN
+            RETURN QUERY SELECT 'charge_out_of_range'::text, NULL::text, NULL::bigint;
+        ELSE
+            RETURN QUERY SELECT 'resolved'::text, NULL::text, NULL::bigint;
+        END IF;
+        RETURN;
     END IF;
     FOR i IN 1 .. coalesce(array_length(r.budget_scopes, 1), 0) LOOP
         UPDATE budgets SET reserved_nanos = reserved_nanos - r.amount_nanos, spent_nanos = spent_nanos + p_charge
@@ -237,7 +244,31 @@ BEGIN
         PERFORM tf_record(p_record || jsonb_build_object(
             'ledger_entry_id', v_entry, 'balance_after_nanos', v_balance, 'charge_nanos', p_charge));
     END IF;
-    RETURN QUERY SELECT v_entry, v_balance;
+    RETURN QUERY SELECT 'ok'::text, v_entry, v_balance;
+END $$;
+
+CREATE FUNCTION tf_lock_for(p_ids text[]) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM budgets b
+    JOIN (SELECT DISTINCT s.scope, s.period FROM reservations r,
+          unnest(r.budget_scopes, r.budget_periods) AS s(scope, period)
+          WHERE r.id = ANY (p_ids) AND r.status = 'open') x ON b.scope = x.scope AND b.period = x.period
+    ORDER BY b.scope, b.period FOR UPDATE OF b;
+    PERFORM 1 FROM buckets k
+    JOIN (SELECT DISTINCT account_id, bucket FROM reservations WHERE id = ANY (p_ids) AND status = 'open') x
+      ON k.account_id = x.account_id AND k.bucket = x.bucket
+    ORDER BY k.account_id, k.bucket FOR UPDATE OF k;
+END $$;
+
+CREATE FUNCTION tf_finish_many(p_ids text[], p_charges bigint[], p_statuses text[], p_records jsonb[])
+RETURNS TABLE (idx integer, outcome text, ledger_entry_id text, balance_after_nanos bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tf_lock_for(p_ids);
+    FOR i IN 1 .. coalesce(array_length(p_ids, 1), 0) LOOP
+        RETURN QUERY SELECT i, f.outcome, f.ledger_entry_id, f.balance_after_nanos
+                     FROM tf_finish_item(p_ids[i], p_charges[i], p_statuses[i], p_records[i]) f;
+    END LOOP;
 END $$;
 
 -- A usage record from a receipt document; the receipt is kept whole for /v1/receipts.
@@ -255,21 +286,23 @@ CREATE FUNCTION tf_record(p_receipt jsonb) RETURNS void LANGUAGE sql AS $$
     ON CONFLICT (request_id) DO NOTHING
 $$;
 
--- Void reservations whose gateway never came back; records what is known.
+-- The sweeper: claim overdue reservations (skipping ones a live gateway is settling) and void
+-- them in the same lock order as everyone else; their usage records say what is known.
 CREATE FUNCTION tf_expire(p_limit integer) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
-    v_id text;
-    v_receipt jsonb;
-    v_count integer := 0;
+    v_ids text[];
+    v_records jsonb[];
 BEGIN
-    FOR v_id, v_receipt IN
-        SELECT id, receipt FROM reservations
-        WHERE status = 'open' AND expires_at < now()
-        ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
-    LOOP
-        PERFORM tf_finish(v_id, 0, 'expired', CASE WHEN v_receipt IS NULL THEN NULL ELSE v_receipt || jsonb_build_object(
-            'status', 'failed', 'charge_usd', '0.000000000', 'error', 'reservation expired: the gateway serving it stopped') END);
-        v_count := v_count + 1;
-    END LOOP;
-    RETURN v_count;
+    SELECT array_agg(id), array_agg(CASE WHEN receipt IS NULL THEN NULL ELSE receipt || jsonb_build_object(
+               'status', 'failed', 'charge_usd', '0.000000000',
+               'error', 'reservation expired: the gateway serving it stopped') END)
+    INTO v_ids, v_records
+    FROM (SELECT id, receipt FROM reservations WHERE status = 'open' AND expires_at < now()
+          ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED) due;
+    IF v_ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM * FROM tf_finish_many(v_ids, array_fill(0::bigint, ARRAY[cardinality(v_ids)]),
+                                  array_fill('expired'::text, ARRAY[cardinality(v_ids)]), v_records);
+    RETURN cardinality(v_ids);
 END $$;
