@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import asyncpg
 import pytest
 
 from tokensforge import metrics

@@ -26,7 +26,9 @@ from hypothesis.stateful import (
 
 from tokensforge.accounts import AccountStore
 from tokensforge.db import create_pool
-from tokensforge.errors import LedgerError, BudgetExceeded, IdempotencyConflict, InsufficientBalance, ReservationResolved
+from tokensforge.errors import (
+    BudgetExceeded, IdempotencyConflict, InsufficientBalance, LedgerError, ReservationResolved,
+)
 from tokensforge.ledger.model import BudgetLimit
 from tokensforge.ledger.store import LedgerStore
 

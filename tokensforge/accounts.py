@@ -30,7 +30,9 @@ class AccountStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def create_account(self, name: str, bucket_ids: Iterable[str], account_id: str | None = None) -> dict[str, Any]:
+    async def create_account(
+        self, name: str, bucket_ids: Iterable[str], account_id: str | None = None,
+    ) -> dict[str, Any]:
         account_id = account_id or new_id("acct")
         async with translated("admin"), self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(

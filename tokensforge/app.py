@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -41,7 +41,10 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     return app
 
 
-def _database(settings: Settings, catalog: Catalog, dsn: str):  # type: ignore[no-untyped-def]
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await migrate(dsn)
         pool = await create_pool(dsn, max_size=settings.db_pool_size)
@@ -68,7 +71,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-def _background(dsn: str):  # type: ignore[no-untyped-def]
+def _background(dsn: str) -> CleanupCtx:
     """The sweeper, the database probe and the NOTIFY listener, in every process."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         gw = app[GATEWAY]

@@ -18,7 +18,8 @@ from .catalog import Catalog, load_catalog
 from .db import create_pool, migrate
 from .keys import hash_key, new_key
 from .ledger.store import LedgerStore
-from .mock_upstream import Faults, MockConfig, create_app as create_mock_app
+from .mock_upstream import Faults, MockConfig
+from .mock_upstream import create_app as create_mock_app
 from .server import listening_socket, running, serve_forever
 from .settings import Settings
 

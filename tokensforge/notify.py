@@ -39,7 +39,7 @@ async def listen_forever(gw: Gateway, dsn: str, *, retry_s: float = 1.0) -> None
         try:
             conn = await asyncpg.connect(dsn)
             lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c: lost.set())
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
 
             def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
                 asyncio.get_running_loop().create_task(handle(gw, payload))

@@ -139,6 +139,6 @@ def usage_from(payload: Any) -> Usage | None:
     if not isinstance(payload, dict):
         return None
     prompt, completion = payload.get("prompt_tokens"), payload.get("completion_tokens", 0)
-    if not all(type(v) is int and v >= 0 for v in (prompt, completion)):
-        return None
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        return None  # booleans and floats are not token counts
     return Usage(prompt, completion)

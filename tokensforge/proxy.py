@@ -21,8 +21,15 @@ from . import metrics
 from .accounts import KeyIdentity
 from .catalog import Model, Route
 from .errors import (
-    BudgetExceeded, InsufficientBalance, InvalidRequest, LedgerUnavailable, NoHealthyChannel,
-    RateLimited, TokensForgeError, UpstreamError, UpstreamTimeout,
+    BudgetExceeded,
+    InsufficientBalance,
+    InvalidRequest,
+    LedgerUnavailable,
+    NoHealthyChannel,
+    RateLimited,
+    TokensForgeError,
+    UpstreamError,
+    UpstreamTimeout,
 )
 from .policy import EffectivePolicy
 from .pricing import Usage, charge_for, size_reservation

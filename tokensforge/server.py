@@ -12,7 +12,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import uvloop
 from aiohttp import web
@@ -27,7 +27,7 @@ log = logging.getLogger("tokensforge")
 
 
 @contextlib.contextmanager
-def database(settings: Settings):  # type: ignore[no-untyped-def]
+def database(settings: Settings) -> Iterator[str]:
     """The DSN to use: TOKENSFORGE_DATABASE_URL, else an embedded cluster under --data-dir."""
     if settings.database_url:
         yield settings.database_url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -10,7 +11,13 @@ import orjson
 from aiohttp import web
 
 from ..errors import InvalidRequest, LedgerUnavailable, TokensForgeError, UpstreamError
-from ..pricing import Usage, embedding_input_tokens, embedding_inputs, typical_input_tokens, usage_from
+from ..pricing import (
+    Usage,
+    embedding_input_tokens,
+    embedding_inputs,
+    typical_input_tokens,
+    usage_from,
+)
 from ..proxy import Call, Served
 from ..receipts import Trace
 from ..routing import find_model, select_route
@@ -69,7 +76,7 @@ def _validate(endpoint: str, body: dict[str, Any]) -> None:
         raise InvalidRequest("'stream' must be a boolean", param="stream")
 
 
-def _payload_maker(body: dict[str, Any], *, stream: bool):  # type: ignore[no-untyped-def]
+def _payload_maker(body: dict[str, Any], *, stream: bool) -> Callable[[str], bytes]:
     """The forwarded body: unknown fields intact, `model` → the channel's upstream model."""
     body = dict(body)
     if stream:
@@ -202,7 +209,7 @@ async def _pump(served: Served, response: web.StreamResponse, state: _StreamStat
     while True:
         try:
             line = await content.readline()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             state.upstream_error = f"the upstream stream broke ({type(exc).__name__})"
             return True
         if not line:

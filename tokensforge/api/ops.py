@@ -7,7 +7,11 @@ import os
 
 from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest, multiprocess,
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
 )
 
 from ..metrics import DATABASE_UP

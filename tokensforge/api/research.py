@@ -68,19 +68,20 @@ async def create_report(request: web.Request) -> web.StreamResponse:
         call = Call(gw, identity, policy, trace)
         call.pinned = pin is not None
         body = section_body(req, index)
+        failure: TokensForgeError | None = None
         try:
             await call.admit(model, route, body)
         except TokensForgeError as exc:
             await call.refuse(exc)
-            data = exc
+            failure = exc
         else:
             try:
                 data, _ = await complete(call, body, "/chat/completions")
             except TokensForgeError as exc:  # already voided and recorded
-                data = exc
-        if isinstance(data, TokensForgeError):
+                failure = exc
+        if failure is not None:
             status = "failed"
-            sections.append({"title": title, "content": None, "error": data.body()["error"], "receipt": None})
+            sections.append({"title": title, "content": None, "error": failure.body()["error"], "receipt": None})
             break
         content = ((data.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
         section = {"title": title, "content": content, "receipt": data["receipt"]}

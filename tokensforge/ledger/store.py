@@ -17,7 +17,12 @@ import asyncpg
 
 from .. import metrics
 from ..errors import (
-    BudgetExceeded, IdempotencyConflict, InsufficientBalance, LedgerError, LedgerUnavailable, NotFound,
+    BudgetExceeded,
+    IdempotencyConflict,
+    InsufficientBalance,
+    LedgerError,
+    LedgerUnavailable,
+    NotFound,
     ReservationResolved,
 )
 from .model import BudgetLimit

@@ -94,7 +94,7 @@ class UpstreamClient:
         try:
             response = await self.session.post(
                 channel.base_url + path, data=payload, headers=self._headers(channel), timeout=timeout)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise AttemptFailure("timeout", f"channel {channel.id} timed out") from None
         except aiohttp.ClientConnectorError:
             raise AttemptFailure("connect", f"could not connect to channel {channel.id}") from None
@@ -104,7 +104,7 @@ class UpstreamClient:
             return response
         try:
             raw = await response.read()
-        except (asyncio.TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError):
             raw = b""
         finally:
             response.release()
@@ -120,7 +120,7 @@ class UpstreamClient:
         """The whole body of a non-streamed answer, parsed; malformed JSON is a failure."""
         try:
             raw = await response.read()
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise AttemptFailure("timeout", f"channel {channel.id} timed out", status=response.status) from None
         except aiohttp.ClientError:
             raise AttemptFailure("5xx", f"channel {channel.id} broke the response", status=response.status) from None

@@ -1,0 +1,65 @@
+"""The benchmark harness runs end to end in a very short mode (benchmarks/README.md).
+
+It starts its own PostgreSQL, upstreams, passthrough and gateway on loopback, drives them with
+wrk, and must stop everything again; here it only has to work, not to be fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.common import ensure_wrk
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 120
+
+
+def test_quick_benchmark_runs_and_reports_every_target(tmp_path: Path) -> None:
+    ensure_wrk()  # the harness installs wrk itself when missing (apt-get); outside the timed run
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--duration", "1", "--warmup", "0.2",
+           "--scenarios", "chat-c4", "stream-c4", "--streams", "50", "--stream-chunk-delay-ms", "100",
+           "--ledger-ops", "200", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENSFORGE_", "PROMETHEUS_"))}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the harness unwinds: stops its processes and PostgreSQL
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        raise AssertionError(f"benchmark did not finish in {TIMEOUT_S} s:\n{output[-4000:]}") from None
+    try:
+        assert proc.returncode == 0, output[-4000:]
+        results = sorted(out.glob("*.json"))
+        assert len(results) == 1, list(out.iterdir())
+        data = json.loads(results[0].read_text())
+        rows = {(r["scenario"], r["target"]): r for r in data["rows"]}
+        for scenario in ("chat-c4", "stream-c4"):
+            for target in ("direct", "passthrough", "gateway"):
+                row = rows[(scenario, target)]
+                assert "error" not in row, row
+                assert row["rps"] > 0, row
+                assert row["preflight"] == "ok", row
+                assert row["cpu_s_per_1k"] is not None and row["cpu_s_per_1k"] >= 0, row
+                if target != "gateway":
+                    assert row["errors"] == 0, row
+        assert data["ledger"]["settled"] == 200 and data["ledger"]["errors"] == 0, data["ledger"]
+        assert data["streams"]["completed"] == 50 and data["streams"]["errors"] == 0, data["streams"]
+        assert data["streams"]["gateway_peak_rss_mb"] > 0
+        names = {t["name"] for t in data["targets"]}
+        assert any("latency added" in n for n in names) and any("ledger" in n for n in names)
+        md = (out / "latest.md").read_text()
+        assert "| chat-c4 | gateway |" in md and "CPUs" in md and "wrk" in md
+    finally:
+        for path in out.glob("*"):
+            path.unlink()
