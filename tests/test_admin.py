@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import aiohttp
 import asyncpg
 import pytest
 
 from tokensforge.keys import hash_key
 
-from .harness import ADMIN_TOKEN, Gw
+from .harness import ADMIN_TOKEN, Gw, gateway_settings, start_gateway, write_catalog
 
 
 async def _admin_raw(gw: Gw, method: str, path: str, data: bytes | None, token: str | None = ADMIN_TOKEN):
@@ -113,3 +114,16 @@ async def test_ops_endpoints(gw: Gw) -> None:
         assert r.status == 200 and "tokensforge_ledger_op_duration_seconds" in text
     async with gw.session.get(gw.url + "/nope") as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_without_an_admin_token_the_admin_api_is_disabled_and_says_so(
+        dsn: str, mock_upstream, tmp_path, caplog) -> None:
+    settings = gateway_settings(write_catalog(tmp_path / "c.toml", mock_upstream.url), admin_token=None)
+    with caplog.at_level("WARNING", logger="tokensforge"):
+        ctx, url, _ = await start_gateway(settings, dsn)
+    assert any("admin API is disabled" in r.getMessage() for r in caplog.records)
+    async with ctx, aiohttp.ClientSession() as session:
+        async with session.post(url + "/admin/accounts", json={"name": "x"},
+                                headers={"authorization": "Bearer anything"}) as r:
+            body = await r.json()
+            assert r.status == 403 and body["error"]["code"] == "admin_disabled"

@@ -170,3 +170,14 @@ async def test_504_upstream_timeout(gw: Gw) -> None:
     await _unchanged(gw, key)
     _, usage = await gw.get("/v1/usage", key)
     assert [a["outcome"] for a in usage["data"][0]["attempts"]] == ["timeout", "timeout"]
+
+
+async def test_429_when_a_key_passes_its_tokens_per_minute(gw: Gw) -> None:
+    _, key = await gw.account(**FUNDS, policy={"tpm": 150})
+    client = gw.client(key)
+    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=100)
+    with pytest.raises(openai.RateLimitError) as info:  # ~110 tokens used, the next ~110 do not fit
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=100)
+    error = _check(info.value, 429, "rate_limited", final=False)
+    assert "tokens per minute" in error["message"] and int(info.value.response.headers["retry-after"]) >= 1
+    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=5)  # small fits
