@@ -1,0 +1,1 @@
+"""Benchmark harness for Tokens Forge (`python -m benchmarks.run`, see benchmarks/README.md)."""
