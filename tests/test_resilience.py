@@ -10,6 +10,7 @@ import aiohttp
 import asyncpg
 import openai
 import orjson
+import pytest
 
 from tokensforge.db import migrate
 from tokensforge.embedded_pg import EmbeddedPostgres
@@ -144,3 +145,27 @@ async def test_gateway_killed_mid_stream_leaves_a_reservation_the_sweeper_voids(
     assert balances["credit"]["reserved_nanos"] == 0 and balances["credit"]["balance_nanos"] == 10**9
 
 
+
+
+async def test_client_leaving_while_its_money_is_being_held_leaves_no_reservation(gw: Gw) -> None:
+    account_id, key = await gw.account(credit=10**9)
+    blocker = await asyncpg.connect(gw.dsn)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM buckets WHERE account_id = $1 FOR UPDATE", account_id)
+        with pytest.raises(openai.APITimeoutError):  # tf_reserve waits on the row lock; the client gives up
+            await gw.client(key, timeout=0.5).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        await tx.rollback()  # now the reserve completes, after its client left
+    finally:
+        await blocker.close()
+    record = None
+    for _ in range(50):
+        _, usage = await gw.get("/v1/usage", key)
+        if usage["data"]:
+            record = usage["data"][0]
+            break
+        await asyncio.sleep(0.05)
+    assert record is not None and record["status"] == "client_cancelled" and record["charge_nanos"] == 0
+    balances = await gw.balances(key)
+    assert balances["credit"]["reserved_nanos"] == 0 and balances["credit"]["balance_nanos"] == 10**9

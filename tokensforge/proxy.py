@@ -88,12 +88,18 @@ class Call:
         await self._reserve(route, sizing.amount_nanos, self.trace.request_id)
 
     async def _reserve(self, route: Route, amount_nanos: int, reservation_id: str) -> None:
+        """Hold the money, shielded: a client that leaves mid-call still gets its hold recorded
+        here, so the caller can void it at once instead of leaving it to the sweeper."""
         self.trace.reserved_nanos = amount_nanos
-        await self.gw.ledger.reserve(
-            reservation_id, self.identity.account_id, route.bucket, amount_nanos, self.policy.budgets,
-            receipt=build_receipt(self.trace), request_id=self.trace.request_id)
-        self.reservation_id = reservation_id
-        metrics.RESERVATIONS_INFLIGHT.inc()
+
+        async def hold() -> None:
+            await self.gw.ledger.reserve(
+                reservation_id, self.identity.account_id, route.bucket, amount_nanos, self.policy.budgets,
+                receipt=build_receipt(self.trace), request_id=self.trace.request_id)
+            self.reservation_id = reservation_id
+            metrics.RESERVATIONS_INFLIGHT.inc()
+
+        await shielded(hold())
 
     async def refuse(self, error: TokensForgeError) -> None:
         """Record a request refused before any money was held (a usage record, no charge)."""

@@ -62,6 +62,10 @@ async def _start(request: web.Request, endpoint: str) -> tuple[Call, dict[str, A
         if trace.selected_model is not None:
             await call.refuse(exc)
         raise
+    except asyncio.CancelledError:  # the client left while the money was being held
+        if call.reservation_id is not None:
+            await call.abandon(UpstreamError("the client disconnected before the request ran"), "client_cancelled")
+        raise
     return call, body
 
 
