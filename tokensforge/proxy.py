@@ -130,7 +130,7 @@ class Call:
                 break
             result = await self._walk_chain(fallback, path, payload_for)
             if isinstance(result, Served):
-                metrics.FALLBACKS.labels("route").inc()
+                metrics.child(metrics.FALLBACKS, "route").inc()
                 return result
             failure = result
         raise failure
@@ -180,7 +180,7 @@ class Call:
                 if not await self._backoff(retry.backoff_ms, attempts, last if same_channel else None):
                     break
                 if not same_channel:
-                    metrics.FALLBACKS.labels("channel").inc()
+                    metrics.child(metrics.FALLBACKS, "channel").inc()
             previous = ref.channel
             attempts += 1
             channel = self.gw.catalog.channels[ref.channel]
@@ -219,15 +219,15 @@ class Call:
         elapsed = time.perf_counter() - started
         self.trace.attempts.append(Attempt(channel, outcome, status, int(elapsed * 1000), route=route_tag))
         self.record_health(channel, outcome == "ok", elapsed, error)
-        metrics.UPSTREAM_ATTEMPTS.labels(channel, outcome).inc()
+        metrics.child(metrics.UPSTREAM_ATTEMPTS, channel, outcome).inc()
         if outcome == "ok":
-            metrics.UPSTREAM_LATENCY.labels(channel).observe(elapsed)
+            metrics.child(metrics.UPSTREAM_LATENCY, channel).observe(elapsed)
 
     def record_health(self, channel: str, ok: bool, elapsed_s: float, error: str | None) -> None:
         health = self.health.get(channel)
         health.record(ok, elapsed_s * 1000, time.monotonic(), error)
-        metrics.CIRCUIT_STATE.labels(channel).set(STATE_VALUE[health.state])
-        metrics.CHANNEL_UP.labels(channel).set(0 if health.state == "open" else 1)
+        metrics.child(metrics.CIRCUIT_STATE, channel).set(STATE_VALUE[health.state])
+        metrics.child(metrics.CHANNEL_UP, channel).set(0 if health.state == "open" else 1)
 
     @staticmethod
     def _final_error(last: AttemptFailure | None) -> TokensForgeError:
@@ -266,10 +266,10 @@ class Call:
         finish_receipt(receipt, entry_id, balance)
         self._count()
         if t.charge_nanos:
-            metrics.SPEND.labels(route.bucket, route.kind).inc(t.charge_nanos)
+            metrics.child(metrics.SPEND, route.bucket, route.kind).inc(t.charge_nanos)
         if billed is not None:
-            metrics.TOKENS.labels("input", route.kind).inc(billed.prompt_tokens)
-            metrics.TOKENS.labels("output", route.kind).inc(billed.completion_tokens)
+            metrics.child(metrics.TOKENS, "input", route.kind).inc(billed.prompt_tokens)
+            metrics.child(metrics.TOKENS, "output", route.kind).inc(billed.completion_tokens)
         return receipt
 
     async def abandon(self, error: TokensForgeError, status: str = "failed") -> None:
@@ -290,6 +290,6 @@ class Call:
     def _count(self, status: str | None = None) -> None:
         t = self.trace
         kind = t.route.kind if t.route else "none"
-        metrics.REQUESTS.labels(t.selected_model or "none", kind, t.route.bucket if t.route else "none",
+        metrics.child(metrics.REQUESTS, t.selected_model or "none", kind, t.route.bucket if t.route else "none",
                                 status or t.status).inc()
-        metrics.REQUEST_DURATION.labels(kind).observe(time.perf_counter() - self.started)
+        metrics.child(metrics.REQUEST_DURATION, kind).observe(time.perf_counter() - self.started)

@@ -12,31 +12,40 @@ from .accounts import AccountStore, KeyIdentity
 from .catalog import Catalog, CatalogError, load_catalog
 from .keys import hash_key
 from .ledger.store import LedgerStore
+from .policy import EffectivePolicy, effective
 from .ratelimit import RateLimiter
 from .settings import Settings
 from .upstream.client import UpstreamClient
 from .upstream.health import HealthRegistry
 
 
+Caller = tuple[KeyIdentity, EffectivePolicy]
+
+
 class KeyCache:
-    """Bearer key → identity, kept for a fraction of a second so a revocation bites within one."""
+    """Bearer key → (identity, effective policy), kept for a fraction of a second so a revocation
+    bites within one even if a NOTIFY is missed; NOTIFY clears it at once."""
 
     def __init__(self, accounts: AccountStore, ttl_s: float) -> None:
         self.accounts = accounts
         self.ttl_s = ttl_s
-        self._entries: dict[bytes, tuple[float, KeyIdentity | None]] = {}
+        self._entries: dict[bytes, tuple[float, Caller | None]] = {}
 
-    async def lookup(self, plaintext: str) -> KeyIdentity | None:
+    async def lookup(self, plaintext: str) -> Caller | None:
         digest = hash_key(plaintext)
         now = time.monotonic()
         hit = self._entries.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
         identity = await self.accounts.identity(plaintext)
+        caller = None
+        if identity is not None and not identity.revoked:
+            caller = identity, effective(identity.key_policy, identity.project_policy,
+                                         key_id=identity.key_id, project_id=identity.project_id)
         if len(self._entries) > 100_000:
             self._entries.clear()
-        self._entries[digest] = (now + self.ttl_s, identity)
-        return identity
+        self._entries[digest] = (now + self.ttl_s, caller)
+        return caller
 
     def invalidate(self) -> None:
         self._entries.clear()

@@ -7,7 +7,7 @@ from aiohttp import web
 from ..accounts import KeyIdentity
 from ..errors import InvalidApiKey
 from ..keys import KEY_PREFIX
-from ..policy import EffectivePolicy, effective
+from ..policy import EffectivePolicy
 from ..state import GATEWAY, Gateway
 
 
@@ -17,9 +17,7 @@ async def authenticate(request: web.Request) -> tuple[Gateway, KeyIdentity, Effe
     token = header[7:].strip() if header[:7].lower() == "bearer " else ""
     if not token.startswith(KEY_PREFIX):
         raise InvalidApiKey("missing or malformed API key: send 'Authorization: Bearer tf-…'")
-    identity = await gw.keys.lookup(token)
-    if identity is None or identity.revoked:
+    caller = await gw.keys.lookup(token)
+    if caller is None:
         raise InvalidApiKey("invalid or revoked API key")
-    policy = effective(identity.key_policy, identity.project_policy,
-                       key_id=identity.key_id, project_id=identity.project_id)
-    return gw, identity, policy
+    return gw, caller[0], caller[1]

@@ -53,7 +53,7 @@ async def translated(op: str) -> AsyncIterator[None]:
     except _UNAVAILABLE as exc:
         raise LedgerUnavailable("the ledger database is unavailable; nothing was charged") from exc
     finally:
-        metrics.LEDGER_OP_DURATION.labels(op).observe(time.perf_counter() - started)
+        metrics.child(metrics.LEDGER_OP_DURATION, op).observe(time.perf_counter() - started)
 
 
 _Settlement = tuple[str, int, "dict[str, Any] | None"]
