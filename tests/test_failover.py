@@ -256,3 +256,17 @@ async def test_client_giving_up_on_a_non_streamed_request_voids_it(gw: Gw) -> No
     assert (await gw.mock.stats())["cancelled"] == before + 1  # the upstream call was cut, not left running
     assert await balances(gw, key) == FUNDS
     assert (await gw.balances(key))["credit"]["reserved_nanos"] == 0
+
+
+async def test_upstream_4xx_is_the_request_s_fault_not_retried_and_keeps_the_circuit_closed(gw: Gw) -> None:
+    _, key = await gw.account(**FUNDS)
+    await gw.mock.faults(**{"up-official": {"error_status": 400}})
+    for _ in range(6):  # more than the breaker's threshold
+        with pytest.raises(openai.BadRequestError) as info:
+            await gw.client(key).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=2)
+        assert "upstream rejected" in info.value.response.json()["error"]["message"]
+    _, usage = await gw.get("/v1/usage", key)
+    assert outcomes(usage["data"][0]) == [("official-a", "4xx")]  # not retried
+    _, health = await gw.admin("GET", "/admin/routes/health")
+    assert next(c for c in health["data"] if c["channel"] == "official-a")["state"] == "closed"
+    assert await balances(gw, key) == FUNDS

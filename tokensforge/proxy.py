@@ -194,7 +194,8 @@ class Call:
             except AttemptFailure as failure:
                 self._attempt_done(ref.channel, failure.outcome, failure.status, started, tag, failure.message)
                 last = failure
-                if failure.outcome not in retry.retry_on and failure.outcome != "malformed":
+                outcome = "5xx" if failure.outcome == "malformed" else failure.outcome  # retried like a 5xx
+                if outcome not in retry.retry_on:
                     break
                 continue
             self.trace.upstream_model = ref.upstream_model
@@ -218,7 +219,8 @@ class Call:
                       route_tag: str | None, error: str | None = None) -> None:
         elapsed = time.perf_counter() - started
         self.trace.attempts.append(Attempt(channel, outcome, status, int(elapsed * 1000), route=route_tag))
-        self.record_health(channel, outcome == "ok", elapsed, error)
+        # a 4xx is the request's fault, not the channel's: it must not open the circuit for everyone
+        self.record_health(channel, outcome in ("ok", "4xx"), elapsed, error)
         metrics.child(metrics.UPSTREAM_ATTEMPTS, channel, outcome).inc()
         if outcome == "ok":
             metrics.child(metrics.UPSTREAM_LATENCY, channel).observe(elapsed)
