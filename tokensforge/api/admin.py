@@ -12,7 +12,7 @@ from ..catalog import CatalogError
 from ..errors import InvalidApiKey, InvalidRequest, TokensForgeError
 from ..ledger.model import bucket_view, entry_view
 from ..state import GATEWAY, Gateway
-from .common import json_response, read_json, require_str
+from .common import json_response, optional_str, read_json, require_str
 
 log = logging.getLogger("tokensforge.admin")
 routes = web.RouteTableDef()
@@ -47,7 +47,6 @@ async def create_account(request: web.Request) -> web.Response:
     gw = _gateway(request)
     body = await read_json(request)
     name = require_str(body, "name")
-    assert name is not None
     account = await gw.accounts.create_account(name, gw.catalog.buckets)
     account["buckets"] = [bucket_view(b.id, b.name, 0, 0) for b in gw.catalog.buckets.values()]
     return json_response(account, status=201)
@@ -79,7 +78,6 @@ async def create_project(request: web.Request) -> web.Response:
     gw = _gateway(request)
     body = await read_json(request)
     name = require_str(body, "name")
-    assert name is not None
     project = await gw.accounts.create_project(request.match_info["account_id"], name, _policy_field(body))
     return json_response(project, status=201)
 
@@ -89,8 +87,7 @@ async def create_key(request: web.Request) -> web.Response:
     gw = _gateway(request)
     body = await read_json(request)
     name = require_str(body, "name")
-    assert name is not None
-    project_id = require_str(body, "project_id", optional=True)
+    project_id = optional_str(body, "project_id")
     key = await gw.accounts.create_key(request.match_info["account_id"], name, project_id, _policy_field(body))
     log.info("created key %s (%s) for account %s", key["id"], key["prefix"], key["account_id"])
     return json_response(key, status=201)
@@ -122,7 +119,6 @@ async def topup(request: web.Request) -> web.Response:
     note = body.get("note")
     if note is not None and not isinstance(note, str):
         raise InvalidRequest("'note' must be a string", param="note")
-    assert bucket is not None and key is not None
     entry, created = await gw.ledger.topup(request.match_info["account_id"], bucket, amount, key, note)
     view = entry_view(entry)
     view["replayed"] = not created

@@ -34,13 +34,15 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def require_str(body: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
+def require_str(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
-    if value is None and optional:
-        return None
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequest(f"'{key}' is required and must be a non-empty string", param=key)
     return value
+
+
+def optional_str(body: dict[str, Any], key: str) -> str | None:
+    return None if body.get(key) is None else require_str(body, key)
 
 
 def query_limit(request: web.Request, default: int = 20, maximum: int = 100) -> int:
