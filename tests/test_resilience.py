@@ -169,3 +169,46 @@ async def test_client_leaving_while_its_money_is_being_held_leaves_no_reservatio
     assert record is not None and record["status"] == "client_cancelled" and record["charge_nanos"] == 0
     balances = await gw.balances(key)
     assert balances["credit"]["reserved_nanos"] == 0 and balances["credit"]["balance_nanos"] == 10**9
+
+
+async def test_a_stream_delivered_during_a_ledger_outage_is_charged_when_it_returns(
+        mock_upstream: Mock, tmp_path: Path) -> None:
+    await mock_upstream.reset()
+    cluster = EmbeddedPostgres.throwaway()
+    try:
+        dsn = cluster.start()
+        await migrate(dsn)
+        settings = gateway_settings(write_catalog(tmp_path / "c.toml", mock_upstream.url), key_cache_ttl_s=60)
+        ctx, url, app = await start_gateway(settings, dsn)
+        async with ctx, aiohttp.ClientSession() as session:
+            gw = Gw(url, dsn, gateway_of(app), mock_upstream, session)
+            _, key = await gw.account(credit=10**9)
+            await mock_upstream.faults(**{"up-official": {"chunk_delay_ms": 100}})
+            response = await session.post(url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                                          data=orjson.dumps({"model": "gpt-4o-mini", "messages": MESSAGES,
+                                                             "max_tokens": 10, "stream": True}))
+            request_id = response.headers["x-request-id"]
+            lines: list[bytes] = []
+            async for line in response.content:
+                if b"lorem" in line and cluster.is_running():
+                    await asyncio.to_thread(cluster.stop)  # the ledger goes away mid-stream
+                lines.append(line)
+            text = b"".join(lines)
+            assert text.count(b'"content":"') >= 10 and b"ledger_unavailable" in text
+            await asyncio.to_thread(cluster.start)
+            receipt = None
+            for _ in range(100):
+                try:
+                    status, receipt = await gw.get(f"/v1/receipts/{request_id}", key)
+                    if status == 200:
+                        break
+                except aiohttp.ContentTypeError:
+                    pass
+                await asyncio.sleep(0.1)
+            assert receipt is not None and receipt["status"] == "succeeded" and receipt["charge_nanos"] > 0
+            balances = await gw.balances(key)
+            assert balances["credit"]["balance_nanos"] == 10**9 - receipt["charge_nanos"]
+            assert balances["credit"]["reserved_nanos"] == 0
+        await assert_ledger_invariants(dsn)
+    finally:
+        cluster.close()

@@ -79,6 +79,7 @@ def _background(dsn: str) -> CleanupCtx:
                  asyncio.create_task(_probe_database(gw)),
                  asyncio.create_task(listen_forever(gw, dsn))]
         yield
+        tasks += list(gw.tasks)  # delayed settlements still waiting: their reservations expire
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

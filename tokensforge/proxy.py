@@ -27,6 +27,7 @@ from .errors import (
     LedgerUnavailable,
     NoHealthyChannel,
     RateLimited,
+    ReservationResolved,
     TokensForgeError,
     UpstreamError,
     UpstreamTimeout,
@@ -273,6 +274,27 @@ class Call:
             metrics.child(metrics.TOKENS, "input", route.kind).inc(billed.prompt_tokens)
             metrics.child(metrics.TOKENS, "output", route.kind).inc(billed.completion_tokens)
         return receipt
+
+    def settle_later(self, status: str, usage: Usage | None, usage_source: str | None,
+                     charge_usage: Usage | None = None) -> None:
+        """A stream was delivered while the ledger was away: keep trying to post its charge until
+        the reservation would expire (then the sweeper voids it and the request goes unbilled)."""
+        deadline = time.monotonic() + self.gw.settings.reservation_ttl_s * 0.9
+
+        async def retry() -> None:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(1.0)
+                try:
+                    await self.settle(status, usage, usage_source, charge_usage)
+                    log.info("posted the delayed charge of %s", self.trace.request_id)
+                    return
+                except LedgerUnavailable:
+                    continue
+                except ReservationResolved:
+                    return
+            log.error("could not post the charge of %s before its reservation expired", self.trace.request_id)
+
+        self.gw.spawn(retry())
 
     async def abandon(self, error: TokensForgeError, status: str = "failed") -> None:
         """Void the reservation of a request that failed before anything was delivered."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -63,6 +66,13 @@ class Gateway:
     health: HealthRegistry = field(default_factory=HealthRegistry)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     started_at: float = field(default_factory=time.time)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Background work that outlives a request (kept referenced; cancelled at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def reload_catalog(self) -> Catalog:
         """Re-read the catalog file and swap it in; a bad file leaves the old one serving."""

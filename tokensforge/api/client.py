@@ -266,16 +266,19 @@ async def _finish_stream(call: Call, body: dict[str, Any], state: _StreamState,
         try:
             await call.settle(status, usage, source, charge_usage=billed)
         except LedgerUnavailable:
-            pass
+            call.settle_later(status, usage, source, charge_usage=billed)
         if response is not None and state.upstream_error:
             await _write_quietly(response, _error_event("upstream_error", state.upstream_error))
         return
     usage, source = (state.usage, "upstream") if state.usage else (delivered, "estimated")
     try:
         receipt = await call.settle("succeeded", usage, source)
-    except LedgerUnavailable as exc:
+    except LedgerUnavailable as exc:  # the answer is out: its charge is posted when the ledger returns
+        call.settle_later("succeeded", usage, source)
         assert response is not None
-        await _write_quietly(response, _error_event(exc.code, exc.message))
+        await _write_quietly(response, _error_event(
+            exc.code, "the answer was delivered but the ledger is unavailable: no receipt yet; the charge "
+                      f"is posted when the ledger is back (GET /v1/receipts/{call.trace.request_id})"))
         return
     assert response is not None
     if wants_usage:
