@@ -60,6 +60,13 @@ timeout_s = 0.4
 connect_timeout_s = 1
 
 [[channels]]
+id = "single-slot"
+base_url = "{mock}"
+api_key_env = "TF_TEST_UPSTREAM_KEY"
+timeout_s = {timeout_s}
+max_concurrency = 1
+
+[[channels]]
 id = "dead"
 base_url = "{dead}"
 api_key_env = "TF_TEST_UPSTREAM_KEY"
@@ -151,6 +158,18 @@ max_output_tokens = 100
   input_price_per_mtok = "0.05"
   output_price_per_mtok = "0.05"
   channels = [{{ channel = "relay-b", upstream_model = "up-llama" }}]
+
+[[models]]
+id = "one-at-a-time"
+max_output_tokens = 100
+
+  [[models.routes]]
+  id = "one-at-a-time/routed"
+  kind = "routed"
+  bucket = "routed"
+  input_price_per_mtok = "0.06"
+  output_price_per_mtok = "0.24"
+  channels = [{{ channel = "single-slot", upstream_model = "up-single" }}]
 
 [[models]]
 id = "fine-price"

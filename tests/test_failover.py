@@ -270,3 +270,28 @@ async def test_upstream_4xx_is_the_request_s_fault_not_retried_and_keeps_the_cir
     _, health = await gw.admin("GET", "/admin/routes/health")
     assert next(c for c in health["data"] if c["channel"] == "official-a")["state"] == "closed"
     assert await balances(gw, key) == FUNDS
+
+
+async def test_a_channel_s_max_concurrency_covers_whole_streams(gw: Gw) -> None:
+    _, key = await gw.account(**FUNDS)
+    await gw.mock.faults(**{"up-single": {"chunk_delay_ms": 40}})
+    client = gw.client(key)
+    peak = 0
+
+    async def one() -> float:
+        stream = await client.chat.completions.create(model="one-at-a-time", messages=MESSAGES, max_tokens=8,
+                                                      stream=True)
+        async for _ in stream:
+            pass
+        return time.monotonic()
+
+    async def watch() -> None:
+        nonlocal peak
+        for _ in range(60):
+            peak = max(peak, (await gw.mock.stats())["inflight"])
+            await asyncio.sleep(0.02)
+
+    started = time.monotonic()
+    ends = await asyncio.gather(one(), one(), one(), watch())
+    assert peak == 1  # max_concurrency = 1: the channel never saw two streams at once
+    assert max(ends[:3]) - started >= 3 * 7 * 0.04 * 0.95  # they ran one after another (7 gaps each)

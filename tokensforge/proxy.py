@@ -62,6 +62,17 @@ class Served:
     route: Route
     channel_id: str
     data: dict[str, Any] | None = None  # the parsed body of a non-streamed answer
+    slot: asyncio.Semaphore | None = None  # the channel's concurrency slot a stream holds
+
+    def end(self, *, abort: bool) -> None:
+        """Close (abort: cut the upstream request now) or release the response, free the slot."""
+        if abort:
+            self.response.close()
+        else:
+            self.response.release()
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
 
 
 class Call:
@@ -187,12 +198,17 @@ class Call:
             channel = self.gw.catalog.channels[ref.channel]
             started = time.perf_counter()
             data = None
+            slot = self.upstream.limit(channel)  # a stream holds its slot until it ends
+            await slot.acquire()
             try:
-                async with self.upstream.limit(channel):
-                    response = await self.upstream.open(channel, path, payload_for(ref.upstream_model))
-                    if self._read_body:
-                        data = await self.upstream.read_json(channel, response)
-            except AttemptFailure as failure:
+                response = await self.upstream.open(channel, path, payload_for(ref.upstream_model))
+                if self._read_body:
+                    data = await self.upstream.read_json(channel, response)
+            except BaseException as exc:
+                slot.release()
+                if not isinstance(exc, AttemptFailure):
+                    raise
+                failure = exc
                 self._attempt_done(ref.channel, failure.outcome, failure.status, started, tag, failure.message)
                 last = failure
                 outcome = "5xx" if failure.outcome == "malformed" else failure.outcome  # retried like a 5xx
@@ -202,7 +218,10 @@ class Call:
             self.trace.upstream_model = ref.upstream_model
             self._attempt_done(ref.channel, "ok", response.status, started, tag)
             self.trace.served_by = ref.channel
-            return Served(response, route, ref.channel, data)
+            if self._read_body:
+                slot.release()
+                return Served(response, route, ref.channel, data)
+            return Served(response, route, ref.channel, data, slot)
         return self._final_error(last)
 
     async def _backoff(self, backoff_ms: int, attempts: int, last: AttemptFailure | None) -> bool:

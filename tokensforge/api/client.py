@@ -196,13 +196,10 @@ async def _stream_chat(request: web.Request, call: Call, body: dict[str, Any]) -
         await response.prepare(request)
         client_gone = not await _pump(served, response, state)
     except (ConnectionError, asyncio.CancelledError):
-        served.response.close()  # cancel the upstream request now, not when it would finish
+        served.end(abort=True)  # cancel the upstream request now, not when it would finish
         await _finish_stream(call, body, state, None, wants_usage, client_gone=True)
         raise
-    if client_gone or state.upstream_error:
-        served.response.close()
-    else:
-        served.response.release()
+    served.end(abort=client_gone or state.upstream_error is not None)
     await _finish_stream(call, body, state, response, wants_usage, client_gone)
     return response
 
