@@ -121,10 +121,6 @@ class AccountStore:
             project_policy=parse_policy(row["project_policy"]) if row["project_id"] else None,
             revoked=row["revoked_at"] is not None)
 
-    async def key_id_for(self, plaintext: str) -> str | None:
-        async with translated("auth"):
-            value = await self.pool.fetchval("SELECT id FROM api_keys WHERE key_hash = $1", hash_key(plaintext))
-        return value if isinstance(value, str) else None
 
 
 def _account_view(row: Any) -> dict[str, Any]:
