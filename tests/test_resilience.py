@@ -212,3 +212,24 @@ async def test_a_stream_delivered_during_a_ledger_outage_is_charged_when_it_retu
         await assert_ledger_invariants(dsn)
     finally:
         cluster.close()
+
+
+async def test_a_stream_longer_than_the_reservation_ttl_keeps_its_reservation(
+        dsn: str, mock_upstream: Mock, tmp_path: Path) -> None:
+    await mock_upstream.reset()
+    settings = gateway_settings(write_catalog(tmp_path / "c.toml", mock_upstream.url),
+                                reservation_ttl_s=0.6, sweep_interval_s=0.1)
+    ctx, url, app = await start_gateway(settings, dsn)
+    async with ctx, aiohttp.ClientSession() as session:
+        gw = Gw(url, dsn, gateway_of(app), mock_upstream, session)
+        _, key = await gw.account(credit=10**9)
+        await mock_upstream.faults(**{"up-official": {"chunk_delay_ms": 150}})
+        stream = await gw.client(key).chat.completions.create(  # ~1.5 s: well past the 0.6 s TTL
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=10, stream=True,
+            stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        receipt = chunks[-1].model_extra["receipt"]
+        assert receipt["status"] == "succeeded" and receipt["charge_nanos"] > 0  # not swept as dead
+        assert (await gw.balances(key))["credit"]["balance_nanos"] == 10**9 - receipt["charge_nanos"]
+        for client_ in gw.clients:
+            await client_.close()

@@ -294,6 +294,18 @@ class Call:
             metrics.child(metrics.TOKENS, "output", route.kind).inc(billed.completion_tokens)
         return receipt
 
+    async def keep_alive(self) -> None:
+        """While a stream runs, renew its reservation so the sweeper never takes a live request
+        for a dead gateway's (streams may outlast the TTL)."""
+        interval = self.gw.settings.reservation_ttl_s / 3
+        while self.reservation_id is not None:
+            await asyncio.sleep(interval)
+            if self.reservation_id is not None:
+                try:
+                    await self.gw.ledger.extend(self.reservation_id)
+                except LedgerUnavailable:
+                    pass  # try again next round; settlement decides
+
     def settle_later(self, status: str, usage: Usage | None, usage_source: str | None,
                      charge_usage: Usage | None = None) -> None:
         """A stream was delivered while the ledger was away: keep trying to post its charge until

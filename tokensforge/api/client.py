@@ -192,13 +192,16 @@ async def _stream_chat(request: web.Request, call: Call, body: dict[str, Any]) -
     response = web.StreamResponse(headers={**_SSE_HEADERS, "x-request-id": call.trace.request_id,
                                             **_headers(call, served)})
     state = _StreamState()
+    lease = asyncio.create_task(call.keep_alive())
     try:
         await response.prepare(request)
         client_gone = not await _pump(served, response, state)
     except (ConnectionError, asyncio.CancelledError):
+        lease.cancel()
         served.end(abort=True)  # cancel the upstream request now, not when it would finish
         await _finish_stream(call, body, state, None, wants_usage, client_gone=True)
         raise
+    lease.cancel()
     served.end(abort=client_gone or state.upstream_error is not None)
     await _finish_stream(call, body, state, response, wants_usage, client_gone)
     return response

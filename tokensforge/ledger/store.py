@@ -190,6 +190,13 @@ class LedgerStore:
             [i[0] for i in items], [i[1] for i in items],
             ["settled" if i[1] > 0 else "voided" for i in items], [i[2] for i in items])
 
+    async def extend(self, reservation_id: str) -> bool:
+        """Push an open reservation's expiry a full TTL ahead (a long stream is still alive)."""
+        rows = await self._call(
+            "extend", "UPDATE reservations SET expires_at = now() + make_interval(secs => $2)"
+                      " WHERE id = $1 AND status = 'open' RETURNING 1", reservation_id, self.reservation_ttl_s)
+        return bool(rows)
+
     async def record(self, receipt: dict[str, Any]) -> None:
         """A usage record for a request that reserved nothing."""
         await self._call("record", "SELECT tf_record($1)", receipt)
