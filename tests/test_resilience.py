@@ -233,3 +233,22 @@ async def test_a_stream_longer_than_the_reservation_ttl_keeps_its_reservation(
         assert (await gw.balances(key))["credit"]["balance_nanos"] == 10**9 - receipt["charge_nanos"]
         for client_ in gw.clients:
             await client_.close()
+
+
+async def test_a_slow_non_streamed_answer_longer_than_the_ttl_keeps_its_reservation(
+        dsn: str, mock_upstream: Mock, tmp_path: Path) -> None:
+    await mock_upstream.reset()
+    settings = gateway_settings(write_catalog(tmp_path / "c.toml", mock_upstream.url),
+                                reservation_ttl_s=0.6, sweep_interval_s=0.1)
+    ctx, url, app = await start_gateway(settings, dsn)
+    async with ctx, aiohttp.ClientSession() as session:
+        gw = Gw(url, dsn, gateway_of(app), mock_upstream, session)
+        _, key = await gw.account(credit=10**9)
+        await mock_upstream.faults(**{"up-official": {"latency_ms": 1500}})
+        completion = await gw.client(key).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=3)
+        receipt = completion.model_extra["receipt"]
+        assert receipt["status"] == "succeeded" and receipt["charge_nanos"] > 0
+        assert (await gw.balances(key))["credit"]["balance_nanos"] == 10**9 - receipt["charge_nanos"]
+        for client_ in gw.clients:
+            await client_.close()

@@ -295,8 +295,8 @@ class Call:
         return receipt
 
     async def keep_alive(self) -> None:
-        """While a stream runs, renew its reservation so the sweeper never takes a live request
-        for a dead gateway's (streams may outlast the TTL)."""
+        """While the request runs, renew its reservation so the sweeper never takes a live request
+        for a dead gateway's (long streams, slow upstreams and retries may outlast the TTL)."""
         interval = self.gw.settings.reservation_ttl_s / 3
         while self.reservation_id is not None:
             await asyncio.sleep(interval)

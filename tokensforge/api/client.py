@@ -140,7 +140,11 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def complete(call: Call, body: dict[str, Any], path: str) -> tuple[dict[str, Any], Served]:
     """Serve an admitted non-streamed request and settle it; the answer carries its receipt."""
-    served = await _serve_or_abandon(call, path, body, stream=False)
+    lease = asyncio.create_task(call.keep_alive())  # slow upstreams and retries may outlast the TTL
+    try:
+        served = await _serve_or_abandon(call, path, body, stream=False)
+    finally:
+        lease.cancel()
     data = served.data
     assert data is not None
     usage = usage_from(data.get("usage"))
