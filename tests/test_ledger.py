@@ -113,8 +113,10 @@ async def test_500_concurrent_reservations_exactly_50_fit(stores) -> None:
         except InsufficientBalance:
             return False
 
+    calls = _ledger_calls("reserve")
     results = await asyncio.gather(*(one(i) for i in range(500)))
     assert sum(results) == 50
+    assert _ledger_calls("reserve") - calls < 500  # group commit: several reservations per transaction
     assert await ledger.available(acct, "credit") == 0
     async with ledger.pool.acquire() as conn:
         await assert_ledger_invariants(conn)
@@ -190,9 +192,13 @@ async def test_sweeper_voids_reservation_of_a_killed_process(dsn: str, stores) -
     assert status == "expired" and usage["status"] == "failed" and usage["charge_nanos"] == 0
 
 
-def _settle_batches() -> float:
+def _ledger_calls(op: str) -> float:
     return sum(s.value for m in metrics.LEDGER_OP_DURATION.collect() for s in m.samples
-               if s.name.endswith("_count") and s.labels.get("op") == "settle")
+               if s.name.endswith("_count") and s.labels.get("op") == op)
+
+
+def _settle_batches() -> float:
+    return _ledger_calls("settle")
 
 
 async def test_concurrent_settlements_share_transactions_and_stay_exact(stores) -> None:

@@ -317,7 +317,7 @@ class LedgerMachine(RuleBasedStateMachine):
         bucket = max(BUCKETS, key=lambda b: self.model.available(account, b))
         amount = min(1, self.model.available(account, bucket))
         before = self.snapshot()
-        with pytest.raises(asyncpg.UniqueViolationError):
+        with pytest.raises(LedgerError, match="already used"):
             self.run(self.ledger.reserve(rid, account, bucket, amount))
         assert self.snapshot() == before
 

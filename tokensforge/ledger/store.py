@@ -11,7 +11,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -56,25 +57,27 @@ async def translated(op: str) -> AsyncIterator[None]:
         metrics.child(metrics.LEDGER_OP_DURATION, op).observe(time.perf_counter() - started)
 
 
-_Settlement = tuple[str, int, "dict[str, Any] | None"]
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
-class _SettleBatcher:
+class _Batcher(Generic[Item, Result]):
     """Group commit without a timer: while `max_inflight` batches are in the database, new
-    settlements queue up and go together in the next one. At low load a settlement goes at
-    once, alone; under load many share one transaction, one round trip and one commit."""
+    items queue up and go together in the next one. At low load an item goes at once, alone;
+    under load many share one transaction, one round trip and one commit. `flush` answers
+    each item with its result or the exception its caller should see."""
 
-    def __init__(self, flush: Callable[[list[_Settlement]], Awaitable[list[asyncpg.Record]]],
+    def __init__(self, flush: Callable[[list[Item]], Awaitable[list[Result | Exception]]],
                  max_batch: int, max_inflight: int) -> None:
         self._flush_fn = flush
         self._max_batch = max_batch
         self._max_inflight = max_inflight
-        self._queue: list[tuple[_Settlement, asyncio.Future[tuple[str | None, int]]]] = []
+        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()  # strong references until done
 
-    async def submit(self, item: _Settlement) -> tuple[str | None, int]:
-        future: asyncio.Future[tuple[str | None, int]] = asyncio.get_running_loop().create_future()
+    async def submit(self, item: Item) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         self._kick()
         return await future
@@ -87,9 +90,9 @@ class _SettleBatcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _flush(self, batch: list[tuple[_Settlement, asyncio.Future[tuple[str | None, int]]]]) -> None:
+    async def _flush(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:
-            rows = await self._flush_fn([item for item, _ in batch])
+            results = await self._flush_fn([item for item, _ in batch])
         except BaseException as exc:  # the whole transaction failed: every caller hears why
             for _, future in batch:
                 if not future.done():
@@ -97,19 +100,30 @@ class _SettleBatcher:
             if not isinstance(exc, Exception):
                 raise
         else:
-            for (item, future), row in zip(batch, rows, strict=True):
+            for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
-                if row["outcome"] == "ok":
-                    future.set_result((row["ledger_entry_id"], row["balance_after_nanos"]))
-                elif row["outcome"] == "resolved":
-                    future.set_exception(ReservationResolved(f"reservation {item[0]} is not open"))
+                if isinstance(result, Exception):
+                    future.set_exception(result)
                 else:
-                    future.set_exception(LedgerError(
-                        f"charge {item[1]} outside reservation {item[0]}; nothing moved"))
+                    future.set_result(result)
         finally:
             self._inflight -= 1
             self._kick()
+
+
+_Settlement = tuple[str, int, "dict[str, Any] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    reservation_id: str
+    request_id: str
+    account_id: str
+    bucket: str
+    amount_nanos: int
+    budgets: Sequence[BudgetLimit]
+    receipt: dict[str, Any] | None
 
 
 class LedgerStore:
@@ -119,7 +133,9 @@ class LedgerStore:
                  max_inflight_batches: int = 4) -> None:
         self.pool = pool
         self.reservation_ttl_s = reservation_ttl_s
-        self._batcher = _SettleBatcher(self._finish_many, max_batch, max_inflight_batches)
+        self._settles: _Batcher[_Settlement, tuple[str | None, int]] = _Batcher(
+            self._finish_many, max_batch, max_inflight_batches)
+        self._holds: _Batcher[_Hold, int] = _Batcher(self._reserve_many, max_batch, max_inflight_batches)
 
     async def _call(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         for attempt in range(_MAX_RETRIES):
@@ -156,23 +172,21 @@ class LedgerStore:
         budgets: Sequence[BudgetLimit] = (), receipt: dict[str, Any] | None = None,
         request_id: str | None = None,
     ) -> int:
-        """Hold `amount_nanos` in the bucket (and budgets); returns the available amount left."""
+        """Hold `amount_nanos` in the bucket (and budgets); returns the available amount left.
+
+        Concurrent reservations are grouped into one transaction (group commit); each one is
+        still all-or-nothing."""
+        return await self._holds.submit(_Hold(reservation_id, request_id or reservation_id, account_id, bucket,
+                                              amount_nanos, budgets, receipt))
+
+    async def _reserve_many(self, holds: list[_Hold]) -> list[int | Exception]:
         rows = await self._call(
-            "reserve", "SELECT * FROM tf_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            reservation_id, request_id or reservation_id, account_id, bucket, amount_nanos, self.reservation_ttl_s,
-            [b.scope for b in budgets], [b.period for b in budgets], [b.limit_nanos for b in budgets],
-            receipt)
-        row = rows[0]
-        if row["outcome"] == "insufficient_balance":
-            raise InsufficientBalance(bucket, amount_nanos, row["available_nanos"])
-        if row["outcome"] == "budget_exceeded":
-            raise BudgetExceeded(
-                f"the {row['budget_scope'].split(':')[0]} budget cannot cover this request: needs "
-                f"{amount_nanos} nano-USD, {row['budget_remaining_nanos']} left in the period",
-                budget_scope=row["budget_scope"].split(":")[0],
-                needed_nanos=amount_nanos, remaining_nanos=row["budget_remaining_nanos"])
-        available: int = row["available_nanos"]
-        return available
+            "reserve", "SELECT * FROM tf_reserve_many($1, $2, $3, $4, $5, $6, $7, $8) ORDER BY idx",
+            [h.reservation_id for h in holds], [h.request_id for h in holds], [h.account_id for h in holds],
+            [h.bucket for h in holds], [h.amount_nanos for h in holds], self.reservation_ttl_s,
+            [[{"scope": b.scope, "period": b.period, "limit": b.limit_nanos} for b in h.budgets] for h in holds],
+            [h.receipt for h in holds])
+        return [_hold_result(h, row) for h, row in zip(holds, rows, strict=True)]
 
     async def finish(
         self, reservation_id: str, charge_nanos: int, record: dict[str, Any] | None,
@@ -180,15 +194,16 @@ class LedgerStore:
         """Settle (charge > 0) or void (charge 0) a reservation; returns (ledger entry id, balance after).
 
         With a record, the usage record is written in the same transaction. Concurrent calls
-        are grouped into one transaction (group commit) by the batcher.
+        are grouped into one transaction (group commit).
         """
-        return await self._batcher.submit((reservation_id, charge_nanos, record))
+        return await self._settles.submit((reservation_id, charge_nanos, record))
 
-    async def _finish_many(self, items: list[_Settlement]) -> list[asyncpg.Record]:
-        return await self._call(
+    async def _finish_many(self, items: list[_Settlement]) -> list[tuple[str | None, int] | Exception]:
+        rows = await self._call(
             "settle", "SELECT * FROM tf_finish_many($1, $2, $3, $4) ORDER BY idx",
             [i[0] for i in items], [i[1] for i in items],
             ["settled" if i[1] > 0 else "voided" for i in items], [i[2] for i in items])
+        return [_settle_result(item, row) for item, row in zip(items, rows, strict=True)]
 
     async def extend(self, reservation_id: str) -> bool:
         """Push an open reservation's expiry a full TTL ahead (a long stream is still alive)."""
@@ -257,3 +272,26 @@ class LedgerStore:
     async def entry(self, entry_id: str) -> asyncpg.Record | None:
         async with translated("read"):
             return await self.pool.fetchrow("SELECT * FROM ledger_entries WHERE id = $1", entry_id)
+
+
+def _hold_result(hold: _Hold, row: asyncpg.Record) -> int | Exception:
+    if row["outcome"] == "ok":
+        available: int = row["available_nanos"]
+        return available
+    if row["outcome"] == "insufficient_balance":
+        return InsufficientBalance(hold.bucket, hold.amount_nanos, row["available_nanos"])
+    if row["outcome"] == "budget_exceeded":
+        kind = row["budget_scope"].split(":")[0]
+        return BudgetExceeded(
+            f"the {kind} budget cannot cover this request: needs {hold.amount_nanos} nano-USD, "
+            f"{row['budget_remaining_nanos']} left in the period",
+            budget_scope=kind, needed_nanos=hold.amount_nanos, remaining_nanos=row["budget_remaining_nanos"])
+    return LedgerError(f"reservation id {hold.reservation_id!r} is already used; nothing moved")
+
+
+def _settle_result(item: _Settlement, row: asyncpg.Record) -> tuple[str | None, int] | Exception:
+    if row["outcome"] == "ok":
+        return row["ledger_entry_id"], row["balance_after_nanos"]
+    if row["outcome"] == "resolved":
+        return ReservationResolved(f"reservation {item[0]} is not open")
+    return LedgerError(f"charge {item[1]} outside reservation {item[0]}; nothing moved")

@@ -172,6 +172,10 @@ DECLARE
     v_used bigint;
     v_available bigint;
 BEGIN
+    IF EXISTS (SELECT 1 FROM reservations WHERE id = p_id) THEN
+        RETURN QUERY SELECT 'duplicate'::text, NULL::bigint, NULL::text, NULL::bigint;
+        RETURN;
+    END IF;
     FOR i IN 1 .. coalesce(array_length(p_scopes, 1), 0) LOOP
         v_period := tf_period(p_period_kinds[i]);
         v_periods := v_periods || v_period;
@@ -200,6 +204,39 @@ BEGIN
     VALUES (p_id, p_request_id, p_account, p_bucket, p_amount, coalesce(p_scopes, '{}'), v_periods, p_receipt,
             now() + make_interval(secs => p_ttl_s));
     RETURN QUERY SELECT 'ok'::text, v_available, NULL::text, NULL::bigint;
+END $$;
+
+-- Group commit for reservations: many in one transaction and one round trip, each
+-- item all-or-nothing, in the global lock order (budget rows, then bucket rows).
+-- p_budgets is a JSON array with one array of {scope, period, limit} per item.
+CREATE FUNCTION tf_reserve_many(
+    p_ids text[], p_request_ids text[], p_accounts text[], p_buckets text[], p_amounts bigint[],
+    p_ttl_s double precision, p_budgets jsonb, p_receipts jsonb[]
+) RETURNS TABLE (idx integer, outcome text, available_nanos bigint, budget_scope text, budget_remaining_nanos bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO budgets (scope, period)
+    SELECT DISTINCT x ->> 'scope', tf_period(x ->> 'period')
+    FROM jsonb_array_elements(p_budgets) AS b(items), jsonb_array_elements(b.items) AS x
+    ORDER BY 1, 2 ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM budgets g
+    JOIN (SELECT DISTINCT x ->> 'scope' AS scope, tf_period(x ->> 'period') AS period
+          FROM jsonb_array_elements(p_budgets) AS b(items), jsonb_array_elements(b.items) AS x) w
+      ON g.scope = w.scope AND g.period = w.period
+    ORDER BY g.scope, g.period FOR UPDATE OF g;
+    PERFORM 1 FROM buckets k
+    JOIN (SELECT DISTINCT t.a, t.bk FROM unnest(p_accounts, p_buckets) AS t(a, bk)) w
+      ON k.account_id = w.a AND k.bucket = w.bk
+    ORDER BY k.account_id, k.bucket FOR UPDATE OF k;
+    FOR i IN 1 .. coalesce(array_length(p_ids, 1), 0) LOOP
+        RETURN QUERY SELECT i, r.* FROM tf_reserve(
+            p_ids[i], p_request_ids[i], p_accounts[i], p_buckets[i], p_amounts[i], p_ttl_s,
+            ARRAY(SELECT x ->> 'scope' FROM jsonb_array_elements(p_budgets -> (i - 1)) WITH ORDINALITY AS e(x, n) ORDER BY n),
+            ARRAY(SELECT x ->> 'period' FROM jsonb_array_elements(p_budgets -> (i - 1)) WITH ORDINALITY AS e(x, n) ORDER BY n),
+            ARRAY(SELECT (x ->> 'limit')::bigint FROM jsonb_array_elements(p_budgets -> (i - 1)) WITH ORDINALITY AS e(x, n)
+                  ORDER BY n),
+            p_receipts[i]) r;
+    END LOOP;
 END $$;
 
 -- Settle or void: post at most the reserved amount, release the rest, write the
