@@ -41,6 +41,7 @@ class Channel:
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float | None = None
     max_concurrency: int = 256
+    anthropic_version: str | None = None  # kind "anthropic" only
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +116,9 @@ _TOP_KEYS = {"buckets", "channels", "models"}
 _BUCKET_KEYS = {"id", "name"}
 _CHANNEL_KEYS = {
     "id", "kind", "base_url", "api_key_env", "timeout_s", "connect_timeout_s",
-    "first_byte_timeout_s", "max_concurrency",
+    "first_byte_timeout_s", "max_concurrency", "anthropic_version",
 }
+CHANNEL_KINDS = frozenset({"openai", "anthropic"})
 _MODEL_KEYS = {"id", "max_output_tokens", "routes", "type", "owned_by"}
 _ROUTE_KEYS = {
     "id", "kind", "bucket", "input_price_per_mtok", "output_price_per_mtok",
@@ -224,9 +226,16 @@ def _parse_channels(check: _Checker, data: dict[str, Any]) -> dict[str, Channel]
         if api_key_env is not None:
             api_key_env = check.text(table, "api_key_env", entry)
         first_byte = table.get("first_byte_timeout_s")
+        kind = check.text(table, "kind", entry, default="openai")
+        if kind not in CHANNEL_KINDS:
+            raise check.fail(entry, f"'kind' must be one of {sorted(CHANNEL_KINDS)}")
+        version = table.get("anthropic_version")
+        if version is not None:
+            version = check.text(table, "anthropic_version", entry)
         channels[ident] = Channel(
             id=ident,
-            kind=check.text(table, "kind", entry, default="openai"),
+            kind=kind,
+            anthropic_version=version,
             base_url=base_url.rstrip("/"),
             api_key_env=api_key_env,
             timeout_s=float(check.number(table, "timeout_s", entry, 60.0)),
@@ -259,6 +268,12 @@ def _parse_model(
         check.unique(set(all_routes), route.id, f"route {route.id!r}")
         all_routes[route.id] = route
         routes.append(route)
+    if model_type == "embedding":
+        for route in routes:
+            for ref in route.channels:
+                if channels[ref.channel].kind != "openai":
+                    raise check.fail(f"route {route.id!r}", f"channel {ref.channel!r} cannot serve embeddings "
+                                     "(only kind \"openai\" channels can)")
     return Model(
         id=ident,
         routes=tuple(routes),

@@ -19,6 +19,9 @@ UPSTREAM_LATENCY = Histogram(
     "tokensforge_upstream_latency_seconds", "Upstream time to headers.", ["channel"], buckets=_LATENCY_BUCKETS)
 FALLBACKS = Counter("tokensforge_fallbacks", "Fallbacks taken (channel or route).", ["kind"])
 SPEND = Counter("tokensforge_spend_nanos", "Charged nano-USD.", ["bucket", "route_kind"])
+UNDERCHARGED = Counter(
+    "tokensforge_undercharged_nanos", "Price of usage beyond the reservation, not charged (the cap held).",
+    ["route_kind"])
 TOKENS = Counter("tokensforge_tokens", "Tokens billed.", ["direction", "route_kind"])
 CHANNEL_UP = Gauge(
     "tokensforge_channel_up", "1 when the channel's circuit is not open.", ["channel"], multiprocess_mode="livemax")

@@ -18,26 +18,17 @@ from typing import Any
 
 import orjson
 
+from .canonical import MediaPart, Request, TextPart, ToolCall, ToolResult, Usage, token_count
 from .catalog import Model, Route
 from .errors import InvalidRequest
 from .money import charge_nanos
 
+__all__ = ["Usage", "Reservation", "size_request", "size_reservation", "charge_for", "usage_from"]
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.total_tokens,
-        }
+#: Input tokens reserved per media part (an upper bound for one image at high detail; low detail costs 85).
+MEDIA_PART_TOKENS = 2_000
+LOW_DETAIL_IMAGE_TOKENS = 85
+MAX_MEDIA_PARTS = 100
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -119,6 +110,60 @@ class Reservation:
     amount_nanos: int
 
 
+def request_input_tokens(req: Request) -> int:
+    """Upper-bound input estimate for a canonical request: ceil(bytes / 3) of every text the
+    upstream reads, 4 per message, a fixed allowance per media part, tools and formats."""
+    total, media = 3, 0
+    for message in req.messages:
+        total += 4
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                total += _ceil_div(len(part.text.encode("utf-8")), 3)
+            elif isinstance(part, MediaPart):
+                media += 1
+                total += LOW_DETAIL_IMAGE_TOKENS if part.detail == "low" else MEDIA_PART_TOKENS
+            elif isinstance(part, ToolCall):
+                total += _ceil_div(len(part.name) + len(part.arguments.encode("utf-8")), 3) + 4
+            elif isinstance(part, ToolResult):
+                total += _ceil_div(len(part.content.encode("utf-8")), 3) + 4
+    if media > MAX_MEDIA_PARTS:
+        raise InvalidRequest(f"at most {MAX_MEDIA_PARTS} media parts per request", param="messages")
+    for tool in req.tools:
+        total += _ceil_div(len(orjson.dumps([tool.name, tool.description, tool.parameters])), 3) + 4
+    if req.response_format is not None:
+        total += _ceil_div(len(orjson.dumps(req.response_format)), 3)
+    return total
+
+
+def typical_request_tokens(req: Request) -> int:
+    """Typical input count of a canonical request, used only when the upstream reports no usage."""
+    total = 0
+    for message in req.messages:
+        size = sum(len(p.text.encode("utf-8")) if isinstance(p, TextPart) else
+                   len(p.arguments) if isinstance(p, ToolCall) else
+                   len(p.content.encode("utf-8")) if isinstance(p, ToolResult) else 0 for p in message.parts)
+        total += _ceil_div(size, 4) + 3
+    return total
+
+
+def output_allowance(cap: int | None, model: Model, param: str = "max_tokens") -> int:
+    """The output cap a reservation covers: the client's, at most the model's maximum (over it: 400)."""
+    if cap is None:
+        return model.max_output_tokens
+    if cap > model.max_output_tokens:
+        raise InvalidRequest(f"the output cap is {cap}; model {model.id!r} allows at most {model.max_output_tokens}",
+                             param=param)
+    return cap
+
+
+def size_request(req: Request, model: Model, route: Route) -> Reservation:
+    """What a canonical request may cost at most on `route`: n answers of the output allowance."""
+    tokens_in = request_input_tokens(req)
+    tokens_out = output_allowance(req.max_output_tokens, model) * req.n
+    amount = charge_nanos(tokens_in, tokens_out, route.input_price, route.output_price)
+    return Reservation(tokens_in, tokens_out, amount)
+
+
 def size_reservation(body: dict[str, Any], model: Model, route: Route) -> Reservation:
     if model.type == "embedding":
         tokens_in, tokens_out = embedding_input_tokens(body, upper=True), 0
@@ -135,10 +180,10 @@ def charge_for(usage: Usage, route: Route, reserved_nanos: int) -> tuple[int, in
 
 
 def usage_from(payload: Any) -> Usage | None:
-    """The upstream's usage object, if it is a sane one."""
+    """The upstream's usage object, if it is a sane one (non-negative integers below 2**53)."""
     if not isinstance(payload, dict):
         return None
-    prompt, completion = payload.get("prompt_tokens"), payload.get("completion_tokens", 0)
-    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
-        return None  # booleans and floats are not token counts
+    prompt, completion = token_count(payload.get("prompt_tokens")), token_count(payload.get("completion_tokens", 0))
+    if prompt is None or completion is None:
+        return None  # booleans, floats, negatives and absurd counts are not token counts
     return Usage(prompt, completion)

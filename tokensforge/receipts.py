@@ -116,3 +116,21 @@ def finish_receipt(receipt: dict[str, Any], ledger_entry_id: str | None, balance
     """Add what only the database knows once the money moved."""
     receipt["ledger_entry_id"] = ledger_entry_id
     receipt["balance_after_nanos"] = balance_after_nanos
+
+
+#: Prefixes of the ids the gateway gives its answers, derived from the request id ("req_<hex>"), so a
+#: client that keeps only a response id can still find its receipt at /v1/receipts/{id}.
+ANSWER_ID_PREFIXES = ("chatcmpl-", "resp_", "msg_")
+
+
+def answer_id(request_id: str, prefix: str) -> str:
+    """The id of a chat completion, Responses object or Message: `chatcmpl-<hex>`, `resp_<hex>`, `msg_<hex>`."""
+    return prefix + request_id.removeprefix("req_")
+
+
+def request_id_of(any_id: str) -> str:
+    """The request id behind an answer id (a request id is returned as it is)."""
+    for prefix in ANSWER_ID_PREFIXES:
+        if any_id.startswith(prefix):
+            return "req_" + any_id[len(prefix):]
+    return any_id

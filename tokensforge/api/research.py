@@ -10,9 +10,9 @@ from aiohttp import web
 
 from ..errors import InsufficientBalance, InvalidRequest, TokensForgeError
 from ..money import usd
-from ..pricing import size_reservation
-from ..proxy import Call
-from ..receipts import Trace
+from ..dialects import openai_chat
+from ..lifecycle import Lifecycle
+from ..pricing import size_request
 from ..research import DISCLAIMER, estimate_view, parse_request, section_body
 from ..routing import find_model, select_route
 from .auth import authenticate
@@ -40,7 +40,8 @@ async def create_report(request: web.Request) -> web.StreamResponse:
     if model.type != "chat":
         raise InvalidRequest(f"model {model.id!r} is not a chat model", param="model")
     route = select_route(model, policy, pin)
-    reserves = [size_reservation(section_body(req, i), model, route).amount_nanos for i in range(len(req.sections))]
+    reserves = [size_request(openai_chat.decode(section_body(req, i)), model, route).amount_nanos
+                for i in range(len(req.sections))]
     available = await gw.ledger.available(identity.account_id, route.bucket)
     estimate = estimate_view(req, reserves, available, {"id": route.id, "kind": route.kind}, route.bucket)
     if req.dry_run:
@@ -63,30 +64,22 @@ async def create_report(request: web.Request) -> web.StreamResponse:
             break
         if stream is not None:
             await _event(stream, "section_started", {"index": index, "title": title})
-        trace = Trace(request[REQUEST_ID] + f"_s{index + 1}", identity.account_id, identity.project_id,
-                      identity.key_id, selected_model=model.id, endpoint="research.section")
-        call = Call(gw, identity, policy, trace)
-        call.pinned = pin is not None
-        body = section_body(req, index)
         failure: TokensForgeError | None = None
         try:
-            await call.admit(model, route, body)
-        except TokensForgeError as exc:
-            await call.refuse(exc)
+            async with Lifecycle(gw, identity, policy, request[REQUEST_ID] + f"_s{index + 1}",
+                                 "research.section") as life:
+                life.begin(model, route, pinned=pin is not None)
+                answer, receipt = await complete(gw, life, model, route, openai_chat.decode(section_body(req, index)))
+        except TokensForgeError as exc:  # refused or failed: recorded and voided by the lifecycle
             failure = exc
-        else:
-            try:
-                data, _ = await complete(call, body, "/chat/completions")
-            except TokensForgeError as exc:  # already voided and recorded
-                failure = exc
         if failure is not None:
             status = "failed"
             sections.append({"title": title, "content": None, "error": failure.body()["error"], "receipt": None})
             break
-        content = ((data.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
-        section = {"title": title, "content": content, "receipt": data["receipt"]}
+        content = answer.output_text
+        section = {"title": title, "content": content, "receipt": receipt}
         sections.append(section)
-        total += data["receipt"]["charge_nanos"]
+        total += receipt["charge_nanos"]
         if stream is not None:
             await _event(stream, "section_completed", {"index": index, **section})
     balance_after = await gw.ledger.balance(identity.account_id, route.bucket)

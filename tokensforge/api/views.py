@@ -11,7 +11,9 @@ from ..errors import InvalidRequest, ModelNotFound, NotFound, PermissionDenied
 from ..ledger.model import entry_view, parse_cursor
 from ..money import usd
 from ..policy import EffectivePolicy
-from ..pricing import size_reservation
+from ..dialects import openai_chat
+from ..pricing import size_request, size_reservation
+from ..receipts import request_id_of
 from ..routing import allowed_routes, find_model, select_route
 from ..state import Gateway
 from .admin import account_buckets
@@ -77,7 +79,8 @@ async def quote(request: web.Request) -> web.Response:
     except PermissionDenied as exc:
         out.update(allowed=False, reason=exc.message, code=exc.code, route=None)
         return json_response(out)
-    sizing = size_reservation(body, model, route)
+    sizing = size_reservation(body, model, route) if model.type == "embedding" else size_request(
+        openai_chat.decode(body), model, route)
     available = await gw.ledger.available(identity.account_id, route.bucket)
     allowed = available >= sizing.amount_nanos
     out.update({
@@ -155,7 +158,7 @@ async def ledger(request: web.Request) -> web.Response:
 @routes.get("/v1/receipts/{request_id}")
 async def receipt(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
-    row = await gw.ledger.receipt(identity.account_id, request.match_info["request_id"])
+    row = await gw.ledger.receipt(identity.account_id, request_id_of(request.match_info["request_id"]))
     if row is None:
         raise NotFound(f"no finished request {request.match_info['request_id']!r} in this account")
     return json_response(_usage_view(row))

@@ -60,17 +60,26 @@ def _upstream_message(raw: bytes) -> str:
 
 
 class UpstreamClient:
-    """Opens requests to channels; concurrency per channel is capped by its max_concurrency."""
+    """Opens requests to channels; concurrency per channel is capped by its max_concurrency.
 
-    def __init__(self, session: aiohttp.ClientSession, env: Mapping[str, str]) -> None:
+    Upstreams are untrusted: a non-streamed body larger than `max_body_bytes` is a failure,
+    like a malformed one."""
+
+    def __init__(self, session: aiohttp.ClientSession, env: Mapping[str, str], *,
+                 max_body_bytes: int = 16 * 1024 * 1024) -> None:
         self.session = session
         self.env = env
+        self.max_body_bytes = max_body_bytes
         self._limits: dict[str, asyncio.Semaphore] = {}
 
     def _headers(self, channel: Channel) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         secret = self.env.get(channel.api_key_env) if channel.api_key_env else None
-        if secret:
+        if channel.kind == "anthropic":
+            headers["anthropic-version"] = channel.anthropic_version or "2023-06-01"
+            if secret:
+                headers["x-api-key"] = secret
+        elif secret:
             headers["authorization"] = f"Bearer {secret}"
         return headers
 
@@ -86,14 +95,17 @@ class UpstreamClient:
         secret = self.env.get(channel.api_key_env) if channel.api_key_env else None
         return text.replace(secret, "<secret>") if secret else text
 
-    async def open(self, channel: Channel, path: str, payload: bytes) -> aiohttp.ClientResponse:
+    async def open(self, channel: Channel, path: str, payload: bytes,
+                   extra_headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
         """POST and wait for the status line; non-2xx answers become AttemptFailure."""
         timeout = aiohttp.ClientTimeout(
             total=channel.timeout_s, sock_connect=channel.connect_timeout_s,
             sock_read=channel.first_byte_timeout_s or channel.timeout_s)
         try:
-            response = await self.session.post(
-                channel.base_url + path, data=payload, headers=self._headers(channel), timeout=timeout)
+            headers = self._headers(channel)
+            if extra_headers:
+                headers.update(extra_headers)
+            response = await self.session.post(channel.base_url + path, data=payload, headers=headers, timeout=timeout)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise AttemptFailure("timeout", f"channel {channel.id} timed out") from None
         except aiohttp.ClientConnectorError:
@@ -103,11 +115,11 @@ class UpstreamClient:
         if response.status < 400:
             return response
         try:
-            raw = await response.read()
+            raw = await response.content.read(64 * 1024)  # enough for any error message; never unbounded
         except (TimeoutError, aiohttp.ClientError):
             raw = b""
         finally:
-            response.release()
+            response.close()
         message = self.scrub(channel, _upstream_message(raw))
         status = response.status
         if status == 429:
@@ -116,10 +128,25 @@ class UpstreamClient:
         outcome = "5xx" if status >= 500 else "4xx"
         raise AttemptFailure(outcome, message or f"upstream answered {status}", status=status)
 
+    async def _read_capped(self, channel: Channel, response: aiohttp.ClientResponse) -> bytes:
+        chunks, size = [], 0
+        while chunk := await response.content.read(64 * 1024):
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise AttemptFailure("malformed", f"channel {channel.id} sent a body over the size limit",
+                                     status=response.status)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def read_json(self, channel: Channel, response: aiohttp.ClientResponse) -> dict[str, Any]:
-        """The whole body of a non-streamed answer, parsed; malformed JSON is a failure."""
+        """The whole body of a non-streamed answer, parsed; malformed JSON or a body over the size
+        cap is a failure."""
+        if (response.content_length or 0) > self.max_body_bytes:
+            raise AttemptFailure("malformed", f"channel {channel.id} sent a body over the size limit",
+                                 status=response.status)
         try:
-            raw = await response.read()
+            raw = await response.read() if response.content_length is not None else await self._read_capped(
+                channel, response)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise AttemptFailure("timeout", f"channel {channel.id} timed out", status=response.status) from None
         except aiohttp.ClientError:

@@ -23,6 +23,7 @@ class BreakerConfig:
     window: int = 20
     min_window: int = 10
     cooldown_s: float = 5.0
+    probe_timeout_s: float = 120.0  # a probe that never reported (its request vanished) is given up
 
 
 @dataclass(slots=True)
@@ -33,21 +34,33 @@ class ChannelHealth:
     consecutive_failures: int = 0
     opened_at: float = 0.0
     probe_in_flight: bool = False
+    probe_started_at: float = 0.0
     last_error: str | None = None
     outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=100))
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=200))
 
     def allow(self, now: float) -> bool:
-        """May a request go to this channel now? Half-open admits one probe at a time."""
+        """May a request go to this channel now? Half-open admits one probe at a time.
+
+        The caller that gets the probe must end it: `record()` its outcome, or `abandon_probe()`
+        if the attempt ended without one (the client left). A probe older than `probe_timeout_s`
+        is given up anyway, so a lost ticket cannot shut the channel for ever."""
         if self.state == OPEN and now - self.opened_at >= self.config.cooldown_s:
             self.state = HALF_OPEN
             self.probe_in_flight = False
         if self.state == CLOSED:
             return True
-        if self.state == HALF_OPEN and not self.probe_in_flight:
+        if self.state == HALF_OPEN and (not self.probe_in_flight
+                                        or now - self.probe_started_at >= self.config.probe_timeout_s):
             self.probe_in_flight = True
+            self.probe_started_at = now
             return True
         return False
+
+    def abandon_probe(self) -> None:
+        """The probe's request ended without telling whether the channel works: let the next one probe."""
+        if self.state == HALF_OPEN:
+            self.probe_in_flight = False
 
     def record(self, ok: bool, latency_ms: float, now: float, error: str | None = None) -> None:
         self.outcomes.append(ok)
@@ -91,6 +104,7 @@ class ChannelHealth:
             "latency_p50_ms": self.percentile_ms(0.50),
             "latency_p95_ms": self.percentile_ms(0.95),
             "consecutive_failures": self.consecutive_failures,
+            "probe_in_flight": self.probe_in_flight,
             "last_error": self.last_error,
         }
 

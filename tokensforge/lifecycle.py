@@ -1,0 +1,456 @@
+"""One owner for one client request: `async with Lifecycle(...) as life`.
+
+The lifecycle takes, and on every way out releases, everything a request holds: the
+reservation and its renewal task, the channel slot and the upstream response of a stream
+(attempt-local resources and circuit probes are owned by `ChannelWalk`), and it settles
+or voids the reservation exactly once, writing the usage record in the same transaction.
+Handlers only translate their API dialect to and from it:
+
+    async with Lifecycle(gw, identity, policy, request_id, "chat.completions") as life:
+        life.begin(model, route, pinned=...)
+        await life.admit(sizing)
+        answer = await life.call(exchange)            # or: await life.open_stream(exchange)
+        receipt = await life.succeed(answer)          #     frames via next_frame(), then finish_stream()
+
+Leaving the block any other way — an exception, a refusal, cancellation, a client that
+disconnects, a crash of the upstream parser — ends in `__aexit__`: the upstream request is
+cut, the renewal stops, and the reservation is settled for what reached the client (SPEC
+§1: a client that leaves after content reached it pays input + delivered output on every
+route; a broken upstream is charged per the route's `on_failure`) or voided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+
+from . import metrics
+from .accounts import KeyIdentity
+from .canonical import Finish, Frame, MalformedUpstream, Response, TextDelta, ToolCallDelta, UpstreamFailure, Usage
+from .catalog import Model, Route
+from .channel_walk import ChannelWalk, Exchange, Served, StreamDecoder
+from .errors import (
+    BudgetExceeded,
+    InsufficientBalance,
+    LedgerUnavailable,
+    ReservationResolved,
+    TokensForgeError,
+    UpstreamError,
+)
+from .policy import EffectivePolicy
+from .pricing import Reservation, charge_for
+from .receipts import Attempt, Trace, build_receipt, finish_receipt
+from .routing import fallback_routes
+from .state import Gateway
+from .upstream.streaming import SseReader
+
+log = logging.getLogger("tokensforge.lifecycle")
+T = TypeVar("T")
+
+MAX_SSE_LINE_BYTES = 1024 * 1024
+MAX_STREAM_BYTES = 64 * 1024 * 1024
+
+
+async def shielded(coro: Awaitable[T]) -> T:
+    """Run money-moving work to the end even if the client's task is cancelled."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOutcome:
+    """How a stream ended: the receipt (None while the ledger is away) and the error to tell the client."""
+
+    status: str
+    usage: Usage
+    receipt: dict[str, Any] | None
+    error: TokensForgeError | None
+
+
+class Lifecycle:
+    def __init__(self, gw: Gateway, identity: KeyIdentity, policy: EffectivePolicy, request_id: str,
+                 endpoint: str) -> None:
+        assert gw.upstream is not None
+        self.gw, self.identity, self.policy = gw, identity, policy
+        self.trace = Trace(request_id, identity.account_id, identity.project_id, identity.key_id, endpoint=endpoint)
+        self.started = time.perf_counter()
+        self.model: Model | None = None
+        self.pinned = False
+        self.sizing: Reservation | None = None
+        self._walk = ChannelWalk(gw.upstream, gw.health, dict(gw.catalog.channels), self.trace)
+        self._reservation_id: str | None = None
+        self._renewal: asyncio.Task[None] | None = None
+        self._exchange: Exchange | None = None
+        self._served: Served | None = None
+        self._reader: SseReader | None = None
+        self._decoder: StreamDecoder | None = None
+        self._settled = False
+        self._client_gone = False
+        self._interruption: BaseException | None = None
+        # what a stream delivered so far
+        self._pending = 0  # content events in the frame handed out, counted once the caller comes back
+        self.delivered = 0
+        self.upstream_usage: Usage | None = None
+        self.stream_error: str | None = None
+        self._stream_done = False
+        self._stream_ok = False
+
+    # ------------------------------------------------------------------ scope
+
+    async def __aenter__(self) -> Lifecycle:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await shielded(self._exit(exc))
+
+    async def _exit(self, exc: BaseException | None) -> None:
+        exc = exc or self._interruption
+        self._end_upstream(abort=exc is not None or self.stream_error is not None or not self._settled)
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None:
+            renewal.cancel()
+        try:
+            if not self._settled:
+                await self._settle_on_exit(exc)
+        finally:
+            if renewal is not None:
+                await asyncio.wait([renewal])
+
+    def _end_upstream(self, *, abort: bool) -> None:
+        served, self._served = self._served, None
+        if served is not None:
+            served.end(abort=abort)
+
+    async def _settle_on_exit(self, exc: BaseException | None) -> None:
+        t = self.trace
+        gone = self._client_gone or isinstance(exc, (asyncio.CancelledError, ConnectionError))
+        if isinstance(exc, TokensForgeError):
+            t.error = {"code": exc.code, "message": exc.message}
+        elif exc is not None and not gone:
+            log.error("request %s failed unexpectedly", t.request_id, exc_info=exc)
+            t.error = {"code": "internal_error", "message": "the request was interrupted by a gateway error"}
+        elif t.error is None:
+            t.error = {"code": "client_cancelled" if gone else "internal_error",
+                       "message": "the client disconnected" if gone else "the request ended without an answer"}
+        if self._reservation_id is None:
+            if t.selected_model is not None:
+                await self._record_refusal("client_cancelled" if gone else "failed")
+            return
+        status = "client_cancelled" if gone else "failed"
+        delivered = self._delivered_usage() if self.delivered else None
+        billed = delivered if delivered is not None and (
+            gone or self.route.on_failure == "charge_delivered") else Usage(0, 0)
+        usage, source = self._stream_usage()
+        try:
+            await self._settle(status, usage if self.delivered else None, source if self.delivered else None,
+                               billed)
+        except LedgerUnavailable:
+            if billed.total_tokens:
+                self._settle_later(status, usage, source, billed)
+            # else: nothing to post; the sweeper voids the reservation after its TTL
+        except ReservationResolved:
+            pass
+
+    # ------------------------------------------------------------------ admission
+
+    @property
+    def route(self) -> Route:
+        assert self.trace.route is not None
+        return self.trace.route
+
+    def begin(self, model: Model, route: Route, *, pinned: bool) -> None:
+        """The model and the route this request is charged on (refusals from here on leave a usage record)."""
+        self.model, self.pinned = model, pinned
+        self.trace.selected_model = model.id
+        self.trace.route = route
+
+    async def admit(self, sizing: Reservation) -> None:
+        """Apply rate limits and hold the money (raises the refusal); keeps the hold alive while the request runs."""
+        self.sizing = sizing
+        now = time.monotonic()
+        for scope, rpm, tpm in self.policy.rate_limits:
+            self.gw.limiter.admit(scope, rpm, tpm, sizing.input_tokens + sizing.output_tokens, now)
+        await self._reserve(self.route, sizing.amount_nanos, self.trace.request_id)
+        self._renewal = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    async def _reserve(self, route: Route, amount_nanos: int, reservation_id: str) -> None:
+        """Hold the money, shielded: a client that leaves mid-call still has its hold recorded, so the
+        exit can void it at once instead of leaving it to the sweeper."""
+        self.trace.reserved_nanos = amount_nanos
+
+        async def hold() -> None:
+            await self.gw.ledger.reserve(
+                reservation_id, self.identity.account_id, route.bucket, amount_nanos, self.policy.budgets,
+                receipt=build_receipt(self.trace), request_id=self.trace.request_id)
+            self._reservation_id = reservation_id
+            metrics.RESERVATIONS_INFLIGHT.inc()
+
+        await shielded(hold())
+
+    async def _keep_alive(self) -> None:
+        """Renew the reservation while the request runs, so the sweeper never takes a live request for a
+        dead gateway's (long streams, slow upstreams and retries may outlast the TTL)."""
+        interval = self.gw.settings.reservation_ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            if self._reservation_id is None:
+                return
+            try:
+                await self.gw.ledger.extend(self._reservation_id)
+            except LedgerUnavailable:
+                pass  # try again next round; settlement decides
+
+    async def _record_refusal(self, status: str) -> None:
+        self.trace.status = status
+        self._settled = True
+        self._count("refused" if status == "failed" else status)
+        try:
+            await self.gw.ledger.record(self._receipt())
+        except LedgerUnavailable:
+            pass
+
+    # ------------------------------------------------------------------ upstream
+
+    async def call(self, exchange: Exchange) -> Response:
+        """Serve a non-streamed request; the parsed answer (its slot already released)."""
+        served = await self._serve(exchange)
+        served.end(abort=False)
+        assert served.answer is not None
+        return served.answer
+
+    async def open_stream(self, exchange: Exchange) -> None:
+        """Walk until a channel's stream opens; its slot and response now belong to this lifecycle."""
+        served = await self._serve(exchange)
+        self._served = served
+        self._reader = SseReader(served.response.content, max_line_bytes=MAX_SSE_LINE_BYTES,
+                                 max_total_bytes=MAX_STREAM_BYTES)
+        self._decoder = exchange.decoder(served.channel)
+
+    async def _serve(self, exchange: Exchange) -> Served:
+        """The route's chain, then (if the policy allows and nothing is pinned) other routes."""
+        assert self.model is not None and self._reservation_id is not None
+        self._exchange = exchange
+        first = self.route
+        result: Served | TokensForgeError
+        result = await self._walk.walk(first, exchange, None)
+        if isinstance(result, Served):
+            return result
+        for fallback in [] if self.pinned else fallback_routes(self.model, self.policy, first):
+            if not await self._move_to(fallback):
+                break
+            moved = await self._walk.walk(fallback, exchange, fallback.id)
+            if isinstance(moved, Served):
+                metrics.child(metrics.FALLBACKS, "route").inc()
+                return moved
+            result = moved
+        raise result
+
+    async def _move_to(self, route: Route) -> bool:
+        """Void the current reservation and hold the fallback route's price in its bucket."""
+        assert self.model is not None and self._reservation_id is not None and self.sizing is not None
+        from .pricing import size_request  # the fallback's price, for the same request
+
+        request = getattr(self._exchange, "request", None)
+        amount = size_request(request, self.model, route).amount_nanos if request is not None else \
+            self.sizing.amount_nanos
+        await shielded(self.gw.ledger.finish(self._reservation_id, 0, None))
+        metrics.RESERVATIONS_INFLIGHT.dec()
+        self._reservation_id = None
+        if self.trace.original_route is None:
+            self.trace.original_route = self.trace.route
+        self.trace.route = route
+        try:
+            await self._reserve(route, amount, f"{self.trace.request_id}/{route.id}")
+        except (InsufficientBalance, BudgetExceeded) as exc:
+            self.trace.attempts.append(Attempt(route.primary.channel, "not_affordable", route=route.id))
+            log.info("cross-route fallback to %s refused: %s", route.id, exc.message)
+            self.trace.route, self.trace.original_route = self.trace.original_route, None
+            self.trace.reserved_nanos = 0  # nothing is held any more: the exit records the request
+            return False
+        return True
+
+    # ------------------------------------------------------------------ streams
+
+    async def next_frame(self) -> Frame | None:
+        """The next upstream frame, or None when the stream ended (well or not: see `stream_error`).
+
+        Calling again means the previous frame reached the client: that is what a client that leaves
+        is billed for."""
+        self.delivered += self._pending
+        self._pending = 0
+        if self._stream_done:
+            return None
+        assert self._reader is not None and self._decoder is not None
+        try:
+            while True:
+                item = await self._reader.next()
+                if item is None:
+                    self._end_stream(None if self._stream_ok else "the upstream stream ended early")
+                    return None
+                frame = self._decoder.feed(*item)
+                if frame is None:  # [DONE]
+                    self._stream_ok = True
+                    self._end_stream(None)
+                    return None
+                if self._absorb(frame):
+                    return None
+                if frame.events or frame.raw is not None:
+                    return frame
+        except MalformedUpstream as exc:
+            self._end_stream(f"the upstream stream is malformed: {exc}")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._end_stream(f"the upstream stream broke ({type(exc).__name__})")
+        return None
+
+    def _absorb(self, frame: Frame) -> bool:
+        """Account for a frame's events; True if it ended the stream (an upstream error)."""
+        for event in frame.events:
+            if isinstance(event, (TextDelta, ToolCallDelta)):
+                self._pending += 1
+            elif isinstance(event, Finish):
+                self._stream_ok = True
+            elif isinstance(event, UpstreamFailure):
+                self._pending = 0
+                self._end_stream(f"the upstream reported an error mid-stream: {event.message}"[:500])
+                return True
+            else:
+                self.upstream_usage = event.usage
+        return False
+
+    def _end_stream(self, error: str | None) -> None:
+        self._stream_done = True
+        if error is not None:
+            self.stream_error = error
+        self._end_upstream(abort=error is not None)  # the slot is free as soon as the upstream is done
+
+    def interrupted(self, exc: BaseException) -> None:
+        """The handler hit an unexpected error after the answer started; the exit settles as failed."""
+        self._interruption = exc
+
+    def client_gone(self) -> None:
+        """The client disconnected (a write failed): the exit bills what reached it."""
+        self._client_gone = True
+
+    def _delivered_usage(self) -> Usage:
+        prompt = self.upstream_usage.prompt_tokens if self.upstream_usage else self._typical_input()
+        return Usage(prompt, self.delivered)
+
+    def _typical_input(self) -> int:
+        return self._exchange.typical_input_tokens() if self._exchange is not None else 0
+
+    def _stream_usage(self) -> tuple[Usage, str]:
+        if self.upstream_usage is not None:
+            return self.upstream_usage, "upstream"
+        return self._delivered_usage(), "estimated"
+
+    async def finish_stream(self) -> StreamOutcome:
+        """Settle a stream that ran to its end (well or broken); the client is still there."""
+        usage, source = self._stream_usage()
+        if self.stream_error is None:
+            return await self._settle_answered("succeeded", usage, source, None)
+        self.trace.error = {"code": "upstream_error", "message": self.stream_error}
+        billed = self._delivered_usage() if self.delivered and self.route.on_failure == "charge_delivered" \
+            else Usage(0, 0)
+        return await self._settle_answered("failed", usage, source, billed, UpstreamError(self.stream_error))
+
+    async def _settle_answered(self, status: str, usage: Usage, source: str, billed: Usage | None,
+                               error: TokensForgeError | None = None) -> StreamOutcome:
+        try:
+            receipt = await self._settle(status, usage, source, billed)
+        except LedgerUnavailable:  # the answer is out: its charge is posted when the ledger returns
+            self._settle_later(status, usage, source, billed)
+            return StreamOutcome(status, usage, None, error or LedgerUnavailable(
+                "the answer was delivered but the ledger is unavailable: no receipt yet; the charge is posted "
+                f"when the ledger is back (GET /v1/receipts/{self.trace.request_id})"))
+        return StreamOutcome(status, usage, receipt, error)
+
+    # ------------------------------------------------------------------ settlement
+
+    async def succeed(self, answer: Response) -> dict[str, Any]:
+        """Settle a non-streamed answer; raises LedgerUnavailable if the charge could not be posted
+        (the answer is then withheld, and nothing was charged)."""
+        usage, source = answer.usage, "upstream"
+        if usage is None:
+            assert self._exchange is not None
+            usage, source = self._exchange.estimate(answer), "estimated"
+            log.info("request %s: the upstream reported no usable usage; estimated", self.trace.request_id)
+        try:
+            return await self._settle("succeeded", usage, source)
+        except LedgerUnavailable:
+            raise LedgerUnavailable("the ledger is unavailable, so the answer is withheld; nothing was charged") \
+                from None
+
+    async def _settle(self, status: str, usage: Usage | None, source: str | None,
+                      billed: Usage | None = None) -> dict[str, Any]:
+        """Post the charge (or void) with the usage record, once; returns the receipt.
+
+        `billed` is what is charged when it differs from `usage` (a failed or abandoned stream)."""
+        t = self.trace
+        t.status, t.usage, t.usage_source = status, usage, source
+        route = self.route
+        assert self._reservation_id is not None
+        charged = billed if billed is not None else (usage if status == "succeeded" else None)
+        if charged is not None:
+            t.charge_nanos, t.price_nanos = charge_for(charged, route, t.reserved_nanos)
+        receipt = self._receipt()
+        entry_id, balance = await shielded(self.gw.ledger.finish(self._reservation_id, t.charge_nanos, receipt))
+        self._settled = True
+        self._reservation_id = None
+        metrics.RESERVATIONS_INFLIGHT.dec()
+        t.ledger_entry_id, t.balance_after_nanos = entry_id, balance
+        finish_receipt(receipt, entry_id, balance)
+        self._count()
+        if t.charge_nanos:
+            metrics.child(metrics.SPEND, route.bucket, route.kind).inc(t.charge_nanos)
+        if t.price_nanos > t.charge_nanos:
+            metrics.child(metrics.UNDERCHARGED, route.kind).inc(t.price_nanos - t.charge_nanos)
+            log.warning("request %s: the upstream served more than was reserved (%d > %d nano-USD)",
+                        t.request_id, t.price_nanos, t.charge_nanos)
+        if charged is not None:
+            metrics.child(metrics.TOKENS, "input", route.kind).inc(charged.prompt_tokens)
+            metrics.child(metrics.TOKENS, "output", route.kind).inc(charged.completion_tokens)
+        return receipt
+
+    def _settle_later(self, status: str, usage: Usage, source: str, billed: Usage | None) -> None:
+        """A delivered answer whose charge could not be posted: keep trying until the reservation would
+        expire (then the sweeper voids it and the request goes unbilled, which the log says)."""
+        deadline = time.monotonic() + self.gw.settings.reservation_ttl_s * 0.9
+
+        async def retry() -> None:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(1.0)
+                try:
+                    await self._settle(status, usage, source, billed)
+                    log.info("posted the delayed charge of %s", self.trace.request_id)
+                    return
+                except LedgerUnavailable:
+                    continue
+                except ReservationResolved:
+                    return
+            log.error("could not post the charge of %s before its reservation expired", self.trace.request_id)
+
+        self._settled = True  # the retry task owns the settlement now
+        self.gw.spawn(retry())
+
+    def _receipt(self) -> dict[str, Any]:
+        self.trace.latency_ms = int((time.perf_counter() - self.started) * 1000)
+        return build_receipt(self.trace)
+
+    def _count(self, status: str | None = None) -> None:
+        t = self.trace
+        kind = t.route.kind if t.route else "none"
+        metrics.child(metrics.REQUESTS, t.selected_model or "none", kind, t.route.bucket if t.route else "none",
+                      status or t.status).inc()
+        metrics.child(metrics.REQUEST_DURATION, kind).observe(time.perf_counter() - self.started)
