@@ -114,7 +114,7 @@ def serve_workers(settings: Settings, dsn: str) -> int:
             for i, proc in enumerate(workers):
                 if not proc.is_alive() and not stopping:
                     log.error("worker %s exited with %s; starting a new one", proc.pid, proc.exitcode)
-                    multiprocess.mark_process_dead(proc.pid)
+                    multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
                     workers[i] = spawn(i)
     finally:
         for proc in workers:
