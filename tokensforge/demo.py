@@ -9,6 +9,7 @@ hash), so a restart keeps balances and prints the same key.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from importlib import resources
 from pathlib import Path
@@ -31,10 +32,21 @@ UPSTREAM_KEY_ENV = "TOKENSFORGE_DEMO_UPSTREAM_KEY"
 
 
 def _secret_file(path: Path, make: str) -> str:
-    if path.exists():
+    """The secret kept in `path`, or `make`, stored there first.
+
+    Created 0600 from the start (never readable by others, not even between a write
+    and a chmod) and exclusively (an existing file, whatever made it, is never replaced).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
         return path.read_text().strip()
-    path.write_text(make + "\n")
-    path.chmod(0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(make + "\n")
+    except BaseException:
+        path.unlink(missing_ok=True)  # an empty secret file would be read back as the secret
+        raise
     return make
 
 
