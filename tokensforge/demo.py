@@ -75,7 +75,7 @@ async def bootstrap(dsn: str, catalog: Catalog, api_key: str) -> None:
 
 def banner(host: str, port: int, api_key: str, admin_token: str, *, data_dir: Path, db: Database) -> str:
     base = f"http://{host}:{port}"
-    moved = f"\n                 ({db.home.reason})" if db.home is not None and db.home.moved else ""
+    moved = f"\n                 because {db.home.reason}" if db.home is not None and db.home.moved else ""
     return f"""
 Tokens Forge demo is running.
 
