@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ import asyncpg
 import openai
 import pytest
 
+from tokensforge.demo import _secret_file
 from tokensforge.embedded_pg import _chown, _server_account
 
 from .harness import free_port
@@ -23,8 +25,11 @@ from .invariants import assert_ledger_invariants
 
 
 class Demo:
-    def __init__(self, data_dir: Path) -> None:
+    """`tokensforge demo` in a subprocess, run from `cwd` (default: ours); always stop() it."""
+
+    def __init__(self, data_dir: Path, *, cwd: Path | None = None) -> None:
         self.data_dir = data_dir
+        self.cwd = cwd
         self.port = free_port()
         self.proc: subprocess.Popen[str] | None = None
         self.output = ""
@@ -33,7 +38,7 @@ class Demo:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSFORGE_")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tokensforge", "demo", "--port", str(self.port), "--data-dir", str(self.data_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.cwd)
         deadline = time.monotonic() + 90
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
@@ -49,8 +54,9 @@ class Demo:
     def _parse(self) -> dict[str, str]:
         found = {}
         for name, pattern in (("key", r"API key\s+(tf-\S+)"), ("admin", r"Admin token\s+(\S+)"),
-                              ("playground", r"Playground\s+(\S+)")):
-            match = re.search(pattern, self.output)
+                              ("playground", r"Playground\s+(\S+)"),
+                              ("balances", r"balances are kept in (.+)\)\.$")):
+            match = re.search(pattern, self.output, re.MULTILINE)
             assert match, self.output
             found[name] = match.group(1)
         return found
@@ -83,6 +89,7 @@ async def test_demo_serves_sdk_traffic_and_keeps_balances_and_key_across_restart
     try:
         first = demo.start()
         assert first["playground"] == f"http://127.0.0.1:{demo.port}/playground"
+        assert first["balances"] == str(demo_dir.resolve() / "pg")  # reachable: the cluster stays where asked
         async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{demo.port}/v1", api_key=first["key"],
                                       max_retries=0) as client:
             models = await client.models.list()
@@ -125,3 +132,13 @@ async def test_demo_serves_sdk_traffic_and_keeps_balances_and_key_across_restart
 def _pg_port(data_dir: Path) -> int:
     pid_file = data_dir / "pg" / "postmaster.pid"
     return int(pid_file.read_text().splitlines()[3])
+
+
+def test_secret_files_are_private_from_the_start_and_never_replaced(tmp_path: Path) -> None:
+    old_umask = os.umask(0)  # so the mode comes from the create call alone
+    try:
+        assert _secret_file(tmp_path / "demo-key", "first") == "first"
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "demo-key").stat().st_mode) == 0o600
+    assert _secret_file(tmp_path / "demo-key", "second") == "first"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,12 @@ import pytest
 
 from tokensforge import embedded_pg
 from tokensforge.embedded_pg import (
+    ClusterHome,
     EmbeddedPostgres,
     EmbeddedPostgresError,
     PostgresNotFound,
+    _choose_home,
+    fallback_home,
     find_pg_bindir,
 )
 
@@ -188,3 +193,75 @@ def test_nothing_found_tells_how_to_fix(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(embedded_pg, "DISTRO_BINDIR_GLOB", f"{tmp_path}/none/*/bin")
     with pytest.raises(PostgresNotFound, match="deploy/ensure-postgres.sh"):
         find_pg_bindir()
+
+
+# --------------------------------------------------------------------------- where the cluster lives
+
+#: an account that owns nothing here, so only "other" permission bits let it in
+STRANGER = embedded_pg._Account("stranger", 54321, 54321, frozenset({54321}))
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="making a home chowns it to another account")
+
+
+def test_fallback_home_is_stable_readable_and_distinct_per_path() -> None:
+    root = Path("/var/lib/tokensforge")
+    home = fallback_home(Path("/root/app/.tokensforge"), root)
+    assert home == fallback_home(Path("/root/app/.tokensforge"), root)  # a restart finds the same cluster
+    assert home.parent == root and home.name.startswith("app-.tokensforge-")
+    assert fallback_home(Path("/home/bob/app/.tokensforge"), root) != home  # same tail, other clone
+    assert fallback_home(Path("/"), root).parent == root
+    odd = fallback_home(Path("/x/my data dir ünïcode " + "y" * 200), root)
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,45}", odd.name), odd.name
+
+
+def test_home_is_the_requested_dir_when_not_root_or_reachable(scratch_dir: Path) -> None:
+    data_dir = scratch_dir / "data"
+    data_dir.mkdir(mode=0o755)
+    roots = [scratch_dir / "roots"]
+    assert _choose_home(data_dir, None, roots) == ClusterHome(data_dir, data_dir)
+    home = _choose_home(data_dir, STRANGER, roots)
+    assert home.path == data_dir and not home.moved and home.cluster_dir == data_dir / "pg"
+    assert not roots[0].exists()
+
+
+@root_only
+def test_unreachable_dir_gets_a_home_the_server_owns_and_keeps_it(scratch_dir: Path) -> None:
+    private = scratch_dir / "private"
+    private.mkdir(mode=0o700)
+    data_dir = private / "clone" / ".tokensforge"
+    data_dir.mkdir(parents=True)
+    roots = [scratch_dir / "roots"]
+
+    home = _choose_home(data_dir, STRANGER, roots)
+    assert home.moved and home.path == fallback_home(data_dir, roots[0])
+    assert f"cannot traverse {private} (mode drwx------)" in (home.reason or "")
+    st = home.path.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (STRANGER.uid, 0o700)
+    assert stat.S_IMODE(roots[0].stat().st_mode) == 0o711
+    assert (home.path / "data-dir").read_text() == f"{data_dir}\n"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700  # the user's dir is never widened
+
+    (home.path / "pg").mkdir()
+    (home.path / "pg" / "PG_VERSION").write_text("16\n")
+    assert _choose_home(data_dir, STRANGER, roots) == home  # a restart finds the same cluster
+    private.chmod(0o755)  # reachable now, but the balances are in the fallback cluster: stay there
+    again = _choose_home(data_dir, STRANGER, roots)
+    assert again.path == home.path and "earlier run" in (again.reason or "")
+
+
+@root_only
+def test_an_unsafe_or_unusable_root_is_skipped(scratch_dir: Path) -> None:
+    private = scratch_dir / "private"
+    private.mkdir(mode=0o700)
+    shared = scratch_dir / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # someone else could swap what is inside: never used
+    not_a_dir = scratch_dir / "file"
+    not_a_dir.write_text("")
+    fine = scratch_dir / "fine"
+
+    home = _choose_home(private, STRANGER, [shared, not_a_dir / "roots", fine])
+    assert home.path.parent == fine
+    with pytest.raises(EmbeddedPostgresError, match=f"cannot traverse {private}.*no fallback home is usable") \
+            as info:
+        _choose_home(scratch_dir / "private", STRANGER, [shared])
+    assert f"chmod o+x {private}" in str(info.value)

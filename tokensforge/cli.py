@@ -77,21 +77,21 @@ def _dispatch(args: argparse.Namespace) -> int:
             print("tokensforge: serve needs --config FILE or TOKENSFORGE_CONFIG", file=sys.stderr)
             return 2
         catalog = load_catalog(settings.config_path)
-        with database(settings) as dsn:
+        with database(settings) as db:
             if settings.workers > 1:
-                asyncio.run(migrate(dsn))  # once, before the workers race for the lock
-                return serve_workers(settings, dsn)
-            uvloop.run(serve_forever(settings, catalog, dsn))
+                asyncio.run(migrate(db.dsn))  # once, before the workers race for the lock
+                return serve_workers(settings, db.dsn)
+            uvloop.run(serve_forever(settings, catalog, db.dsn))
         return 0
     if args.command == "demo":
         settings = Settings.from_env(host=args.host, port=args.port, data_dir=args.data_dir)
-        with database(settings) as dsn:
-            uvloop.run(run_demo(settings, dsn))
+        with database(settings) as db:
+            uvloop.run(run_demo(settings, db))
         return 0
     if args.command == "migrate":
         settings = Settings.from_env(data_dir=args.data_dir)
-        with database(settings) as dsn:
-            applied = asyncio.run(migrate(dsn))
+        with database(settings) as db:
+            applied = asyncio.run(migrate(db.dsn))
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
         return 0
     raise AssertionError(args.command)

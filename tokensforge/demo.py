@@ -9,6 +9,7 @@ hash), so a restart keeps balances and prints the same key.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from importlib import resources
 from pathlib import Path
@@ -20,7 +21,7 @@ from .keys import hash_key, new_key
 from .ledger.store import LedgerStore
 from .mock_upstream import Faults, MockConfig
 from .mock_upstream import create_app as create_mock_app
-from .server import listening_socket, running, serve_forever
+from .server import Database, listening_socket, running, serve_forever
 from .settings import Settings
 
 log = logging.getLogger("tokensforge.demo")
@@ -31,10 +32,21 @@ UPSTREAM_KEY_ENV = "TOKENSFORGE_DEMO_UPSTREAM_KEY"
 
 
 def _secret_file(path: Path, make: str) -> str:
-    if path.exists():
+    """The secret kept in `path`, or `make`, stored there first.
+
+    Created 0600 from the start (never readable by others, not even between a write
+    and a chmod) and exclusively (an existing file, whatever made it, is never replaced).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
         return path.read_text().strip()
-    path.write_text(make + "\n")
-    path.chmod(0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(make + "\n")
+    except BaseException:
+        path.unlink(missing_ok=True)  # an empty secret file would be read back as the secret
+        raise
     return make
 
 
@@ -61,8 +73,9 @@ async def bootstrap(dsn: str, catalog: Catalog, api_key: str) -> None:
         await pool.close()
 
 
-def banner(host: str, port: int, api_key: str, admin_token: str) -> str:
+def banner(host: str, port: int, api_key: str, admin_token: str, *, data_dir: Path, db: Database) -> str:
     base = f"http://{host}:{port}"
+    moved = f"\n                 because {db.home.reason}" if db.home is not None and db.home.moved else ""
     return f"""
 Tokens Forge demo is running.
 
@@ -72,6 +85,8 @@ Tokens Forge demo is running.
   Playground     {base}/playground
                  {base}/playground#key={api_key}  (opens with the key set)
   Metrics        {base}/metrics
+  Demo files     {data_dir.absolute()}  (key, admin token, catalog)
+  Database       {db.describe()}{moved}
 
 Try it:
   curl -s {base}/v1/balance -H "Authorization: Bearer {api_key}"
@@ -79,12 +94,12 @@ Try it:
        -H "content-type: application/json" \\
        -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "hi"}}]}}'
 
-Press Ctrl-C to stop (balances are kept in {{data dir}}/pg).
+Press Ctrl-C to stop (balances are kept in {db.describe()}).
 """
 
 
-async def run_demo(settings: Settings, dsn: str) -> None:
-    data_dir = settings.data_dir
+async def run_demo(settings: Settings, db: Database) -> None:
+    data_dir, dsn = settings.data_dir, db.dsn
     upstream_secret = _secret_file(data_dir / "demo-upstream-secret", secrets.token_urlsafe(24))
     api_key = _secret_file(data_dir / "demo-key", new_key())
     admin_token = settings.admin_token or _secret_file(data_dir / "admin-token", "adm-" + secrets.token_urlsafe(24))
@@ -102,6 +117,6 @@ async def run_demo(settings: Settings, dsn: str) -> None:
                                     "admin_token": admin_token, "channel_env": env})
 
         async def ready() -> None:
-            print(banner(settings.host, settings.port, api_key, admin_token), flush=True)
+            print(banner(settings.host, settings.port, api_key, admin_token, data_dir=data_dir, db=db), flush=True)
 
         await serve_forever(demo_settings, catalog, dsn, on_ready=ready)

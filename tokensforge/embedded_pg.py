@@ -11,11 +11,18 @@ binary (initdb, pg_ctl, hence postgres) runs as the `postgres` account through
 chowned to that account, and every directory above the cluster must be
 traversable by it; that is checked up front so the failure names the directory
 instead of surfacing as an opaque initdb error.
+
+A clone in a private directory (under /root, or any mode-0700 dir) is such a
+case. `cluster_home()` then picks a home the account can reach instead, under
+/var/lib/tokensforge (or /tmp/tokensforge-clusters), named after the requested
+dir so every restart finds the same cluster. The user's directories are never
+chmodded.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import pwd
@@ -28,6 +35,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +58,11 @@ PG_CTL_WAIT_SECONDS = 60
 _NON_DURABLE = ("-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off")
 _SERVER_SETTINGS = ("-c max_connections=300", "-c shared_buffers=128MB")
 _PORT_ATTEMPTS = 3
+#: where a cluster goes when the server account cannot reach the requested data dir; the
+#: first usable one wins (/var/lib survives reboots, /tmp is there when /var/lib is read-only)
+FALLBACK_ROOTS = (Path("/var/lib/tokensforge"), Path("/tmp/tokensforge-clusters"))
+#: written into a fallback home: which data dir it serves (for whoever cleans up later)
+ORIGIN_FILE = "data-dir"
 _FIX_HINT = f"run deploy/ensure-postgres.sh or set {BINDIR_ENV} to the directory holding initdb"
 
 
@@ -186,19 +199,28 @@ def _can_traverse(path: Path, account: _Account) -> bool:
     return bool(st.st_mode & stat.S_IXOTH)
 
 
-def _check_traversable(directory: Path, account: _Account) -> None:
-    """Fail naming the first directory on the way to `directory` the server cannot enter.
+def _blocked_dir(directory: Path, account: _Account) -> Path | None:
+    """The outermost directory on the way to `directory` the server cannot enter, or None.
 
     `os.access` answers for root, not for the server account, hence the mode arithmetic.
+    Components that do not exist yet are skipped: whoever creates them decides their mode.
     """
     chains = {directory.absolute(), directory.resolve()}
     for path in sorted({p for chain in chains for p in (chain, *chain.parents)}, key=_depth):
-        if not _can_traverse(path, account):
-            raise EmbeddedPostgresError(
-                f"PostgreSQL runs as {account.name!r} (we are root) but cannot traverse {path} "
-                f"(mode {stat.filemode(path.stat().st_mode)}): `chmod o+x {path}` or choose a "
-                "data dir outside it"
-            )
+        if path.exists() and not _can_traverse(path, account):
+            return path
+    return None
+
+
+def _check_traversable(directory: Path, account: _Account) -> None:
+    """Fail naming the first directory on the way to `directory` the server cannot enter."""
+    path = _blocked_dir(directory, account)
+    if path is not None:
+        raise EmbeddedPostgresError(
+            f"PostgreSQL runs as {account.name!r} (we are root) but cannot traverse {path} "
+            f"(mode {stat.filemode(path.stat().st_mode)}): `chmod o+x {path}` or choose a "
+            "data dir outside it"
+        )
 
 
 def _depth(path: Path) -> int:
@@ -209,6 +231,117 @@ def _depth(path: Path) -> int:
 def _chown(path: Path, account: _Account | None) -> None:
     if account is not None:
         os.chown(path, account.uid, account.gid)
+
+
+# --------------------------------------------------------------------------- where the cluster lives
+
+
+@dataclass(frozen=True)
+class ClusterHome:
+    """Where the cluster for a requested data dir lives (`<path>/pg`, `<path>/pg.log`).
+
+    `path` is the requested dir itself unless the server account cannot reach it;
+    then `reason` says why it is elsewhere (for the log and the demo banner).
+    """
+
+    requested: Path
+    path: Path
+    reason: str | None = None
+
+    @property
+    def cluster_dir(self) -> Path:
+        return self.path / "pg"
+
+    @property
+    def moved(self) -> bool:
+        return self.path != self.requested
+
+
+def fallback_home(requested: Path, root: Path) -> Path:
+    """The home under `root` for the absolute dir `requested`: a readable tail plus a hash of the path.
+
+    Pure, so the same clone always maps to the same cluster, and two clones whose
+    paths end alike (two `app/.tokensforge`) never share one.
+    """
+    digest = hashlib.sha256(os.fsencode(requested)).hexdigest()[:12]
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(requested.parts[-2:])).strip("._-")[:32]
+    return root / (f"{tail}-{digest}" if tail else digest)
+
+
+def cluster_home(requested: Path, *, roots: Sequence[Path] = FALLBACK_ROOTS) -> ClusterHome:
+    """Where to keep the cluster for data dir `requested`; see the module doc."""
+    return _choose_home(requested, _server_account(), roots)
+
+
+def _choose_home(requested: Path, account: _Account | None, roots: Sequence[Path]) -> ClusterHome:
+    """The requested dir if the server can reach it (or already keeps a cluster there), else a
+    fallback home: the one an earlier run made for this dir, or a new one under the first usable root.
+    """
+    requested = requested.resolve()
+    if account is None:
+        return ClusterHome(requested, requested)
+    blocked = _blocked_dir(requested, account)
+    if blocked is None and _has_cluster(requested):
+        return ClusterHome(requested, requested)
+    reason = f"an earlier run kept the cluster for {requested} there"
+    if blocked is not None:
+        reason = (f"PostgreSQL runs as {account.name!r} (we are root) and cannot traverse {blocked} "
+                  f"(mode {stat.filemode(blocked.stat().st_mode)})")
+        if _has_cluster(requested):
+            reason += f"; the cluster in {requested / 'pg'} is left as it is (make {blocked} traversable to use it)"
+    earlier = next((h for h in (fallback_home(requested, r) for r in roots) if _has_cluster(h)), None)
+    if earlier is not None:  # sticky: a later chmod must not swap the balances for an empty cluster
+        return ClusterHome(requested, earlier, reason)
+    if blocked is None:
+        return ClusterHome(requested, requested)
+    problems = []
+    for root in roots:
+        home = fallback_home(requested, root)
+        try:
+            _make_home(home, account, requested)
+        except (OSError, EmbeddedPostgresError) as exc:
+            problems.append(f"{home}: {exc}")
+            continue
+        return ClusterHome(requested, home, reason)
+    raise EmbeddedPostgresError(f"{reason}, and no fallback home is usable ({'; '.join(problems)}): "
+                                f"`chmod o+x {blocked}` or choose a data dir outside it")
+
+
+def _has_cluster(home: Path) -> bool:
+    return (home / "pg" / "PG_VERSION").exists()
+
+
+def _make_home(home: Path, account: _Account, requested: Path) -> None:
+    """`home` (mode 0700, the server's) under a root-owned root (0711: enterable, not listable).
+
+    Roots may sit in world-writable /tmp, so an existing root or home must be a real
+    directory (no symlink) owned by us or the server account, and not writable by others.
+    """
+    try:
+        home.parent.mkdir()
+        os.chmod(home.parent, 0o711)  # whatever the umask: the server account must enter it
+    except FileExistsError:
+        pass
+    _check_owned(home.parent, {os.geteuid()})
+    try:
+        home.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _check_owned(home, {os.geteuid(), account.uid})
+    _chown(home, account)
+    blocked = _blocked_dir(home, account)
+    if blocked is not None:
+        raise EmbeddedPostgresError(f"{account.name!r} cannot traverse {blocked}")
+    (home / ORIGIN_FILE).write_text(f"{requested}\n")
+
+
+def _check_owned(path: Path, owners: set[int]) -> None:
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o022:
+        raise EmbeddedPostgresError(
+            f"{path} is not a directory owned by uid {sorted(owners)} and writable only by its owner "
+            f"({stat.filemode(st.st_mode)}, uid {st.st_uid}); remove it or fix it"
+        )
 
 
 # --------------------------------------------------------------------------- helpers

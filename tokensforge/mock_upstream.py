@@ -21,7 +21,7 @@ import time
 from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 from aiohttp import web
@@ -81,7 +81,7 @@ def _content_tokens(content: Any) -> int:
     return 0
 
 
-def prompt_tokens(messages: list) -> int:
+def prompt_tokens(messages: list[Any]) -> int:
     """Prompt size the mock bills: content tokens plus a fixed per-message overhead."""
     return sum(
         _content_tokens(m.get("content") if isinstance(m, dict) else None) + PER_MESSAGE_TOKENS
@@ -390,7 +390,7 @@ def _count_model(stats: _Stats, model: str) -> None:
 # --------------------------------------------------------------------------- chat completions
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -549,7 +549,7 @@ def _embedding_inputs(raw: Any) -> list[tuple[bytes, int]]:
     raise _ApiError(400, message, param="input")
 
 
-def embedding_vector(key: bytes, dim: int) -> array:
+def embedding_vector(key: bytes, dim: int) -> array[float]:
     """Deterministic float32 vector in [-1, 1] expanded from sha256(key)."""
     seed = hashlib.sha256(key).digest()
     blocks = [seed]
@@ -559,7 +559,7 @@ def embedding_vector(key: bytes, dim: int) -> array:
     return array("f", [v * _U32_TO_UNIT - 1.0 for v in ints])
 
 
-def _encode_vector(vector: array, encoding_format: str) -> list[float] | str:
+def _encode_vector(vector: array[float], encoding_format: str) -> list[float] | str:
     """float -> JSON numbers; base64 -> little-endian float32 bytes, as the openai SDK decodes."""
     if encoding_format == "float":
         return vector.tolist()

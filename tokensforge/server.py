@@ -13,6 +13,7 @@ import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 import uvloop
 from aiohttp import web
@@ -20,24 +21,39 @@ from prometheus_client import multiprocess
 
 from .app import create_app
 from .catalog import Catalog, load_catalog
-from .embedded_pg import EmbeddedPostgres
+from .embedded_pg import ClusterHome, EmbeddedPostgres, cluster_home
 from .settings import Settings
 
 log = logging.getLogger("tokensforge")
 
 
+@dataclass(frozen=True)
+class Database:
+    dsn: str
+    #: the embedded cluster's home; None when TOKENSFORGE_DATABASE_URL names the database
+    home: ClusterHome | None = None
+
+    def describe(self) -> str:
+        """Where the data lives, for people (never the URL: it may hold a password)."""
+        return "the database at TOKENSFORGE_DATABASE_URL" if self.home is None else str(self.home.cluster_dir)
+
+
 @contextlib.contextmanager
-def database(settings: Settings) -> Iterator[str]:
-    """The DSN to use: TOKENSFORGE_DATABASE_URL, else an embedded cluster under --data-dir."""
+def database(settings: Settings) -> Iterator[Database]:
+    """TOKENSFORGE_DATABASE_URL, else an embedded cluster under --data-dir (or, when the
+    server account cannot reach that dir, in a home it can reach: see `cluster_home`)."""
     if settings.database_url:
-        yield settings.database_url
+        yield Database(settings.database_url)
         return
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    cluster = EmbeddedPostgres(settings.data_dir)
+    home = cluster_home(settings.data_dir)
+    if home.moved:
+        log.warning("embedded PostgreSQL for %s lives in %s: %s", home.requested, home.path, home.reason)
+    cluster = EmbeddedPostgres(home.path)
     log.info("starting embedded PostgreSQL in %s", cluster.cluster_dir)
     dsn = cluster.start()
     try:
-        yield dsn
+        yield Database(dsn, home)
     finally:
         log.info("stopping embedded PostgreSQL")
         cluster.stop()
@@ -114,7 +130,7 @@ def serve_workers(settings: Settings, dsn: str) -> int:
             for i, proc in enumerate(workers):
                 if not proc.is_alive() and not stopping:
                     log.error("worker %s exited with %s; starting a new one", proc.pid, proc.exitcode)
-                    multiprocess.mark_process_dead(proc.pid)
+                    multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
                     workers[i] = spawn(i)
     finally:
         for proc in workers:

@@ -141,7 +141,7 @@ class LedgerStore:
         for attempt in range(_MAX_RETRIES):
             try:
                 async with translated(op):
-                    return await self.pool.fetch(sql, *args)
+                    return await self.pool.fetch(sql, *args)  # type: ignore[no-any-return]
             except _RETRYABLE:
                 if attempt == _MAX_RETRIES - 1:
                     raise
@@ -223,7 +223,7 @@ class LedgerStore:
 
     async def balances(self, account_id: str) -> list[asyncpg.Record]:
         async with translated("read"):
-            return await self.pool.fetch(
+            return await self.pool.fetch(  # type: ignore[no-any-return]
                 "SELECT bucket, balance_nanos, reserved_nanos FROM buckets WHERE account_id = $1 ORDER BY bucket",
                 account_id)
 
@@ -244,7 +244,7 @@ class LedgerStore:
         self, account_id: str, *, limit: int, after: int | None, bucket: str | None = None,
     ) -> list[asyncpg.Record]:
         async with translated("read"):
-            return await self.pool.fetch(
+            return await self.pool.fetch(  # type: ignore[no-any-return]
                 "SELECT * FROM ledger_entries WHERE account_id = $1"
                 " AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR bucket = $3)"
                 " ORDER BY seq DESC LIMIT $4",
@@ -254,7 +254,7 @@ class LedgerStore:
         self, account_id: str, *, limit: int, after: int | None, filters: dict[str, str | None],
     ) -> list[asyncpg.Record]:
         async with translated("read"):
-            return await self.pool.fetch(
+            return await self.pool.fetch(  # type: ignore[no-any-return]
                 "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
                 " AND ($2::bigint IS NULL OR seq < $2)"
                 " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
