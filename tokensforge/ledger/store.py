@@ -127,26 +127,43 @@ class _Hold:
 
 
 class LedgerStore:
-    """Top-ups, reservations, settlement and the account's money views."""
+    """Top-ups, reservations, settlement and the account's money views.
+
+    `acquire_timeout_s` bounds the wait for a pool connection (then LedgerUnavailable)."""
 
     def __init__(self, pool: asyncpg.Pool, *, reservation_ttl_s: float = 600.0, max_batch: int = 128,
-                 max_inflight_batches: int = 4) -> None:
+                 max_inflight_batches: int = 4, acquire_timeout_s: float = 5.0) -> None:
         self.pool = pool
         self.reservation_ttl_s = reservation_ttl_s
+        self.acquire_timeout_s = acquire_timeout_s
         self._settles: _Batcher[_Settlement, tuple[str | None, int]] = _Batcher(
             self._finish_many, max_batch, max_inflight_batches)
         self._holds: _Batcher[_Hold, int] = _Batcher(self._reserve_many, max_batch, max_inflight_batches)
 
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        conn = await self.pool.acquire(timeout=self.acquire_timeout_s)  # TimeoutError: LedgerUnavailable
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)
+
     async def _call(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         for attempt in range(_MAX_RETRIES):
             try:
-                async with translated(op):
-                    return await self.pool.fetch(sql, *args)
+                async with translated(op), self._connection() as conn:
+                    rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+                    return rows
             except _RETRYABLE:
                 if attempt == _MAX_RETRIES - 1:
                     raise
                 await asyncio.sleep(0.005 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with translated("read"), self._connection() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
 
     async def topup(
         self, account_id: str, bucket: str, amount_nanos: int, idempotency_key: str, note: str | None,
@@ -163,9 +180,8 @@ class LedgerStore:
             raise IdempotencyConflict(
                 f"idempotency key {idempotency_key!r} was already used with a different bucket or amount",
                 param="idempotency_key")
-        entry = await self.pool.fetchrow("SELECT * FROM ledger_entries WHERE seq = $1", seq)
-        assert entry is not None
-        return entry, outcome == "created"
+        entries = await self._read("SELECT * FROM ledger_entries WHERE seq = $1", seq)
+        return entries[0], outcome == "created"
 
     async def reserve(
         self, reservation_id: str, account_id: str, bucket: str, amount_nanos: int,
@@ -222,56 +238,52 @@ class LedgerStore:
         return count
 
     async def balances(self, account_id: str) -> list[asyncpg.Record]:
-        async with translated("read"):
-            return await self.pool.fetch(
-                "SELECT bucket, balance_nanos, reserved_nanos FROM buckets WHERE account_id = $1 ORDER BY bucket",
-                account_id)
+        return await self._read(
+            "SELECT bucket, balance_nanos, reserved_nanos FROM buckets WHERE account_id = $1 ORDER BY bucket",
+            account_id)
 
     async def available(self, account_id: str, bucket: str) -> int:
-        async with translated("read"):
-            value = await self.pool.fetchval(
-                "SELECT balance_nanos - reserved_nanos FROM buckets WHERE account_id = $1 AND bucket = $2",
-                account_id, bucket)
-        return int(value or 0)
+        rows = await self._read(
+            "SELECT balance_nanos - reserved_nanos AS n FROM buckets WHERE account_id = $1 AND bucket = $2",
+            account_id, bucket)
+        return int(rows[0]["n"]) if rows else 0
 
     async def balance(self, account_id: str, bucket: str) -> int:
-        async with translated("read"):
-            value = await self.pool.fetchval(
-                "SELECT balance_nanos FROM buckets WHERE account_id = $1 AND bucket = $2", account_id, bucket)
-        return int(value or 0)
+        rows = await self._read(
+            "SELECT balance_nanos FROM buckets WHERE account_id = $1 AND bucket = $2", account_id, bucket)
+        return int(rows[0]["balance_nanos"]) if rows else 0
 
     async def ledger(
         self, account_id: str, *, limit: int, after: int | None, bucket: str | None = None,
     ) -> list[asyncpg.Record]:
-        async with translated("read"):
-            return await self.pool.fetch(
-                "SELECT * FROM ledger_entries WHERE account_id = $1"
-                " AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR bucket = $3)"
-                " ORDER BY seq DESC LIMIT $4",
-                account_id, after, bucket, limit)
+        return await self._read(
+            "SELECT * FROM ledger_entries WHERE account_id = $1"
+            " AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR bucket = $3)"
+            " ORDER BY seq DESC LIMIT $4",
+            account_id, after, bucket, limit)
 
     async def usage(
         self, account_id: str, *, limit: int, after: int | None, filters: dict[str, str | None],
     ) -> list[asyncpg.Record]:
-        async with translated("read"):
-            return await self.pool.fetch(
-                "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
-                " AND ($2::bigint IS NULL OR seq < $2)"
-                " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
-                " AND ($5::text IS NULL OR bucket = $5) AND ($6::text IS NULL OR status = $6)"
-                " ORDER BY seq DESC LIMIT $7",
-                account_id, after, filters.get("model"), filters.get("route_kind"),
-                filters.get("bucket"), filters.get("status"), limit)
+        return await self._read(
+            "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
+            " AND ($2::bigint IS NULL OR seq < $2)"
+            " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
+            " AND ($5::text IS NULL OR bucket = $5) AND ($6::text IS NULL OR status = $6)"
+            " ORDER BY seq DESC LIMIT $7",
+            account_id, after, filters.get("model"), filters.get("route_kind"),
+            filters.get("bucket"), filters.get("status"), limit)
 
     async def receipt(self, account_id: str, request_id: str) -> asyncpg.Record | None:
-        async with translated("read"):
-            return await self.pool.fetchrow(
-                "SELECT receipt, created_at, latency_ms FROM usage_records"
-                " WHERE account_id = $1 AND request_id = $2", account_id, request_id)
+        rows = await self._read(
+            "SELECT receipt, created_at, latency_ms FROM usage_records"
+            " WHERE account_id = $1 AND request_id = $2", account_id, request_id)
+        return rows[0] if rows else None
 
     async def entry(self, entry_id: str) -> asyncpg.Record | None:
-        async with translated("read"):
-            return await self.pool.fetchrow("SELECT * FROM ledger_entries WHERE id = $1", entry_id)
+        rows = await self._read("SELECT * FROM ledger_entries WHERE id = $1", entry_id)
+        return rows[0] if rows else None
+
 
 
 def _hold_result(hold: _Hold, row: asyncpg.Record) -> int | Exception:
