@@ -96,6 +96,11 @@ class LedgerUnavailable(LedgerError):
     status, code, type = 503, "ledger_unavailable", "server_error"
 
 
+class LedgerRejected(LedgerError):
+    """The database refused this one operation's data (a check or a value it cannot store);
+    nothing moved, and the other operations that shared its transaction went through."""
+
+
 class InsufficientBalance(LedgerError):
     status, code, type, final = 402, "insufficient_balance", "insufficient_balance", True
 

@@ -2,12 +2,15 @@
 
 Database errors are translated here and nowhere else: connection trouble
 becomes LedgerUnavailable (the gateway fails closed); serialization failures and
-deadlocks are retried. Settlements are grouped into shared transactions.
+deadlocks are retried. Settlements and reservations are grouped into shared
+transactions (group commit); one item whose data the database refuses is then
+retried alone, so it never fails the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -22,11 +25,14 @@ from ..errors import (
     IdempotencyConflict,
     InsufficientBalance,
     LedgerError,
+    LedgerRejected,
     LedgerUnavailable,
     NotFound,
     ReservationResolved,
 )
-from .model import BudgetLimit
+from .model import BudgetLimit, clean_record
+
+log = logging.getLogger("tokensforge.ledger")
 
 _UNAVAILABLE = (
     OSError,
@@ -37,8 +43,23 @@ _UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
 )
+# SQLSTATE classes that say the server cannot work right now, whatever the data:
+# insufficient resources (disk full, out of memory), operator intervention, system error.
+_SERVER_TROUBLE = ("53", "57", "58")
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 _MAX_RETRIES = 3
+_UNAVAILABLE_MESSAGE = "the ledger database is unavailable; nothing was charged"
+
+
+def _unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "")[:2] in _SERVER_TROUBLE:
+        return True
+    return isinstance(exc, _UNAVAILABLE)
+
+
+def _rejected(exc: BaseException) -> bool:
+    """The database refused the data of this statement (not the connection, not a race)."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _RETRYABLE) and not _unavailable(exc)
 
 
 @asynccontextmanager
@@ -47,12 +68,10 @@ async def translated(op: str) -> AsyncIterator[None]:
     started = time.perf_counter()
     try:
         yield
-    except asyncpg.PostgresError as exc:
-        if isinstance(exc, _UNAVAILABLE):
-            raise LedgerUnavailable("the ledger database is unavailable; nothing was charged") from exc
+    except Exception as exc:
+        if _unavailable(exc):
+            raise LedgerUnavailable(_UNAVAILABLE_MESSAGE) from exc
         raise
-    except _UNAVAILABLE as exc:
-        raise LedgerUnavailable("the ledger database is unavailable; nothing was charged") from exc
     finally:
         metrics.child(metrics.LEDGER_OP_DURATION, op).observe(time.perf_counter() - started)
 
@@ -193,15 +212,20 @@ class LedgerStore:
         Concurrent reservations are grouped into one transaction (group commit); each one is
         still all-or-nothing."""
         return await self._holds.submit(_Hold(reservation_id, request_id or reservation_id, account_id, bucket,
-                                              amount_nanos, budgets, receipt))
+                                              amount_nanos, budgets, _cleaned(receipt)))
 
     async def _reserve_many(self, holds: list[_Hold]) -> list[int | Exception]:
-        rows = await self._call(
-            "reserve", "SELECT * FROM tf_reserve_many($1, $2, $3, $4, $5, $6, $7, $8) ORDER BY idx",
-            [h.reservation_id for h in holds], [h.request_id for h in holds], [h.account_id for h in holds],
-            [h.bucket for h in holds], [h.amount_nanos for h in holds], self.reservation_ttl_s,
-            [[{"scope": b.scope, "period": b.period, "limit": b.limit_nanos} for b in h.budgets] for h in holds],
-            [h.receipt for h in holds])
+        try:
+            rows = await self._call(
+                "reserve", "SELECT * FROM tf_reserve_many($1, $2, $3, $4, $5, $6, $7, $8) ORDER BY idx",
+                [h.reservation_id for h in holds], [h.request_id for h in holds], [h.account_id for h in holds],
+                [h.bucket for h in holds], [h.amount_nanos for h in holds], self.reservation_ttl_s,
+                [[{"scope": b.scope, "period": b.period, "limit": b.limit_nanos} for b in h.budgets] for h in holds],
+                [h.receipt for h in holds])
+        except Exception as exc:
+            if not _rejected(exc):
+                raise
+            return await _one_by_one("reservation", holds, self._reserve_many, exc)
         return [_hold_result(h, row) for h, row in zip(holds, rows, strict=True)]
 
     async def finish(
@@ -212,13 +236,18 @@ class LedgerStore:
         With a record, the usage record is written in the same transaction. Concurrent calls
         are grouped into one transaction (group commit).
         """
-        return await self._settles.submit((reservation_id, charge_nanos, record))
+        return await self._settles.submit((reservation_id, charge_nanos, _cleaned(record)))
 
     async def _finish_many(self, items: list[_Settlement]) -> list[tuple[str | None, int] | Exception]:
-        rows = await self._call(
-            "settle", "SELECT * FROM tf_finish_many($1, $2, $3, $4) ORDER BY idx",
-            [i[0] for i in items], [i[1] for i in items],
-            ["settled" if i[1] > 0 else "voided" for i in items], [i[2] for i in items])
+        try:
+            rows = await self._call(
+                "settle", "SELECT * FROM tf_finish_many($1, $2, $3, $4) ORDER BY idx",
+                [i[0] for i in items], [i[1] for i in items],
+                ["settled" if i[1] > 0 else "voided" for i in items], [i[2] for i in items])
+        except Exception as exc:
+            if not _rejected(exc):
+                raise
+            return await _one_by_one("settlement", items, self._finish_many, exc)
         return [_settle_result(item, row) for item, row in zip(items, rows, strict=True)]
 
     async def extend(self, reservation_id: str) -> bool:
@@ -230,7 +259,7 @@ class LedgerStore:
 
     async def record(self, receipt: dict[str, Any]) -> None:
         """A usage record for a request that reserved nothing."""
-        await self._call("record", "SELECT tf_record($1)", receipt)
+        await self._call("record", "SELECT tf_record($1)", clean_record(receipt))
 
     async def expire(self, limit: int = 100) -> int:
         rows = await self._call("expire", "SELECT tf_expire($1) AS n", limit)
@@ -284,6 +313,30 @@ class LedgerStore:
         rows = await self._read("SELECT * FROM ledger_entries WHERE id = $1", entry_id)
         return rows[0] if rows else None
 
+
+def _cleaned(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if record is None else clean_record(record)
+
+
+async def _one_by_one(
+    what: str, items: list[Item], flush: Callable[[list[Item]], Awaitable[list[Result | Exception]]],
+    exc: BaseException,
+) -> list[Result | Exception]:
+    """A batch the database refused: run each item in its own transaction, so only the item
+    whose data is bad fails. Rare, so the extra round trips do not matter."""
+    if len(items) == 1:
+        sqlstate = getattr(exc, "sqlstate", None)
+        log.warning("the ledger database refused a %s (%s: %s)", what, type(exc).__name__, sqlstate)
+        rejected = LedgerRejected(f"the ledger database refused this {what} ({sqlstate}); nothing moved")
+        rejected.__cause__ = exc
+        return [rejected]
+    results: list[Result | Exception] = []
+    for item in items:
+        try:
+            results.extend(await flush([item]))
+        except Exception as alone:  # this item's own answer; the others are already settled
+            results.append(alone)
+    return results
 
 
 def _hold_result(hold: _Hold, row: asyncpg.Record) -> int | Exception:
