@@ -1,5 +1,5 @@
 """The ledger under adversity, on a real PostgreSQL: poisoned receipts inside a group commit,
-an exhausted pool."""
+connections that drop after COMMIT (a TCP proxy really cuts them), an exhausted pool."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ import pytest
 
 from tokensforge.accounts import AccountStore
 from tokensforge.db import create_pool
-from tokensforge.errors import LedgerError, LedgerRejected, LedgerUnavailable
+from tokensforge.errors import (
+    LedgerError, LedgerOutcomeUnknown, LedgerRejected, LedgerUnavailable, ReservationResolved,
+)
 from tokensforge.ledger.model import INT64_MAX, INT64_MIN, MAX_TEXT_CHARS, clean_record
 from tokensforge.ledger.store import LedgerStore, _Hold
+
+from .pgproxy import PgProxy
 
 BUCKETS = ("credit", "routed")
 
@@ -86,6 +90,15 @@ async def stores(dsn: str) -> AsyncIterator[tuple[LedgerStore, AccountStore]]:
         yield LedgerStore(pool, reservation_ttl_s=60, max_inflight_batches=1), AccountStore(pool)
     finally:
         await pool.close()
+
+
+@pytest.fixture
+async def proxy(dsn: str) -> AsyncIterator[PgProxy]:
+    proxy = PgProxy(dsn)
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
 
 
 async def _funded(accounts: AccountStore, ledger: LedgerStore, amount_nanos: int = 10**9) -> str:
@@ -174,24 +187,117 @@ async def test_a_poisoned_reservation_fails_alone(stores) -> None:
     assert receipt["error"]["message"] == "upstream said  oops"
 
 
+# ---------------------------------------------------------------- 2. ambiguous outcomes resolved by id
+
+
+async def _through(proxy: PgProxy, **kwargs: Any) -> LedgerStore:
+    pool = await create_pool(await proxy.start(), min_size=1, max_size=1)
+    return LedgerStore(pool, reservation_ttl_s=60, **kwargs)
+
+
+async def _warm(ledger: LedgerStore) -> None:
+    """Prepare the settle statement (and asyncpg's type introspection) on the pool's one
+    connection, so the next settle sends exactly one statement: the one the proxy cuts."""
+    with pytest.raises(ReservationResolved):
+        await ledger.finish("req_warmup", 0, None)
+
+
+async def test_a_settlement_committed_before_the_connection_dropped_returns_its_real_result(stores, proxy) -> None:
+    ledger, accounts = stores
+    acct = await _funded(accounts, ledger)
+    await _reserve_all(ledger, acct, ["req_s", "req_v"])
+    faulty = await _through(proxy)
+    try:
+        await _warm(faulty)
+        proxy.drop_next_reply()
+        entry_id, balance = await faulty.finish("req_s", 700, _record("req_s", acct))
+        assert proxy.drops == 1  # the reply really was lost
+        charge = await ledger.entry(entry_id)
+        assert charge["amount_nanos"] == -700 and charge["balance_after_nanos"] == balance == 10**9 - 700
+        await _warm(faulty)
+        proxy.drop_next_reply()
+        entry_id, balance = await faulty.finish("req_v", 0, _record("req_v", acct, status="failed"))
+        assert proxy.drops == 2 and entry_id is None and balance == 10**9 - 700
+        outcome = await faulty.outcome("req_s")
+        assert outcome is not None and outcome.status == "settled" and outcome.ledger_entry_id == charge["id"]
+        assert outcome.charge_nanos == 700 and outcome.balance_after_nanos == 10**9 - 700
+        assert outcome.receipt is not None and outcome.receipt["ledger_entry_id"] == charge["id"]
+    finally:
+        await faulty.pool.close()
+
+
+async def test_a_settlement_lost_before_the_server_leaves_the_reservation_open(stores, proxy) -> None:
+    ledger, accounts = stores
+    acct = await _funded(accounts, ledger)
+    await _reserve_all(ledger, acct, ["req_o"])
+    faulty = await _through(proxy)
+    try:
+        await _warm(faulty)
+        proxy.drop_next_request()
+        with pytest.raises(LedgerUnavailable) as info:
+            await faulty.finish("req_o", 700, _record("req_o", acct))
+        assert proxy.drops == 1 and not isinstance(info.value, LedgerOutcomeUnknown)
+        outcome = await faulty.outcome("req_o")
+        assert outcome is not None and outcome.status == "open" and outcome.ledger_entry_id is None
+        assert await ledger.balance(acct, "credit") == 10**9  # nothing was charged
+        entry_id, _ = await faulty.finish("req_o", 700, _record("req_o", acct))  # a later retry settles it
+        assert entry_id is not None
+    finally:
+        await faulty.pool.close()
+
+
+async def test_an_outcome_that_cannot_be_looked_up_is_unknown_not_uncharged(stores, proxy) -> None:
+    ledger, accounts = stores
+    acct = await _funded(accounts, ledger)
+    await _reserve_all(ledger, acct, ["req_u"])
+    faulty = await _through(proxy, resolve_window_s=0.3)
+    try:
+        proxy.refuse_after_drop = True
+        await _warm(faulty)
+        proxy.drop_next_reply()
+        started = time.monotonic()
+        with pytest.raises(LedgerOutcomeUnknown):
+            await faulty.finish("req_u", 700, _record("req_u", acct))
+        assert time.monotonic() - started < 3.0
+        proxy.refuse = False
+        outcome = await faulty.outcome("req_u")
+        assert outcome is not None and outcome.status == "settled" and outcome.charge_nanos == 700
+    finally:
+        await faulty.pool.close()
+
+
+async def test_outcome_of_open_and_unknown_reservations(stores) -> None:
+    ledger, accounts = stores
+    acct = await _funded(accounts, ledger)
+    assert await ledger.outcome("req_nope") is None
+    await ledger.reserve("req_1", acct, "credit", 500)
+    outcome = await ledger.outcome("req_1")
+    assert outcome is not None and (outcome.status, outcome.charge_nanos, outcome.receipt) == ("open", 0, None)
+    await ledger.finish("req_1", 0, None)
+    outcome = await ledger.outcome("req_1")
+    assert outcome is not None and outcome.status == "voided" and outcome.balance_after_nanos == 10**9
+
+
 # ---------------------------------------------------------------- 3. pool acquire timeout
 
 
 async def test_an_exhausted_pool_fails_closed_after_the_acquire_timeout(dsn: str) -> None:
     pool = await create_pool(dsn, min_size=1, max_size=1)
-    ledger = LedgerStore(pool, acquire_timeout_s=0.2)
+    ledger = LedgerStore(pool, acquire_timeout_s=0.2, resolve_window_s=5.0)
     try:
         async with pool.acquire():  # someone holds the only connection
             for call in (ledger.balances("acct_x"), ledger.available("acct_x", "credit"),
-                         ledger.reserve("req_p", "acct_x", "credit", 1), ledger.finish("req_p", 0, None)):
+                         ledger.reserve("req_p", "acct_x", "credit", 1), ledger.finish("req_p", 0, None),
+                         ledger.outcome("req_p")):
                 started = time.monotonic()
-                with pytest.raises(LedgerUnavailable):
+                with pytest.raises(LedgerUnavailable) as info:
                     await call
-                assert time.monotonic() - started < 2.0
+                # an acquire that timed out sent nothing: no lookup of an ambiguous outcome
+                assert time.monotonic() - started < 2.0 and not isinstance(info.value, LedgerOutcomeUnknown)
         assert await ledger.balances("acct_x") == []  # the pool works again once released
     finally:
         await pool.close()
 
 
-def test_ledger_rejected_is_a_ledger_error() -> None:
-    assert issubclass(LedgerRejected, LedgerError)
+def test_an_unknown_outcome_is_still_ledger_unavailable_to_callers() -> None:
+    assert issubclass(LedgerRejected, LedgerError) and issubclass(LedgerOutcomeUnknown, LedgerUnavailable)

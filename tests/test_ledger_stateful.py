@@ -349,6 +349,10 @@ class LedgerMachine(RuleBasedStateMachine):
         usage = self.run(self.conn.fetchrow(
             "SELECT charge_nanos, ledger_entry_id FROM usage_records WHERE request_id = $1", rid))
         assert usage["charge_nanos"] == charge and usage["ledger_entry_id"] == entry_id
+        outcome = self.run(self.ledger.outcome(rid))  # what a caller that lost the reply would learn
+        assert outcome is not None and outcome.status == ("settled" if charge > 0 else "voided")
+        assert (outcome.ledger_entry_id, outcome.charge_nanos, outcome.balance_after_nanos) == (
+            entry_id, charge, balance_after)
 
     @precondition(lambda self: bool(self.model.open()))
     @rule(data=st.data(), with_record=st.booleans())

@@ -72,6 +72,23 @@ def parse_cursor(text: str | None) -> int | None:
     return int(text)
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of a reservation, read back by id (e.g. after a connection dropped mid-settle).
+
+    `charge_nanos` and `ledger_entry_id` are those of the charge entry (0 and None unless settled);
+    `balance_after_nanos` is the bucket balance that settlement left (for a void: the balance its
+    usage record saw, else the bucket's current balance); `receipt` is the stored usage record."""
+
+    reservation_id: str
+    request_id: str
+    status: str  # open | settled | voided | expired
+    ledger_entry_id: str | None
+    charge_nanos: int
+    balance_after_nanos: int | None
+    receipt: dict[str, Any] | None
+
+
 def clean_record(record: dict[str, Any]) -> dict[str, Any]:
     """A receipt PostgreSQL will store: jsonb refuses NUL and invalid Unicode, and the usage
     record casts some fields to bigint/integer. So one upstream's odd error message or usage

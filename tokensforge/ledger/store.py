@@ -4,7 +4,8 @@ Database errors are translated here and nowhere else: connection trouble
 becomes LedgerUnavailable (the gateway fails closed); serialization failures and
 deadlocks are retried. Settlements and reservations are grouped into shared
 transactions (group commit); one item whose data the database refuses is then
-retried alone, so it never fails the others.
+retried alone, so it never fails the others. A settlement whose connection drops
+is looked up by id: if it committed, the caller gets its real result.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from ..errors import (
     IdempotencyConflict,
     InsufficientBalance,
     LedgerError,
+    LedgerOutcomeUnknown,
     LedgerRejected,
     LedgerUnavailable,
     NotFound,
     ReservationResolved,
 )
-from .model import BudgetLimit, clean_record
+from .model import BudgetLimit, Outcome, clean_record
 
 log = logging.getLogger("tokensforge.ledger")
 
@@ -60,6 +62,10 @@ def _unavailable(exc: BaseException) -> bool:
 def _rejected(exc: BaseException) -> bool:
     """The database refused the data of this statement (not the connection, not a race)."""
     return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _RETRYABLE) and not _unavailable(exc)
+
+
+class _NothingSent(LedgerUnavailable):
+    """No connection could be had, so the statement never left: its outcome is not in doubt."""
 
 
 @asynccontextmanager
@@ -148,20 +154,29 @@ class _Hold:
 class LedgerStore:
     """Top-ups, reservations, settlement and the account's money views.
 
-    `acquire_timeout_s` bounds the wait for a pool connection (then LedgerUnavailable)."""
+    `acquire_timeout_s` bounds the wait for a pool connection (then LedgerUnavailable);
+    `resolve_window_s` bounds how long a settlement whose connection dropped keeps asking
+    the database whether it committed."""
 
     def __init__(self, pool: asyncpg.Pool, *, reservation_ttl_s: float = 600.0, max_batch: int = 128,
-                 max_inflight_batches: int = 4, acquire_timeout_s: float = 5.0) -> None:
+                 max_inflight_batches: int = 4, acquire_timeout_s: float = 5.0,
+                 resolve_window_s: float = 2.0) -> None:
         self.pool = pool
         self.reservation_ttl_s = reservation_ttl_s
         self.acquire_timeout_s = acquire_timeout_s
+        self.resolve_window_s = resolve_window_s
         self._settles: _Batcher[_Settlement, tuple[str | None, int]] = _Batcher(
             self._finish_many, max_batch, max_inflight_batches)
         self._holds: _Batcher[_Hold, int] = _Batcher(self._reserve_many, max_batch, max_inflight_batches)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        conn = await self.pool.acquire(timeout=self.acquire_timeout_s)  # TimeoutError: LedgerUnavailable
+        try:
+            conn = await self.pool.acquire(timeout=self.acquire_timeout_s)
+        except Exception as exc:
+            if _unavailable(exc):
+                raise _NothingSent(_UNAVAILABLE_MESSAGE) from exc
+            raise
         try:
             yield conn
         finally:
@@ -234,7 +249,10 @@ class LedgerStore:
         """Settle (charge > 0) or void (charge 0) a reservation; returns (ledger entry id, balance after).
 
         With a record, the usage record is written in the same transaction. Concurrent calls
-        are grouped into one transaction (group commit).
+        are grouped into one transaction (group commit). If the connection drops mid-call, the
+        reservation is looked up: a settlement that committed returns its real result; one that
+        did not raises LedgerUnavailable (the reservation stays open, nothing was charged); if
+        the database cannot be asked within `resolve_window_s`, LedgerOutcomeUnknown.
         """
         return await self._settles.submit((reservation_id, charge_nanos, _cleaned(record)))
 
@@ -244,11 +262,46 @@ class LedgerStore:
                 "settle", "SELECT * FROM tf_finish_many($1, $2, $3, $4) ORDER BY idx",
                 [i[0] for i in items], [i[1] for i in items],
                 ["settled" if i[1] > 0 else "voided" for i in items], [i[2] for i in items])
+        except _NothingSent:
+            raise
+        except LedgerUnavailable:  # the transaction may have committed before the connection dropped
+            return await self._resolve(items)
         except Exception as exc:
             if not _rejected(exc):
                 raise
             return await _one_by_one("settlement", items, self._finish_many, exc)
         return [_settle_result(item, row) for item, row in zip(items, rows, strict=True)]
+
+    async def _resolve(self, items: list[_Settlement]) -> list[tuple[str | None, int] | Exception]:
+        """Ask the database, patiently but within `resolve_window_s`, what became of each item."""
+        deadline = time.monotonic() + self.resolve_window_s
+        delay_s = 0.05
+        while True:
+            try:
+                found = await self._outcomes([i[0] for i in items])
+                return [_resolved_result(item, found.get(item[0])) for item in items]
+            except LedgerUnavailable as exc:
+                if time.monotonic() + delay_s > deadline:
+                    log.error("could not learn within %.1f s whether %d settlement(s) committed (%r)",
+                              self.resolve_window_s, len(items), exc.__cause__)
+                    return [LedgerOutcomeUnknown(
+                        "the ledger database went away while settling; whether the charge was posted is not "
+                        f"known yet (reservation {i[0]})") for i in items]
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.5)
+
+    async def outcome(self, reservation_id: str) -> Outcome | None:
+        """What became of a reservation: open, settled, voided or expired, with its charge entry,
+        balance after and stored usage record. None if there is no such reservation."""
+        return (await self._outcomes([reservation_id])).get(reservation_id)
+
+    async def _outcomes(self, reservation_ids: list[str]) -> dict[str, Outcome]:
+        # FOR SHARE waits for a settlement of the same reservation still in flight (its row lock),
+        # so an 'open' answer is never a transaction that is about to commit.
+        rows = await self._read(_OUTCOMES_SQL, reservation_ids)
+        return {row["id"]: Outcome(row["id"], row["request_id"], row["status"], row["ledger_entry_id"],
+                                   row["charge_nanos"], row["balance_after_nanos"], row["receipt"])
+                for row in rows}
 
     async def extend(self, reservation_id: str) -> bool:
         """Push an open reservation's expiry a full TTL ahead (a long stream is still alive)."""
@@ -314,6 +367,24 @@ class LedgerStore:
         return rows[0] if rows else None
 
 
+# A settled reservation's charge entry is the one charge of its request (one per request id);
+# a void has none: its balance is the one its usage record saw (same bucket), else the current one.
+_OUTCOMES_SQL = """
+SELECT r.id, r.request_id, r.status, l.id AS ledger_entry_id, coalesce(-l.amount_nanos, 0) AS charge_nanos,
+       CASE WHEN r.status = 'open' THEN NULL
+            WHEN l.id IS NOT NULL THEN l.balance_after_nanos
+            WHEN u.bucket = r.bucket AND u.ledger_entry_id IS NULL
+                 THEN coalesce((u.receipt ->> 'balance_after_nanos')::bigint, b.balance_nanos)
+            ELSE b.balance_nanos END AS balance_after_nanos,
+       u.receipt
+FROM reservations r
+LEFT JOIN ledger_entries l ON r.status = 'settled' AND l.request_id = r.request_id AND l.kind = 'charge'
+LEFT JOIN usage_records u ON u.request_id = r.request_id
+LEFT JOIN buckets b ON b.account_id = r.account_id AND b.bucket = r.bucket
+WHERE r.id = ANY($1::text[])
+FOR SHARE OF r"""
+
+
 def _cleaned(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if record is None else clean_record(record)
 
@@ -337,6 +408,17 @@ async def _one_by_one(
         except Exception as alone:  # this item's own answer; the others are already settled
             results.append(alone)
     return results
+
+
+def _resolved_result(item: _Settlement, found: Outcome | None) -> tuple[str | None, int] | Exception:
+    reservation_id, charge_nanos, _ = item
+    if found is not None and found.status == "open":
+        return LedgerUnavailable(_UNAVAILABLE_MESSAGE)
+    wanted = "settled" if charge_nanos > 0 else "voided"
+    if found is None or found.status != wanted or found.charge_nanos != charge_nanos:
+        return ReservationResolved(f"reservation {reservation_id} is not open")
+    assert found.balance_after_nanos is not None
+    return found.ledger_entry_id, found.balance_after_nanos
 
 
 def _hold_result(hold: _Hold, row: asyncpg.Record) -> int | Exception:
