@@ -37,6 +37,13 @@ async def assert_ledger_invariants(dsn_or_conn: str | asyncpg.Connection) -> Non
             SELECT l.id FROM ledger_entries l LEFT JOIN usage_records u ON u.request_id = l.request_id
             WHERE l.kind = 'charge' AND (u.request_id IS NULL OR u.ledger_entry_id <> l.id)""")
         assert not bad, f"invariant 2 broken (charge without usage record): {bad}"
+        # a reservation is settled exactly when its request has the charge entry (outcome() relies on it)
+        bad = await conn.fetch("""
+            SELECT coalesce(r.request_id, l.request_id) AS request_id, count(r.id) AS settled
+            FROM (SELECT id, request_id FROM reservations WHERE status = 'settled') r
+            FULL JOIN (SELECT id, request_id FROM ledger_entries WHERE kind = 'charge') l USING (request_id)
+            GROUP BY 1 HAVING count(r.id) <> 1 OR count(l.id) <> 1""")
+        assert not bad, f"settled reservations and charge entries disagree: {[dict(r) for r in bad]}"
         # budgets: reserved = Σ open reservations in scope; spent = Σ settled charges in scope
         bad = await conn.fetch("""
             SELECT g.scope, g.period FROM budgets g

@@ -42,6 +42,12 @@ TOPUP_KEYS = ("k0", "k1", "k2", "k3")
 TOPUP_AMOUNTS = (1, 999, 20_000, 123_457, 1_000_000)
 # Budget scopes with fixed limits, all over the whole lifetime ("total" period: no clock involved).
 BUDGET_LIMITS = {"key:k1": 25_000, "project:p1": 60_000, "key:zero": 0}
+# What an upstream may put into a receipt that jsonb or the usage record's columns refuse; the
+# store cleans it, so a settlement behaves exactly as with a clean receipt.
+JUNK: tuple[dict[str, Any], ...] = (
+    {}, {"error": {"message": "upstream \x00 said"}}, {"error": {"message": "half an emoji \ud83d"}},
+    {"usage": {"prompt_tokens": 2**64, "completion_tokens": 1}}, {"latency_ms": 2**40}, {"reserved_nanos": 2**63},
+)
 BUDGET_CHOICES: tuple[tuple[str, ...], ...] = (
     (), ("key:k1",), ("project:p1",), ("key:k1", "project:p1"), ("project:p1", "key:k1"), ("key:zero",),
 )
@@ -329,8 +335,9 @@ class LedgerMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(self.model.open()))
         r = self.model.reservations[rid]
         charge = data.draw(st.one_of(st.integers(0, r.amount), st.just(r.amount)), label="charge")
+        junk = data.draw(st.sampled_from(JUNK), label="junk")
         entry_id, balance_after = self.run(
-            self.ledger.finish(rid, charge, self.record(rid, r.account, "succeeded")))
+            self.ledger.finish(rid, charge, {**self.record(rid, r.account, "succeeded"), **junk}))
         self.model.release(rid, charge, "settled" if charge > 0 else "voided")
         self.model.usage_records += 1
         assert balance_after == self.model.balance[r.account, r.bucket]
@@ -342,6 +349,10 @@ class LedgerMachine(RuleBasedStateMachine):
         usage = self.run(self.conn.fetchrow(
             "SELECT charge_nanos, ledger_entry_id FROM usage_records WHERE request_id = $1", rid))
         assert usage["charge_nanos"] == charge and usage["ledger_entry_id"] == entry_id
+        outcome = self.run(self.ledger.outcome(rid))  # what a caller that lost the reply would learn
+        assert outcome is not None and outcome.status == ("settled" if charge > 0 else "voided")
+        assert (outcome.ledger_entry_id, outcome.charge_nanos, outcome.balance_after_nanos) == (
+            entry_id, charge, balance_after)
 
     @precondition(lambda self: bool(self.model.open()))
     @rule(data=st.data(), with_record=st.booleans())

@@ -96,6 +96,16 @@ class LedgerUnavailable(LedgerError):
     status, code, type = 503, "ledger_unavailable", "server_error"
 
 
+class LedgerOutcomeUnknown(LedgerUnavailable):
+    """The database went away while a settlement was in flight and could not be asked afterwards
+    whether it committed: the charge may stand. `LedgerStore.outcome()` tells once it is back."""
+
+
+class LedgerRejected(LedgerError):
+    """The database refused this one operation's data (a check or a value it cannot store);
+    nothing moved, and the other operations that shared its transaction went through."""
+
+
 class InsufficientBalance(LedgerError):
     status, code, type, final = 402, "insufficient_balance", "insufficient_balance", True
 

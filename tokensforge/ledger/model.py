@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from ..money import usd
 
 BUDGET_PERIODS = ("day", "month", "total")
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: a receipt holds ids, names and short messages; anything longer is an upstream's junk
+MAX_TEXT_CHARS = 8192
+#: containers nested below this depth are cut: orjson (the jsonb codec) serialises 254 levels
+MAX_DEPTH = 253
+#: top-level receipt fields the SQL casts (tf_record): (smallest, largest) value the column takes
+_CAST_FIELDS = {"reserved_nanos": (INT64_MIN, INT64_MAX), "charge_nanos": (INT64_MIN, INT64_MAX),
+                "latency_ms": (INT32_MIN, INT32_MAX)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +70,91 @@ def parse_cursor(text: str | None) -> int | None:
     if not text.isdigit():
         raise ValueError("cursor must be a value of next_cursor from a previous page")
     return int(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of a reservation, read back by id (e.g. after a connection dropped mid-settle).
+
+    `charge_nanos` and `ledger_entry_id` are those of the charge entry (0 and None unless settled);
+    `balance_after_nanos` is the bucket balance that settlement left (for a void: the balance its
+    usage record saw, else the bucket's current balance); `receipt` is the stored usage record."""
+
+    reservation_id: str
+    request_id: str
+    status: str  # open | settled | voided | expired
+    ledger_entry_id: str | None
+    charge_nanos: int
+    balance_after_nanos: int | None
+    receipt: dict[str, Any] | None
+
+
+def clean_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A receipt PostgreSQL will store: jsonb refuses NUL and invalid Unicode, and the usage
+    record casts some fields to bigint/integer. So one upstream's odd error message or usage
+    count cannot fail the group commit it shares with other requests' settlements.
+
+    NUL is stripped, lone surrogates become U+FFFD (split pairs are joined), integers outside
+    bigint and non-finite floats become null, strings longer than MAX_TEXT_CHARS are cut, keys
+    become text, other values their text, containers nested deeper than orjson serialises are
+    null. A record that needs none of it (nearly all) is returned as it is: checking costs one
+    orjson pass, a fraction of walking it in Python."""
+    if _storable(record):
+        return record
+    out: dict[str, Any] = _clean(record, 0)
+    for name, (low, high) in _CAST_FIELDS.items():
+        if name in out:
+            out[name] = _cast_int(out[name], low, high)
+    return out
+
+
+def _storable(record: dict[str, Any]) -> bool:
+    try:
+        # refuses surrogates, non-text keys, deep nesting and (strict) integers beyond 53 bits:
+        # those beyond bigint are among them, the rest come out of the slow path unchanged
+        raw = orjson.dumps(record, option=orjson.OPT_STRICT_INTEGER)
+    except orjson.JSONEncodeError:
+        return False
+    return (len(raw) <= MAX_TEXT_CHARS and b"\\u0000" not in raw
+            and all(_cast_ok(record.get(name), low, high) for name, (low, high) in _CAST_FIELDS.items()))
+
+
+def _cast_ok(value: Any, low: int, high: int) -> bool:
+    return value is None or (type(value) is int and low <= value <= high)
+
+
+def _clean(value: Any, depth: int) -> Any:
+    if isinstance(value, str):
+        return _clean_text(value)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if INT64_MIN <= value <= INT64_MAX else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return None if depth > MAX_DEPTH else {_clean_text(str(k)): _clean(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return None if depth > MAX_DEPTH else [_clean(v, depth + 1) for v in value]
+    return _clean_text(str(value))
+
+
+def _clean_text(text: str) -> str:
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # surrogates: UTF-16 round trip joins pairs, replaces the lone ones
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if len(text) > MAX_TEXT_CHARS:
+        text = text[:MAX_TEXT_CHARS - 1] + "…"
+    return text
+
+
+def _cast_int(value: Any, low: int, high: int) -> int | None:
+    if isinstance(value, float) and math.isfinite(value):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    return None

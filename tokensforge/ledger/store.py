@@ -2,12 +2,16 @@
 
 Database errors are translated here and nowhere else: connection trouble
 becomes LedgerUnavailable (the gateway fails closed); serialization failures and
-deadlocks are retried. Settlements are grouped into shared transactions.
+deadlocks are retried. Settlements and reservations are grouped into shared
+transactions (group commit); one item whose data the database refuses is then
+retried alone, so it never fails the others. A settlement whose connection drops
+is looked up by id: if it committed, the caller gets its real result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -22,11 +26,15 @@ from ..errors import (
     IdempotencyConflict,
     InsufficientBalance,
     LedgerError,
+    LedgerOutcomeUnknown,
+    LedgerRejected,
     LedgerUnavailable,
     NotFound,
     ReservationResolved,
 )
-from .model import BudgetLimit
+from .model import BudgetLimit, Outcome, clean_record
+
+log = logging.getLogger("tokensforge.ledger")
 
 _UNAVAILABLE = (
     OSError,
@@ -37,8 +45,27 @@ _UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
 )
+# SQLSTATE classes that say the server cannot work right now, whatever the data:
+# insufficient resources (disk full, out of memory), operator intervention, system error.
+_SERVER_TROUBLE = ("53", "57", "58")
 _RETRYABLE = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 _MAX_RETRIES = 3
+_UNAVAILABLE_MESSAGE = "the ledger database is unavailable; nothing was charged"
+
+
+def _unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError) and str(exc.sqlstate or "")[:2] in _SERVER_TROUBLE:
+        return True
+    return isinstance(exc, _UNAVAILABLE)
+
+
+def _rejected(exc: BaseException) -> bool:
+    """The database refused the data of this statement (not the connection, not a race)."""
+    return isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _RETRYABLE) and not _unavailable(exc)
+
+
+class _NothingSent(LedgerUnavailable):
+    """No connection could be had, so the statement never left: its outcome is not in doubt."""
 
 
 @asynccontextmanager
@@ -47,12 +74,10 @@ async def translated(op: str) -> AsyncIterator[None]:
     started = time.perf_counter()
     try:
         yield
-    except asyncpg.PostgresError as exc:
-        if isinstance(exc, _UNAVAILABLE):
-            raise LedgerUnavailable("the ledger database is unavailable; nothing was charged") from exc
+    except Exception as exc:
+        if _unavailable(exc):
+            raise LedgerUnavailable(_UNAVAILABLE_MESSAGE) from exc
         raise
-    except _UNAVAILABLE as exc:
-        raise LedgerUnavailable("the ledger database is unavailable; nothing was charged") from exc
     finally:
         metrics.child(metrics.LEDGER_OP_DURATION, op).observe(time.perf_counter() - started)
 
@@ -127,26 +152,52 @@ class _Hold:
 
 
 class LedgerStore:
-    """Top-ups, reservations, settlement and the account's money views."""
+    """Top-ups, reservations, settlement and the account's money views.
+
+    `acquire_timeout_s` bounds the wait for a pool connection (then LedgerUnavailable);
+    `resolve_window_s` bounds how long a settlement whose connection dropped keeps asking
+    the database whether it committed."""
 
     def __init__(self, pool: asyncpg.Pool, *, reservation_ttl_s: float = 600.0, max_batch: int = 128,
-                 max_inflight_batches: int = 4) -> None:
+                 max_inflight_batches: int = 4, acquire_timeout_s: float = 5.0,
+                 resolve_window_s: float = 2.0) -> None:
         self.pool = pool
         self.reservation_ttl_s = reservation_ttl_s
+        self.acquire_timeout_s = acquire_timeout_s
+        self.resolve_window_s = resolve_window_s
         self._settles: _Batcher[_Settlement, tuple[str | None, int]] = _Batcher(
             self._finish_many, max_batch, max_inflight_batches)
         self._holds: _Batcher[_Hold, int] = _Batcher(self._reserve_many, max_batch, max_inflight_batches)
 
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            conn = await self.pool.acquire(timeout=self.acquire_timeout_s)
+        except Exception as exc:
+            if _unavailable(exc):
+                raise _NothingSent(_UNAVAILABLE_MESSAGE) from exc
+            raise
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)
+
     async def _call(self, op: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         for attempt in range(_MAX_RETRIES):
             try:
-                async with translated(op):
-                    return await self.pool.fetch(sql, *args)  # type: ignore[no-any-return]
+                async with translated(op), self._connection() as conn:
+                    rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+                    return rows
             except _RETRYABLE:
                 if attempt == _MAX_RETRIES - 1:
                     raise
                 await asyncio.sleep(0.005 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with translated("read"), self._connection() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
 
     async def topup(
         self, account_id: str, bucket: str, amount_nanos: int, idempotency_key: str, note: str | None,
@@ -163,9 +214,8 @@ class LedgerStore:
             raise IdempotencyConflict(
                 f"idempotency key {idempotency_key!r} was already used with a different bucket or amount",
                 param="idempotency_key")
-        entry = await self.pool.fetchrow("SELECT * FROM ledger_entries WHERE seq = $1", seq)
-        assert entry is not None
-        return entry, outcome == "created"
+        entries = await self._read("SELECT * FROM ledger_entries WHERE seq = $1", seq)
+        return entries[0], outcome == "created"
 
     async def reserve(
         self, reservation_id: str, account_id: str, bucket: str, amount_nanos: int,
@@ -177,15 +227,20 @@ class LedgerStore:
         Concurrent reservations are grouped into one transaction (group commit); each one is
         still all-or-nothing."""
         return await self._holds.submit(_Hold(reservation_id, request_id or reservation_id, account_id, bucket,
-                                              amount_nanos, budgets, receipt))
+                                              amount_nanos, budgets, _cleaned(receipt)))
 
     async def _reserve_many(self, holds: list[_Hold]) -> list[int | Exception]:
-        rows = await self._call(
-            "reserve", "SELECT * FROM tf_reserve_many($1, $2, $3, $4, $5, $6, $7, $8) ORDER BY idx",
-            [h.reservation_id for h in holds], [h.request_id for h in holds], [h.account_id for h in holds],
-            [h.bucket for h in holds], [h.amount_nanos for h in holds], self.reservation_ttl_s,
-            [[{"scope": b.scope, "period": b.period, "limit": b.limit_nanos} for b in h.budgets] for h in holds],
-            [h.receipt for h in holds])
+        try:
+            rows = await self._call(
+                "reserve", "SELECT * FROM tf_reserve_many($1, $2, $3, $4, $5, $6, $7, $8) ORDER BY idx",
+                [h.reservation_id for h in holds], [h.request_id for h in holds], [h.account_id for h in holds],
+                [h.bucket for h in holds], [h.amount_nanos for h in holds], self.reservation_ttl_s,
+                [[{"scope": b.scope, "period": b.period, "limit": b.limit_nanos} for b in h.budgets] for h in holds],
+                [h.receipt for h in holds])
+        except Exception as exc:
+            if not _rejected(exc):
+                raise
+            return await _one_by_one("reservation", holds, self._reserve_many, exc)
         return [_hold_result(h, row) for h, row in zip(holds, rows, strict=True)]
 
     async def finish(
@@ -194,16 +249,59 @@ class LedgerStore:
         """Settle (charge > 0) or void (charge 0) a reservation; returns (ledger entry id, balance after).
 
         With a record, the usage record is written in the same transaction. Concurrent calls
-        are grouped into one transaction (group commit).
+        are grouped into one transaction (group commit). If the connection drops mid-call, the
+        reservation is looked up: a settlement that committed returns its real result; one that
+        did not raises LedgerUnavailable (the reservation stays open, nothing was charged); if
+        the database cannot be asked within `resolve_window_s`, LedgerOutcomeUnknown.
         """
-        return await self._settles.submit((reservation_id, charge_nanos, record))
+        return await self._settles.submit((reservation_id, charge_nanos, _cleaned(record)))
 
     async def _finish_many(self, items: list[_Settlement]) -> list[tuple[str | None, int] | Exception]:
-        rows = await self._call(
-            "settle", "SELECT * FROM tf_finish_many($1, $2, $3, $4) ORDER BY idx",
-            [i[0] for i in items], [i[1] for i in items],
-            ["settled" if i[1] > 0 else "voided" for i in items], [i[2] for i in items])
+        try:
+            rows = await self._call(
+                "settle", "SELECT * FROM tf_finish_many($1, $2, $3, $4) ORDER BY idx",
+                [i[0] for i in items], [i[1] for i in items],
+                ["settled" if i[1] > 0 else "voided" for i in items], [i[2] for i in items])
+        except _NothingSent:
+            raise
+        except LedgerUnavailable:  # the transaction may have committed before the connection dropped
+            return await self._resolve(items)
+        except Exception as exc:
+            if not _rejected(exc):
+                raise
+            return await _one_by_one("settlement", items, self._finish_many, exc)
         return [_settle_result(item, row) for item, row in zip(items, rows, strict=True)]
+
+    async def _resolve(self, items: list[_Settlement]) -> list[tuple[str | None, int] | Exception]:
+        """Ask the database, patiently but within `resolve_window_s`, what became of each item."""
+        deadline = time.monotonic() + self.resolve_window_s
+        delay_s = 0.05
+        while True:
+            try:
+                found = await self._outcomes([i[0] for i in items])
+                return [_resolved_result(item, found.get(item[0])) for item in items]
+            except LedgerUnavailable as exc:
+                if time.monotonic() + delay_s > deadline:
+                    log.error("could not learn within %.1f s whether %d settlement(s) committed (%r)",
+                              self.resolve_window_s, len(items), exc.__cause__)
+                    return [LedgerOutcomeUnknown(
+                        "the ledger database went away while settling; whether the charge was posted is not "
+                        f"known yet (reservation {i[0]})") for i in items]
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.5)
+
+    async def outcome(self, reservation_id: str) -> Outcome | None:
+        """What became of a reservation: open, settled, voided or expired, with its charge entry,
+        balance after and stored usage record. None if there is no such reservation."""
+        return (await self._outcomes([reservation_id])).get(reservation_id)
+
+    async def _outcomes(self, reservation_ids: list[str]) -> dict[str, Outcome]:
+        # FOR SHARE waits for a settlement of the same reservation still in flight (its row lock),
+        # so an 'open' answer is never a transaction that is about to commit.
+        rows = await self._read(_OUTCOMES_SQL, reservation_ids)
+        return {row["id"]: Outcome(row["id"], row["request_id"], row["status"], row["ledger_entry_id"],
+                                   row["charge_nanos"], row["balance_after_nanos"], row["receipt"])
+                for row in rows}
 
     async def extend(self, reservation_id: str) -> bool:
         """Push an open reservation's expiry a full TTL ahead (a long stream is still alive)."""
@@ -214,7 +312,7 @@ class LedgerStore:
 
     async def record(self, receipt: dict[str, Any]) -> None:
         """A usage record for a request that reserved nothing."""
-        await self._call("record", "SELECT tf_record($1)", receipt)
+        await self._call("record", "SELECT tf_record($1)", clean_record(receipt))
 
     async def expire(self, limit: int = 100) -> int:
         rows = await self._call("expire", "SELECT tf_expire($1) AS n", limit)
@@ -222,56 +320,105 @@ class LedgerStore:
         return count
 
     async def balances(self, account_id: str) -> list[asyncpg.Record]:
-        async with translated("read"):
-            return await self.pool.fetch(  # type: ignore[no-any-return]
-                "SELECT bucket, balance_nanos, reserved_nanos FROM buckets WHERE account_id = $1 ORDER BY bucket",
-                account_id)
+        return await self._read(
+            "SELECT bucket, balance_nanos, reserved_nanos FROM buckets WHERE account_id = $1 ORDER BY bucket",
+            account_id)
 
     async def available(self, account_id: str, bucket: str) -> int:
-        async with translated("read"):
-            value = await self.pool.fetchval(
-                "SELECT balance_nanos - reserved_nanos FROM buckets WHERE account_id = $1 AND bucket = $2",
-                account_id, bucket)
-        return int(value or 0)
+        rows = await self._read(
+            "SELECT balance_nanos - reserved_nanos AS n FROM buckets WHERE account_id = $1 AND bucket = $2",
+            account_id, bucket)
+        return int(rows[0]["n"]) if rows else 0
 
     async def balance(self, account_id: str, bucket: str) -> int:
-        async with translated("read"):
-            value = await self.pool.fetchval(
-                "SELECT balance_nanos FROM buckets WHERE account_id = $1 AND bucket = $2", account_id, bucket)
-        return int(value or 0)
+        rows = await self._read(
+            "SELECT balance_nanos FROM buckets WHERE account_id = $1 AND bucket = $2", account_id, bucket)
+        return int(rows[0]["balance_nanos"]) if rows else 0
 
     async def ledger(
         self, account_id: str, *, limit: int, after: int | None, bucket: str | None = None,
     ) -> list[asyncpg.Record]:
-        async with translated("read"):
-            return await self.pool.fetch(  # type: ignore[no-any-return]
-                "SELECT * FROM ledger_entries WHERE account_id = $1"
-                " AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR bucket = $3)"
-                " ORDER BY seq DESC LIMIT $4",
-                account_id, after, bucket, limit)
+        return await self._read(
+            "SELECT * FROM ledger_entries WHERE account_id = $1"
+            " AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR bucket = $3)"
+            " ORDER BY seq DESC LIMIT $4",
+            account_id, after, bucket, limit)
 
     async def usage(
         self, account_id: str, *, limit: int, after: int | None, filters: dict[str, str | None],
     ) -> list[asyncpg.Record]:
-        async with translated("read"):
-            return await self.pool.fetch(  # type: ignore[no-any-return]
-                "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
-                " AND ($2::bigint IS NULL OR seq < $2)"
-                " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
-                " AND ($5::text IS NULL OR bucket = $5) AND ($6::text IS NULL OR status = $6)"
-                " ORDER BY seq DESC LIMIT $7",
-                account_id, after, filters.get("model"), filters.get("route_kind"),
-                filters.get("bucket"), filters.get("status"), limit)
+        return await self._read(
+            "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
+            " AND ($2::bigint IS NULL OR seq < $2)"
+            " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
+            " AND ($5::text IS NULL OR bucket = $5) AND ($6::text IS NULL OR status = $6)"
+            " ORDER BY seq DESC LIMIT $7",
+            account_id, after, filters.get("model"), filters.get("route_kind"),
+            filters.get("bucket"), filters.get("status"), limit)
 
     async def receipt(self, account_id: str, request_id: str) -> asyncpg.Record | None:
-        async with translated("read"):
-            return await self.pool.fetchrow(
-                "SELECT receipt, created_at, latency_ms FROM usage_records"
-                " WHERE account_id = $1 AND request_id = $2", account_id, request_id)
+        rows = await self._read(
+            "SELECT receipt, created_at, latency_ms FROM usage_records"
+            " WHERE account_id = $1 AND request_id = $2", account_id, request_id)
+        return rows[0] if rows else None
 
     async def entry(self, entry_id: str) -> asyncpg.Record | None:
-        async with translated("read"):
-            return await self.pool.fetchrow("SELECT * FROM ledger_entries WHERE id = $1", entry_id)
+        rows = await self._read("SELECT * FROM ledger_entries WHERE id = $1", entry_id)
+        return rows[0] if rows else None
+
+
+# A settled reservation's charge entry is the one charge of its request (one per request id);
+# a void has none: its balance is the one its usage record saw (same bucket), else the current one.
+_OUTCOMES_SQL = """
+SELECT r.id, r.request_id, r.status, l.id AS ledger_entry_id, coalesce(-l.amount_nanos, 0) AS charge_nanos,
+       CASE WHEN r.status = 'open' THEN NULL
+            WHEN l.id IS NOT NULL THEN l.balance_after_nanos
+            WHEN u.bucket = r.bucket AND u.ledger_entry_id IS NULL
+                 THEN coalesce((u.receipt ->> 'balance_after_nanos')::bigint, b.balance_nanos)
+            ELSE b.balance_nanos END AS balance_after_nanos,
+       u.receipt
+FROM reservations r
+LEFT JOIN ledger_entries l ON r.status = 'settled' AND l.request_id = r.request_id AND l.kind = 'charge'
+LEFT JOIN usage_records u ON u.request_id = r.request_id
+LEFT JOIN buckets b ON b.account_id = r.account_id AND b.bucket = r.bucket
+WHERE r.id = ANY($1::text[])
+FOR SHARE OF r"""
+
+
+def _cleaned(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if record is None else clean_record(record)
+
+
+async def _one_by_one(
+    what: str, items: list[Item], flush: Callable[[list[Item]], Awaitable[list[Result | Exception]]],
+    exc: BaseException,
+) -> list[Result | Exception]:
+    """A batch the database refused: run each item in its own transaction, so only the item
+    whose data is bad fails. Rare, so the extra round trips do not matter."""
+    if len(items) == 1:
+        sqlstate = getattr(exc, "sqlstate", None)
+        log.warning("the ledger database refused a %s (%s: %s)", what, type(exc).__name__, sqlstate)
+        rejected = LedgerRejected(f"the ledger database refused this {what} ({sqlstate}); nothing moved")
+        rejected.__cause__ = exc
+        return [rejected]
+    results: list[Result | Exception] = []
+    for item in items:
+        try:
+            results.extend(await flush([item]))
+        except Exception as alone:  # this item's own answer; the others are already settled
+            results.append(alone)
+    return results
+
+
+def _resolved_result(item: _Settlement, found: Outcome | None) -> tuple[str | None, int] | Exception:
+    reservation_id, charge_nanos, _ = item
+    if found is not None and found.status == "open":
+        return LedgerUnavailable(_UNAVAILABLE_MESSAGE)
+    wanted = "settled" if charge_nanos > 0 else "voided"
+    if found is None or found.status != wanted or found.charge_nanos != charge_nanos:
+        return ReservationResolved(f"reservation {reservation_id} is not open")
+    assert found.balance_after_nanos is not None
+    return found.ledger_entry_id, found.balance_after_nanos
 
 
 def _hold_result(hold: _Hold, row: asyncpg.Record) -> int | Exception:
