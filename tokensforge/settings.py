@@ -11,8 +11,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Settings:
     config_path: Path | None = None
-    database_url: str | None = None
-    admin_token: str | None = None
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
+    admin_token: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path(".tokensforge")
@@ -24,7 +24,7 @@ class Settings:
     db_pool_size: int = 20
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 5.0
-    channel_env: Mapping[str, str] = field(default_factory=dict)  # api_key_env → secret
+    channel_env: Mapping[str, str] = field(default_factory=dict, repr=False)  # api_key_env → secret
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
