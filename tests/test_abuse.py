@@ -3,11 +3,17 @@ secrets in repr, and bad input that must get a 4xx (SPEC §5.6), never a 500."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 import pytest
+import yarl
 
 from tokensforge.errors import RateLimited
 from tokensforge.ratelimit import RateLimiter
 from tokensforge.settings import Settings
+
+from .harness import ADMIN_TOKEN, Gw
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -72,3 +78,101 @@ def test_settings_repr_shows_no_secret() -> None:
     for text in (repr(settings), str(settings), f"{settings}"):
         assert "very-secret" not in text
         assert "db_pool_size=7" in text  # the rest is still there to debug with
+
+
+# ------------------------------------------------------------------ 7. bad input gets a 400, not a 500
+
+
+async def _raw(gw: Gw, method: str, path: str, *, key: str | None = None, body: bytes | None = None
+               ) -> tuple[int, Any, dict[str, str]]:
+    """A request with the path sent exactly as written (percent escapes included)."""
+    token = key or ADMIN_TOKEN
+    async with gw.session.request(method, yarl.URL(gw.url + path, encoded=True), data=body, headers={
+            "authorization": f"Bearer {token}", "content-type": "application/json"}) as r:
+        return r.status, await r.json(), {k.lower(): v for k, v in r.headers.items()}
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _deep(body: dict[str, Any], key: str, depth: int) -> bytes:
+    """`body` with `body[key]` arrays nested `depth` deep (orjson.dumps itself stops at 254)."""
+    return orjson.dumps({**body, key: "@@"}).replace(b'"@@"', b"[" * depth + b'"x"' + b"]" * depth)
+
+
+CLIENT_BAD = [
+    ("GET", "/v1/usage?after=99999999999999999999", None, "after"),
+    ("GET", "/v1/ledger?after=99999999999999999999", None, "after"),
+    ("GET", "/v1/usage?after=%D9%A3", None, "after"),  # an Arabic-Indic digit is a digit to str.isdigit
+    ("GET", "/v1/usage?limit=%C2%B2", None, "limit"),  # '²' too, and int() refuses it
+    ("GET", "/v1/usage?model=a%00b", None, "model"),
+    ("GET", "/v1/ledger?bucket=credit%00", None, "bucket"),
+    ("GET", "/v1/receipts/req%00x", None, "request_id"),
+    ("POST", "/v1/chat/completions", _deep({"model": "gpt-4o-mini", "messages": MESSAGES}, "metadata", 300), None),
+    ("POST", "/v1/chat/completions", _deep({"model": "gpt-4o-mini", "messages": MESSAGES}, "metadata", 1000), None),
+    ("POST", "/v1/quote", _deep({"model": "gpt-4o-mini", "messages": MESSAGES}, "tools", 100), None),
+    ("POST", "/v1/embeddings", _deep({"model": "embed-small"}, "input", 64), None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "param"), CLIENT_BAD)
+async def test_bad_client_input_gets_400_and_changes_nothing(
+        gw: Gw, method: str, path: str, body: Any, param: str | None) -> None:
+    _, key = await gw.account(credit=10**9, routed=10**9)
+    before = await gw.balances(key)
+    status, answer, headers = await _raw(gw, method, path, key=key, body=body)
+    assert status == 400, answer
+    assert answer["error"]["code"] == "invalid_request" and answer["error"]["param"] == param
+    assert headers["x-should-retry"] == "false" and headers["x-request-id"].startswith("req_")
+    if body is not None:
+        assert "nested" in answer["error"]["message"] or "not valid JSON" in answer["error"]["message"]
+    assert await gw.balances(key) == before
+    _, usage = await gw.get("/v1/usage", key)
+    assert usage["data"] == []
+
+
+async def test_the_largest_cursor_and_a_body_64_levels_deep_are_fine(gw: Gw) -> None:
+    _, key = await gw.account(credit=10**9)
+    status, page, _ = await _raw(gw, "GET", "/v1/usage?after=9223372036854775807", key=key)
+    assert status == 200 and page["data"] == []
+    completion = await gw.client(key).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, max_tokens=1, metadata={"deep": _nested(62)})  # 64 with the body
+    assert completion.model_extra["receipt"]["status"] == "succeeded"
+
+
+ADMIN_BAD = [
+    ("GET", "/admin/accounts/{acct}%00", None, "account_id"),
+    ("POST", "/admin/accounts", {"name": "a\x00b"}, "name"),
+    ("POST", "/admin/accounts", _deep({"name": "deep"}, "x", 70), None),
+    ("POST", "/admin/accounts/{acct}%00x/projects", {"name": "p"}, "account_id"),
+    ("POST", "/admin/accounts/{acct}/projects", {"name": "p\x00"}, "name"),
+    ("POST", "/admin/accounts/{acct}/projects", {"name": "p", "policy": {"allowed_models": ["gpt\x00"]}}, "policy"),
+    ("POST", "/admin/accounts/{acct}/keys", {"name": "k\x00"}, "name"),
+    ("POST", "/admin/accounts/{acct}/keys", {"name": "k", "project_id": "proj\x00"}, "project_id"),
+    ("POST", "/admin/accounts/{acct}/keys", {"name": "k", "policy": {"allowed_buckets": ["credit\x00"]}}, "policy"),
+    ("POST", "/admin/keys/key%00x/revoke", None, "key_id"),
+    ("POST", "/admin/accounts/{acct}/topups",
+     {"bucket": "credit", "amount_nanos": 5, "idempotency_key": "i\x00"}, "idempotency_key"),
+    ("POST", "/admin/accounts/{acct}/topups",
+     {"bucket": "credit", "amount_nanos": 5, "idempotency_key": "i", "note": "n\x00"}, "note"),
+    ("POST", "/admin/accounts/{acct}%00/topups",
+     {"bucket": "credit", "amount_nanos": 5, "idempotency_key": "i"}, "account_id"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "param"), ADMIN_BAD)
+async def test_bad_admin_input_gets_400_and_changes_nothing(
+        gw: Gw, method: str, path: str, body: Any, param: str | None) -> None:
+    account_id, key = await gw.account()
+    raw = body if isinstance(body, bytes | None) else orjson.dumps(body)
+    status, answer, headers = await _raw(gw, method, path.format(acct=account_id), body=raw)
+    assert status == 400, answer
+    assert answer["error"]["code"] == "invalid_request" and answer["error"]["param"] == param
+    assert headers["x-should-retry"] == "false"
+    status, account = await gw.admin("GET", f"/admin/accounts/{account_id}")
+    assert status == 200 and len(account["keys"]) == 1 and account["projects"] == []
+    assert {b["balance_nanos"] for b in account["buckets"]} == {0}
