@@ -3,19 +3,72 @@ secrets in repr, and bad input that must get a 4xx (SPEC §5.6), never a 500."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import yarl
 
+from tokensforge.app import create_app
+from tokensforge.catalog import load_catalog
 from tokensforge.errors import RateLimited
 from tokensforge.ratelimit import RateLimiter
+from tokensforge.server import listening_socket, running
 from tokensforge.settings import Settings
 
-from .harness import ADMIN_TOKEN, Gw
+from .harness import ADMIN_TOKEN, Gw, Mock, gateway_of, gateway_settings, write_catalog
 
 MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+@contextlib.asynccontextmanager
+async def gateway(dsn: str, mock: Mock, tmp_path: Path, *, server: dict[str, float] | None = None,
+                  **overrides: Any) -> AsyncIterator[Gw]:
+    """A gateway with its own settings (and `running()` options), stopped on the way out."""
+    await mock.reset()
+    settings = gateway_settings(write_catalog(tmp_path / "catalog.toml", mock.url), **overrides)
+    assert settings.config_path is not None
+    app = create_app(settings, load_catalog(settings.config_path), dsn)
+    sock = listening_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    async with running(app, sock, **(server or {})), aiohttp.ClientSession() as session:
+        yield Gw(url, dsn, gateway_of(app), mock, session)
+
+
+# ------------------------------------------------------------------ 2. a saturated pool fails closed
+
+
+async def test_a_request_that_cannot_get_a_pool_connection_gets_503_ledger_unavailable(
+        dsn: str, mock_upstream: Mock, tmp_path: Path) -> None:
+    async with gateway(dsn, mock_upstream, tmp_path, db_pool_size=1, db_acquire_timeout_s=0.3,
+                       key_cache_ttl_s=60, sweep_interval_s=60) as gw:
+        _, key = await gw.account(credit=10**9)
+        assert (await gw.get("/v1/balance", key))[0] == 200  # the key is cached now
+        served_before = (await mock_upstream.stats())["requests"]
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with gw.gateway.pool.acquire(timeout=5):  # the only connection is busy
+            started = time.monotonic()
+            async with gw.session.get(gw.url + "/v1/balance", timeout=timeout,
+                                      headers={"authorization": f"Bearer {key}"}) as r:
+                assert r.status == 503 and (await r.json())["error"]["code"] == "ledger_unavailable"
+            async with gw.session.post(gw.url + "/v1/chat/completions", timeout=timeout, json={
+                    "model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 1},
+                    headers={"authorization": f"Bearer {key}"}) as r:
+                assert r.status == 503 and (await r.json())["error"]["code"] == "ledger_unavailable"
+            assert time.monotonic() - started < 2
+        assert (await mock_upstream.stats())["requests"] == served_before  # nothing served unbilled
+        balance = (await gw.balances(key))["credit"]
+        assert balance["balance_nanos"] == 10**9 and balance["reserved_nanos"] == 0
+
+
+def test_a_pool_of_one_connection_can_be_configured() -> None:
+    settings = Settings.from_env({"TOKENSFORGE_DB_POOL_SIZE": "1", "TOKENSFORGE_DB_ACQUIRE_TIMEOUT_S": "0.25"})
+    assert (settings.db_pool_size, settings.db_acquire_timeout_s) == (1, 0.25)
 
 
 # ------------------------------------------------------------------ 5. rate-limiter memory is bounded

@@ -47,7 +47,7 @@ CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await migrate(dsn)
-        pool = await create_pool(dsn, max_size=settings.db_pool_size)
+        pool = await create_pool(dsn, max_size=settings.db_pool_size, acquire_timeout_s=settings.db_acquire_timeout_s)
         try:
             accounts = AccountStore(pool)
             await accounts.ensure_buckets(catalog.buckets)

@@ -22,6 +22,7 @@ class Settings:
     key_cache_ttl_s: float = 0.5
     max_body_bytes: int = 4 * 1024 * 1024
     db_pool_size: int = 20
+    db_acquire_timeout_s: float = 5.0  # a request waits at most this long for a pool connection, then 503
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 5.0
     channel_env: Mapping[str, str] = field(default_factory=dict, repr=False)  # api_key_env → secret
@@ -44,7 +45,8 @@ class Settings:
 # Operational knobs that ops may set through the environment (TOKENSFORGE_<NAME>).
 _TUNABLE = {
     "reservation_ttl_s": float, "sweep_interval_s": float, "key_cache_ttl_s": float,
-    "max_body_bytes": int, "db_pool_size": int, "breaker_failure_threshold": int, "breaker_cooldown_s": float,
+    "max_body_bytes": int, "db_pool_size": int, "db_acquire_timeout_s": float,
+    "breaker_failure_threshold": int, "breaker_cooldown_s": float,
 }
 
 
