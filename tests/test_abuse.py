@@ -3,6 +3,7 @@ secrets in repr, and bad input that must get a 4xx (SPEC §5.6), never a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 import yarl
@@ -69,6 +71,54 @@ async def test_a_request_that_cannot_get_a_pool_connection_gets_503_ledger_unava
 def test_a_pool_of_one_connection_can_be_configured() -> None:
     settings = Settings.from_env({"TOKENSFORGE_DB_POOL_SIZE": "1", "TOKENSFORGE_DB_ACQUIRE_TIMEOUT_S": "0.25"})
     assert (settings.db_pool_size, settings.db_acquire_timeout_s) == (1, 0.25)
+
+
+# ------------------------------------------------------------------ 4. /readyz reads a cached probe
+
+
+async def test_readyz_answers_from_the_probe_without_a_query_per_call(
+        dsn: str, mock_upstream: Mock, tmp_path: Path) -> None:
+    async with gateway(dsn, mock_upstream, tmp_path, sweep_interval_s=60) as gw:
+        acquired = gw.gateway.pool.acquired
+        started = time.monotonic()
+        for _ in range(100):
+            async with gw.session.get(gw.url + "/readyz") as r:
+                body = await r.json()
+                assert r.status == 200 and body["checks"] == {"catalog": True, "database": True}
+                assert 0 <= body["database_checked_ms_ago"] <= 2000
+        probes = (time.monotonic() - started) / 0.5 + 2  # the background probe, every 0.5 s
+        assert gw.gateway.pool.acquired - acquired <= probes < 100
+
+
+async def test_readyz_turns_503_within_two_seconds_of_the_database_going_away(
+        pg: Any, dsn: str, mock_upstream: Mock, tmp_path: Path) -> None:
+    name = yarl.URL(dsn).path.lstrip("/")
+    admin = await asyncpg.connect(pg.admin_dsn("postgres"))
+    try:
+        async with gateway(dsn, mock_upstream, tmp_path) as gw:
+            async with gw.session.get(gw.url + "/readyz") as r:
+                assert r.status == 200
+            # the database refuses this gateway: new connections fail, existing ones are cut
+            await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+            started = time.monotonic()
+            status = 200
+            while status == 200 and time.monotonic() - started < 4:
+                async with gw.session.get(gw.url + "/readyz") as r:
+                    status, body = r.status, await r.json()
+                await asyncio.sleep(0.05)
+            assert status == 503 and body["checks"]["database"] is False
+            assert time.monotonic() - started < 2.5
+            await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            started = time.monotonic()
+            while status != 200 and time.monotonic() - started < 4:
+                async with gw.session.get(gw.url + "/readyz") as r:
+                    status = r.status
+                await asyncio.sleep(0.05)
+            assert status == 200  # back by itself
+    finally:
+        await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        await admin.close()
 
 
 # ------------------------------------------------------------------ 5. rate-limiter memory is bounded

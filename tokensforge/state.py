@@ -66,6 +66,10 @@ class Gateway:
     health: HealthRegistry = field(default_factory=HealthRegistry)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     started_at: float = field(default_factory=time.time)
+    #: the background database probe's last answer and when it came (time.monotonic()); /readyz
+    #: reads these instead of querying the database on every call
+    database_up: bool = False
+    database_checked_at: float | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
