@@ -19,9 +19,11 @@ import yarl
 from tokensforge.app import create_app
 from tokensforge.catalog import load_catalog
 from tokensforge.errors import RateLimited
+from tokensforge.keys import new_key
 from tokensforge.ratelimit import RateLimiter
 from tokensforge.server import listening_socket, running
 from tokensforge.settings import Settings
+from tokensforge.state import KeyCache
 
 from .harness import ADMIN_TOKEN, Gw, Mock, gateway_of, gateway_settings, write_catalog
 
@@ -40,6 +42,92 @@ async def gateway(dsn: str, mock: Mock, tmp_path: Path, *, server: dict[str, flo
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     async with running(app, sock, **(server or {})), aiohttp.ClientSession() as session:
         yield Gw(url, dsn, gateway_of(app), mock, session)
+
+
+# ------------------------------------------------------------------ 1. unknown keys: a negative cache
+
+
+async def listening(gw: Gw) -> None:
+    """Wait for the NOTIFY listener: when it (re)connects it drops every cached key, by design."""
+    conn = await asyncpg.connect(gw.dsn)
+    try:
+        for _ in range(100):
+            if await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                   " AND query LIKE 'LISTEN %'"):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.05)
+
+
+async def test_an_unknown_key_costs_one_database_query_however_often_it_is_tried(gw: Gw) -> None:
+    await listening(gw)
+    bad = new_key()
+    before = gw.gateway.accounts.identity_queries
+    statuses = await asyncio.gather(*(gw.get("/v1/balance", bad) for _ in range(40)))  # concurrent
+    deadline = time.monotonic() + 0.8  # past the 0.5 s TTL of known keys
+    while time.monotonic() < deadline:
+        statuses.append(await gw.get("/v1/balance", bad))
+        await asyncio.sleep(0.02)
+    assert {status for status, _ in statuses} == {401}
+    assert {body["error"]["code"] for _, body in statuses} == {"invalid_api_key"}
+    assert gw.gateway.accounts.identity_queries - before == 1
+
+
+async def test_a_flood_of_random_keys_is_bounded_and_does_not_evict_known_keys(gw: Gw) -> None:
+    _, good = await gw.account(credit=10**9)
+    cache = KeyCache(gw.gateway.accounts, ttl_s=60, unknown_ttl_s=60, unknown_max=8)
+    assert await cache.lookup(good) is not None
+    for _ in range(50):
+        assert await cache.lookup(new_key()) is None
+    assert cache.unknown_cached() == 8
+    before = gw.gateway.accounts.identity_queries
+    assert await cache.lookup(good) is not None
+    assert gw.gateway.accounts.identity_queries == before  # still cached
+
+
+async def test_a_key_created_after_it_was_tried_works_at_once_through_notify(gw: Gw) -> None:
+    account_id, _ = await gw.account(credit=10**9)
+    await listening(gw)  # and the NOTIFY of that key's creation has landed
+    plaintext = new_key()
+    assert (await gw.get("/v1/balance", plaintext))[0] == 401
+    # another gateway process creates the key (the demo does so with a known plaintext)
+    await gw.gateway.accounts.create_key(account_id, "late", None, {}, plaintext=plaintext)
+    assert (await gw.get("/v1/balance", plaintext))[0] == 401  # the miss is cached...
+    conn = await asyncpg.connect(gw.dsn)
+    try:
+        await conn.execute("SELECT pg_notify('tokensforge', 'keys')")  # ...until key creation says so
+    finally:
+        await conn.close()
+    started = time.monotonic()
+    status = 0
+    while time.monotonic() - started < 2 and status != 200:
+        status, _ = await gw.get("/v1/balance", plaintext)
+        await asyncio.sleep(0.02)
+    assert status == 200
+    assert time.monotonic() - started < 2 < gw.gateway.settings.unknown_key_cache_ttl_s
+
+
+async def test_without_a_notification_a_late_key_works_once_the_unknown_ttl_passed(gw: Gw) -> None:
+    account_id, _ = await gw.account(credit=10**9)
+    cache = KeyCache(gw.gateway.accounts, ttl_s=0.5, unknown_ttl_s=0.3)
+    plaintext = new_key()
+    assert await cache.lookup(plaintext) is None
+    await gw.gateway.accounts.create_key(account_id, "late", None, {}, plaintext=plaintext)
+    assert await cache.lookup(plaintext) is None
+    await asyncio.sleep(0.35)
+    caller = await cache.lookup(plaintext)
+    assert caller is not None and caller[0].account_id == account_id
+
+
+async def test_the_admin_api_clears_cached_misses_when_it_creates_a_key(gw: Gw) -> None:
+    account_id, _ = await gw.account()
+    await listening(gw)
+    await gw.get("/v1/balance", new_key())
+    assert gw.gateway.keys.unknown_cached() == 1
+    status, _ = await gw.admin("POST", f"/admin/accounts/{account_id}/keys", {"name": "k2"})
+    assert status == 201 and gw.gateway.keys.unknown_cached() == 0
 
 
 # ------------------------------------------------------------------ 2. a saturated pool fails closed

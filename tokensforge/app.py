@@ -55,7 +55,9 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
             app[GATEWAY] = Gateway(
                 settings=settings, catalog=catalog, pool=pool,
                 ledger=LedgerStore(pool, reservation_ttl_s=settings.reservation_ttl_s),
-                accounts=accounts, keys=KeyCache(accounts, settings.key_cache_ttl_s),
+                accounts=accounts, keys=KeyCache(accounts, settings.key_cache_ttl_s,
+                                                 unknown_ttl_s=settings.unknown_key_cache_ttl_s,
+                                                 unknown_max=settings.unknown_key_cache_size),
                 health=HealthRegistry(BreakerConfig(failure_threshold=settings.breaker_failure_threshold,
                                                     cooldown_s=settings.breaker_cooldown_s)))
             yield

@@ -20,6 +20,8 @@ class Settings:
     reservation_ttl_s: float = 600.0
     sweep_interval_s: float = 5.0
     key_cache_ttl_s: float = 0.5
+    unknown_key_cache_ttl_s: float = 5.0  # NOTIFY 'keys' (sent on key creation) clears it sooner
+    unknown_key_cache_size: int = 10_000
     max_body_bytes: int = 4 * 1024 * 1024
     db_pool_size: int = 20
     db_acquire_timeout_s: float = 5.0  # a request waits at most this long for a pool connection, then 503
@@ -45,6 +47,7 @@ class Settings:
 # Operational knobs that ops may set through the environment (TOKENSFORGE_<NAME>).
 _TUNABLE = {
     "reservation_ttl_s": float, "sweep_interval_s": float, "key_cache_ttl_s": float,
+    "unknown_key_cache_ttl_s": float, "unknown_key_cache_size": int,
     "max_body_bytes": int, "db_pool_size": int, "db_acquire_timeout_s": float,
     "breaker_failure_threshold": int, "breaker_cooldown_s": float,
 }

@@ -91,6 +91,9 @@ async def create_key(request: web.Request) -> web.Response:
     project_id = optional_str(body, "project_id")
     key = await gw.accounts.create_key(path_param(request, "account_id"), name, project_id, _policy_field(body))
     log.info("created key %s (%s) for account %s", key["id"], key["prefix"], key["account_id"])
+    # every process may have this key cached as unknown (someone tried it early): forget that
+    gw.keys.invalidate()
+    await notify(gw, "keys")
     return json_response(key, status=201)
 
 
