@@ -161,6 +161,77 @@ def test_a_pool_of_one_connection_can_be_configured() -> None:
     assert (settings.db_pool_size, settings.db_acquire_timeout_s) == (1, 0.25)
 
 
+# ------------------------------------------------------------------ 3. slow clients are disconnected
+
+
+async def _closed_within(reader: asyncio.StreamReader, timeout_s: float) -> bytes:
+    """Everything the server sends until it closes the connection (fails if it does not in time)."""
+    received = b""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                chunk = await reader.read(65536)
+            except ConnectionResetError:
+                return received
+            if not chunk:
+                return received
+            received += chunk
+
+
+async def _trickle(writer: asyncio.StreamWriter, data: bytes, interval_s: float) -> None:
+    with contextlib.suppress(ConnectionError):
+        for byte in data:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(interval_s)
+
+
+async def test_a_client_that_never_finishes_its_request_head_is_disconnected(
+        dsn: str, mock_upstream: Mock, tmp_path: Path) -> None:
+    async with gateway(dsn, mock_upstream, tmp_path, server={"keepalive_timeout_s": 0.5}) as gw:
+        url = yarl.URL(gw.url)
+        silent = await asyncio.open_connection(url.host, url.port)
+        slow = await asyncio.open_connection(url.host, url.port)
+        try:
+            silent[1].write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # half a head, then nothing
+            slow[1].write(b"GET /healthz HTTP/1.1\r\n")  # slowloris: one header byte every 50 ms
+            trickle = asyncio.create_task(_trickle(slow[1], b"X-Slow: " + b"a" * 200, 0.05))
+            started = time.monotonic()
+            assert await _closed_within(silent[0], 3) == b""
+            assert await _closed_within(slow[0], 3) == b""
+            assert time.monotonic() - started < 2
+            trickle.cancel()
+            await asyncio.gather(trickle, return_exceptions=True)
+        finally:
+            silent[1].close()
+            slow[1].close()
+        async with gw.session.get(gw.url + "/healthz") as r:  # a prompt client is served as ever
+            assert r.status == 200
+
+
+async def test_a_client_that_sends_its_body_too_slowly_gets_408_and_is_disconnected(
+        dsn: str, mock_upstream: Mock, tmp_path: Path) -> None:
+    async with gateway(dsn, mock_upstream, tmp_path, server={"keepalive_timeout_s": 5, "lingering_s": 0.3},
+                       body_read_timeout_s=0.5) as gw:
+        url = yarl.URL(gw.url)
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            writer.write(b"POST /admin/accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Authorization: Bearer " + ADMIN_TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\n")
+            trickle = asyncio.create_task(_trickle(writer, b'{"name": "' + b"a" * 980 + b'"}', 0.05))
+            started = time.monotonic()
+            received = await _closed_within(reader, 4)
+            elapsed = time.monotonic() - started
+            trickle.cancel()
+            await asyncio.gather(trickle, return_exceptions=True)
+        finally:
+            writer.close()
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), received[:200]
+        assert orjson.loads(body)["error"]["code"] == "request_timeout"
+        assert elapsed < 2.5  # 0.5 s for the body, 0.3 s of lingering, then the connection is closed
+
+
 # ------------------------------------------------------------------ 4. /readyz reads a cached probe
 
 

@@ -25,6 +25,8 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     db_pool_size: int = 20
     db_acquire_timeout_s: float = 5.0  # a request waits at most this long for a pool connection, then 503
+    http_keepalive_timeout_s: float = 75.0  # idle connection, and the time to send a request head
+    body_read_timeout_s: float = 60.0  # the time a client may take to send a JSON request body
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 5.0
     channel_env: Mapping[str, str] = field(default_factory=dict, repr=False)  # api_key_env → secret
@@ -49,6 +51,7 @@ _TUNABLE = {
     "reservation_ttl_s": float, "sweep_interval_s": float, "key_cache_ttl_s": float,
     "unknown_key_cache_ttl_s": float, "unknown_key_cache_size": int,
     "max_body_bytes": int, "db_pool_size": int, "db_acquire_timeout_s": float,
+    "http_keepalive_timeout_s": float, "body_read_timeout_s": float,
     "breaker_failure_threshold": int, "breaker_cooldown_s": float,
 }
 

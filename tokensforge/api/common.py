@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, TokensForgeError
+from ..state import GATEWAY
 
 REQUEST_ID = web.RequestKey("request_id", str)
 
@@ -25,11 +27,25 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
 #: deeper JSON is refused: no request of ours nests near this, and deep nesting is what breaks
 #: recursive code downstream (orjson.dumps itself gives up past 254 levels)
 MAX_JSON_DEPTH = 64
+_DEFAULT_BODY_READ_TIMEOUT_S = 60.0
+
+
+class RequestTimeout(TokensForgeError):
+    status, code, type, final = 408, "request_timeout", "invalid_request_error", True
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that names the problem."""
-    raw = await request.read()
+    """The body as a JSON object, or a 400 that names the problem.
+
+    A client that takes longer than `body_read_timeout_s` to send its body gets a 408; aiohttp
+    then closes the connection once its lingering time has passed (server.py `running()`)."""
+    gw = request.app.get(GATEWAY)
+    timeout_s = gw.settings.body_read_timeout_s if gw is not None else _DEFAULT_BODY_READ_TIMEOUT_S
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
