@@ -81,8 +81,13 @@ async def test_database_outage_fails_closed_and_recovers(mock_upstream: Mock, tm
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1)
             served_before = (await mock_upstream.stats())["requests"]
             cluster.stop()
-            async with session.get(url + "/readyz") as r:
-                assert r.status == 503 and (await r.json())["checks"]["database"] is False
+            for _ in range(25):  # /readyz reads the background probe (every 0.5 s): not ready within ~2 s
+                async with session.get(url + "/readyz") as r:
+                    status, ready = r.status, await r.json()
+                if status == 503:
+                    break
+                await asyncio.sleep(0.1)
+            assert status == 503 and ready["checks"]["database"] is False
             for _ in range(3):
                 try:
                     await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=1)

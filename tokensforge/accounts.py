@@ -29,6 +29,7 @@ class KeyIdentity:
 class AccountStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self.identity_queries = 0  # key lookups that reached the database (the key cache's misses)
 
     async def create_account(
         self, name: str, bucket_ids: Iterable[str], account_id: str | None = None,
@@ -108,6 +109,7 @@ class AccountStore:
         return _key_view(row, row["account_id"])
 
     async def identity(self, plaintext: str) -> KeyIdentity | None:
+        self.identity_queries += 1
         async with translated("auth"):
             row = await self.pool.fetchrow(
                 "SELECT k.id, k.account_id, k.project_id, k.policy, k.revoked_at, p.policy AS project_policy"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -47,14 +48,16 @@ CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await migrate(dsn)
-        pool = await create_pool(dsn, max_size=settings.db_pool_size)
+        pool = await create_pool(dsn, max_size=settings.db_pool_size, acquire_timeout_s=settings.db_acquire_timeout_s)
         try:
             accounts = AccountStore(pool)
             await accounts.ensure_buckets(catalog.buckets)
             app[GATEWAY] = Gateway(
                 settings=settings, catalog=catalog, pool=pool,
                 ledger=LedgerStore(pool, reservation_ttl_s=settings.reservation_ttl_s),
-                accounts=accounts, keys=KeyCache(accounts, settings.key_cache_ttl_s),
+                accounts=accounts, keys=KeyCache(accounts, settings.key_cache_ttl_s,
+                                                 unknown_ttl_s=settings.unknown_key_cache_ttl_s,
+                                                 unknown_max=settings.unknown_key_cache_size),
                 health=HealthRegistry(BreakerConfig(failure_threshold=settings.breaker_failure_threshold,
                                                     cooldown_s=settings.breaker_cooldown_s)))
             yield
@@ -75,6 +78,7 @@ def _background(dsn: str) -> CleanupCtx:
     """The sweeper, the database probe and the NOTIFY listener, in every process."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         gw = app[GATEWAY]
+        await probe_database(gw)  # /readyz has an answer before the first request
         tasks = [asyncio.create_task(sweep_forever(gw.ledger, interval_s=gw.settings.sweep_interval_s)),
                  asyncio.create_task(_probe_database(gw)),
                  asyncio.create_task(listen_forever(gw, dsn))]
@@ -86,12 +90,20 @@ def _background(dsn: str) -> CleanupCtx:
     return ctx
 
 
-async def _probe_database(gw: Gateway, interval_s: float = 2.0) -> None:
+async def probe_database(gw: Gateway, timeout_s: float = 0.8) -> bool:
+    """One `SELECT 1` through the pool; its answer and time are kept on the gateway for /readyz."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            up = bool(await gw.pool.fetchval("SELECT 1") == 1)
+    except Exception:  # unreachable, whatever the reason
+        up = False
+    gw.database_up, gw.database_checked_at = up, time.monotonic()
+    metrics.DATABASE_UP.set(1 if up else 0)
+    return up
+
+
+async def _probe_database(gw: Gateway, interval_s: float = 0.5) -> None:
+    """Every interval, so /readyz answers from an answer at most ~1 s old without a query per call."""
     while True:
-        try:
-            async with asyncio.timeout(1.0):
-                up = await gw.pool.fetchval("SELECT 1") == 1
-        except Exception:  # unreachable, whatever the reason
-            up = False
-        metrics.DATABASE_UP.set(1 if up else 0)
         await asyncio.sleep(interval_s)
+        await probe_database(gw)

@@ -35,12 +35,32 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     LISTEN, hold advisory locks or change settings; transactions always close in `async with`."""
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session,
-        command_timeout=30, max_inactive_connection_lifetime=60,
+class BoundedPool(asyncpg.Pool):  # type: ignore[misc]  # asyncpg ships no types
+    """A pool whose `acquire()` (and so `fetch`, `execute`, ... on the pool) waits at most
+    `acquire_timeout_s` for a free connection, then raises `TimeoutError`, which the store's
+    `translated()` turns into LedgerUnavailable (503): with every connection busy a request
+    fails closed instead of waiting for ever. An explicit `timeout=` still wins."""
+
+    __slots__ = ("acquire_timeout_s", "acquired")
+
+    def __init__(self, *args: Any, acquire_timeout_s: float | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acquire_timeout_s = acquire_timeout_s
+        self.acquired = 0  # connections handed out so far (tests count queries with it)
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        self.acquired += 1
+        return super().acquire(timeout=self.acquire_timeout_s if timeout is None else timeout)
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20,
+                      acquire_timeout_s: float | None = 5.0) -> asyncpg.Pool:
+    pool = BoundedPool(
+        dsn, acquire_timeout_s=acquire_timeout_s, min_size=min(min_size, max_size), max_size=max_size,
+        init=_init_connection, reset=_keep_session, command_timeout=30, max_inactive_connection_lifetime=60,
+        max_queries=50_000, loop=None, connection_class=asyncpg.Connection, record_class=asyncpg.Record,
     )
-    assert pool is not None
+    await pool
     return pool
 
 

@@ -33,6 +33,9 @@ LEDGER_OP_DURATION = Histogram(
     "tokensforge_ledger_op_duration_seconds", "Ledger database operation time.", ["op"], buckets=_LEDGER_BUCKETS)
 DATABASE_UP = Gauge(
     "tokensforge_database_up", "1 when this process reaches the ledger database.", multiprocess_mode="livemin")
+KEY_LOOKUPS = Counter(
+    "tokensforge_key_lookups", "API key lookups that missed the in-memory cache, by who answered: the database"
+    " or the unknown-key cache (a flood of bad keys shows here).", ["source"])
 
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}

@@ -72,9 +72,17 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
 
 
 @contextlib.asynccontextmanager
-async def running(app: web.Application, sock: socket.socket) -> AsyncIterator[web.AppRunner]:
-    """Serve `app` on `sock` until the block exits; in-flight requests get 10 s to finish."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10.0)
+async def running(app: web.Application, sock: socket.socket, *, keepalive_timeout_s: float = 75.0,
+                  lingering_s: float = 2.0) -> AsyncIterator[web.AppRunner]:
+    """Serve `app` on `sock` until the block exits; in-flight requests get 10 s to finish.
+
+    Slow clients are bounded (slowloris): aiohttp starts the keep-alive timer when a connection
+    opens and after each response, and does not restart it on partial data, so a client gets
+    `keepalive_timeout_s` to send a whole request head (and an idle one is closed after it).
+    The body is bounded by `read_json` (settings.body_read_timeout_s); the unread rest of a
+    body is drained for at most `lingering_s`, then the connection is closed."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10.0,
+                           keepalive_timeout=keepalive_timeout_s, lingering_time=lingering_s)
     await runner.setup()
     try:
         await web.SockSite(runner, sock).start()
@@ -94,7 +102,7 @@ async def wait_for_signal() -> None:
 async def serve_forever(settings: Settings, catalog: Catalog, dsn: str,
                         on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
     sock = listening_socket(settings.host, settings.port)
-    async with running(create_app(settings, catalog, dsn), sock):
+    async with running(create_app(settings, catalog, dsn), sock, keepalive_timeout_s=settings.http_keepalive_timeout_s):
         log.info("tokensforge listening on http://%s:%d", settings.host, settings.port)
         if on_ready is not None:
             await on_ready()
@@ -156,5 +164,5 @@ def _worker_main(settings: Settings, dsn: str) -> None:
 
 async def _worker(settings: Settings, catalog: Catalog, dsn: str) -> None:
     sock = listening_socket(settings.host, settings.port, reuse_port=True)
-    async with running(create_app(settings, catalog, dsn), sock):
+    async with running(create_app(settings, catalog, dsn), sock, keepalive_timeout_s=settings.http_keepalive_timeout_s):
         await wait_for_signal()

@@ -11,8 +11,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Settings:
     config_path: Path | None = None
-    database_url: str | None = None
-    admin_token: str | None = None
+    database_url: str | None = field(default=None, repr=False)  # may hold a password
+    admin_token: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path(".tokensforge")
@@ -20,11 +20,16 @@ class Settings:
     reservation_ttl_s: float = 600.0
     sweep_interval_s: float = 5.0
     key_cache_ttl_s: float = 0.5
+    unknown_key_cache_ttl_s: float = 5.0  # NOTIFY 'keys' (sent on key creation) clears it sooner
+    unknown_key_cache_size: int = 10_000
     max_body_bytes: int = 4 * 1024 * 1024
     db_pool_size: int = 20
+    db_acquire_timeout_s: float = 5.0  # a request waits at most this long for a pool connection, then 503
+    http_keepalive_timeout_s: float = 75.0  # idle connection, and the time to send a request head
+    body_read_timeout_s: float = 60.0  # the time a client may take to send a JSON request body
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 5.0
-    channel_env: Mapping[str, str] = field(default_factory=dict)  # api_key_env → secret
+    channel_env: Mapping[str, str] = field(default_factory=dict, repr=False)  # api_key_env → secret
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -44,7 +49,10 @@ class Settings:
 # Operational knobs that ops may set through the environment (TOKENSFORGE_<NAME>).
 _TUNABLE = {
     "reservation_ttl_s": float, "sweep_interval_s": float, "key_cache_ttl_s": float,
-    "max_body_bytes": int, "db_pool_size": int, "breaker_failure_threshold": int, "breaker_cooldown_s": float,
+    "unknown_key_cache_ttl_s": float, "unknown_key_cache_size": int,
+    "max_body_bytes": int, "db_pool_size": int, "db_acquire_timeout_s": float,
+    "http_keepalive_timeout_s": float, "body_read_timeout_s": float,
+    "breaker_failure_threshold": int, "breaker_cooldown_s": float,
 }
 
 

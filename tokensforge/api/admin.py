@@ -12,7 +12,7 @@ from ..catalog import CatalogError
 from ..errors import InvalidApiKey, InvalidRequest, TokensForgeError
 from ..ledger.model import bucket_view, entry_view
 from ..state import GATEWAY, Gateway
-from .common import json_response, optional_str, read_json, require_str
+from .common import check_json_text, check_text, json_response, optional_str, path_param, read_json, require_str
 
 log = logging.getLogger("tokensforge.admin")
 routes = web.RouteTableDef()
@@ -39,6 +39,7 @@ def _policy_field(body: dict[str, Any]) -> dict[str, Any]:
     policy = body.get("policy") or {}
     if not isinstance(policy, dict):
         raise InvalidRequest("'policy' must be an object", param="policy")
+    check_json_text(policy, "policy")  # stored as jsonb
     return policy
 
 
@@ -55,7 +56,7 @@ async def create_account(request: web.Request) -> web.Response:
 @routes.get("/admin/accounts/{account_id}")
 async def get_account(request: web.Request) -> web.Response:
     gw = _gateway(request)
-    account_id = request.match_info["account_id"]
+    account_id = path_param(request, "account_id")
     account = await gw.accounts.get_account(account_id)
     account["buckets"] = await account_buckets(gw, account_id)
     return json_response(account)
@@ -78,7 +79,7 @@ async def create_project(request: web.Request) -> web.Response:
     gw = _gateway(request)
     body = await read_json(request)
     name = require_str(body, "name")
-    project = await gw.accounts.create_project(request.match_info["account_id"], name, _policy_field(body))
+    project = await gw.accounts.create_project(path_param(request, "account_id"), name, _policy_field(body))
     return json_response(project, status=201)
 
 
@@ -88,15 +89,18 @@ async def create_key(request: web.Request) -> web.Response:
     body = await read_json(request)
     name = require_str(body, "name")
     project_id = optional_str(body, "project_id")
-    key = await gw.accounts.create_key(request.match_info["account_id"], name, project_id, _policy_field(body))
+    key = await gw.accounts.create_key(path_param(request, "account_id"), name, project_id, _policy_field(body))
     log.info("created key %s (%s) for account %s", key["id"], key["prefix"], key["account_id"])
+    # every process may have this key cached as unknown (someone tried it early): forget that
+    gw.keys.invalidate()
+    await notify(gw, "keys")
     return json_response(key, status=201)
 
 
 @routes.post("/admin/keys/{key_id}/revoke")
 async def revoke_key(request: web.Request) -> web.Response:
     gw = _gateway(request)
-    key = await gw.accounts.revoke_key(request.match_info["key_id"])
+    key = await gw.accounts.revoke_key(path_param(request, "key_id"))
     gw.keys.invalidate()
     await notify(gw, "keys")
     return json_response(key)
@@ -119,7 +123,9 @@ async def topup(request: web.Request) -> web.Response:
     note = body.get("note")
     if note is not None and not isinstance(note, str):
         raise InvalidRequest("'note' must be a string", param="note")
-    entry, created = await gw.ledger.topup(request.match_info["account_id"], bucket, amount, key, note)
+    if note is not None:
+        check_text(note, "note")
+    entry, created = await gw.ledger.topup(path_param(request, "account_id"), bucket, amount, key, note)
     view = entry_view(entry)
     view["replayed"] = not created
     return json_response(view, status=201 if created else 200)

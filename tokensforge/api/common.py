@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, TokensForgeError
+from ..state import GATEWAY
 
 REQUEST_ID = web.RequestKey("request_id", str)
 
@@ -22,23 +24,89 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
                         content_type="application/json")
 
 
+#: deeper JSON is refused: no request of ours nests near this, and deep nesting is what breaks
+#: recursive code downstream (orjson.dumps itself gives up past 254 levels)
+MAX_JSON_DEPTH = 64
+_DEFAULT_BODY_READ_TIMEOUT_S = 60.0
+
+
+class RequestTimeout(TokensForgeError):
+    status, code, type, final = 408, "request_timeout", "invalid_request_error", True
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that names the problem."""
-    raw = await request.read()
+    """The body as a JSON object, or a 400 that names the problem.
+
+    A client that takes longer than `body_read_timeout_s` to send its body gets a 408; aiohttp
+    then closes the connection once its lingering time has passed (server.py `running()`)."""
+    gw = request.app.get(GATEWAY)
+    timeout_s = gw.settings.body_read_timeout_s if gw is not None else _DEFAULT_BODY_READ_TIMEOUT_S
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    # fewer brackets than the limit cannot nest past it: only then walk the tree (C-speed count)
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise InvalidRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
     return body
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether objects/arrays nest deeper than `limit` (iterative: no recursion to blow up)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
+
+
+def check_text(value: str, param: str) -> str:
+    """PostgreSQL text cannot hold NUL: refuse it at the edge (400) instead of failing in the database."""
+    if "\x00" in value:
+        raise InvalidRequest(f"'{param}' must not contain NUL characters", param=param)
+    return value
+
+
+def check_json_text(value: Any, param: str) -> Any:
+    """`check_text` for every string (and key) inside a JSON value bound for a jsonb column."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            check_text(node, param)
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return value
+
+
+def path_param(request: web.Request, name: str) -> str:
+    return check_text(request.match_info[name], name)
+
+
+def query_text(request: web.Request, name: str) -> str | None:
+    value = request.query.get(name)
+    return None if value is None else check_text(value, name)
 
 
 def require_str(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequest(f"'{key}' is required and must be a non-empty string", param=key)
-    return value
+    return check_text(value, key)
 
 
 def optional_str(body: dict[str, Any], key: str) -> str | None:
@@ -49,6 +117,6 @@ def query_limit(request: web.Request, default: int = 20, maximum: int = 100) -> 
     raw = request.query.get("limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= maximum:
         raise InvalidRequest(f"'limit' must be an integer from 1 to {maximum}", param="limit")
     return int(raw)

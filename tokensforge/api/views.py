@@ -19,7 +19,7 @@ from ..state import Gateway
 from .admin import account_buckets
 from .auth import authenticate
 from .client import route_pin
-from .common import json_response, query_limit, read_json
+from .common import json_response, path_param, query_limit, query_text, read_json
 
 routes = web.RouteTableDef()
 
@@ -141,7 +141,7 @@ def _usage_view(row: Any) -> dict[str, Any]:
 async def usage(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
     limit = query_limit(request)
-    filters = {k: request.query.get(k) for k in ("model", "route_kind", "bucket", "status")}
+    filters = {k: query_text(request, k) for k in ("model", "route_kind", "bucket", "status")}
     rows = await gw.ledger.usage(identity.account_id, limit=limit + 1, after=_cursor(request), filters=filters)
     return json_response(_page(rows, limit, _usage_view))
 
@@ -151,14 +151,15 @@ async def ledger(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
     limit = query_limit(request)
     rows = await gw.ledger.ledger(identity.account_id, limit=limit + 1, after=_cursor(request),
-                                  bucket=request.query.get("bucket"))
+                                  bucket=query_text(request, "bucket"))
     return json_response(_page(rows, limit, entry_view))
 
 
 @routes.get("/v1/receipts/{request_id}")
 async def receipt(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
-    row = await gw.ledger.receipt(identity.account_id, request_id_of(request.match_info["request_id"]))
+    request_id = path_param(request, "request_id")
+    row = await gw.ledger.receipt(identity.account_id, request_id_of(request_id))
     if row is None:
-        raise NotFound(f"no finished request {request.match_info['request_id']!r} in this account")
+        raise NotFound(f"no finished request {request_id!r} in this account")
     return json_response(_usage_view(row))

@@ -64,10 +64,14 @@ def bucket_view(bucket: str, name: str, balance_nanos: int, reserved_nanos: int)
     }
 
 
+#: cursors are `seq` values of bigint columns
+MAX_CURSOR = 2**63 - 1
+
+
 def parse_cursor(text: str | None) -> int | None:
     if text is None or text == "":
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_CURSOR:
         raise ValueError("cursor must be a value of next_cursor from a previous page")
     return int(text)
 
