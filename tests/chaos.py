@@ -245,7 +245,8 @@ class Traffic:
         rng = self.rng
         model = rng.choices(list(MODELS), weights=[share for share, _ in MODELS.values()])[0]
         pin = rng.choice(["official", "routed", "official", "routed", None])
-        index = rng.randrange(len(self.accounts))
+        poor = len(self.accounts) - 1  # the last account is the poor one: a tenth of the traffic
+        index = poor if rng.random() < 0.1 else rng.randrange(poor)
         kind = rng.choices(["unary", "stream", "leave"], weights=[40, 40, 20])[0]
         body: dict[str, Any] = {"model": model, "messages": MESSAGES, "max_tokens": rng.randint(4, 24)}
         outcome = Outcome(kind, model, pin, index, time.monotonic())
@@ -428,6 +429,8 @@ async def run_soak(config: SoakConfig, workdir: Path | None = None) -> Report:
             soak.report.outcomes = traffic.outcomes
             soak.report.upstream_attempts = await _upstream_attempts(session, mock_url)
             await _reconcile(soak, accounts)
+            soak.report.checks["GET /v1/receipts/{id} agrees with the books"] = await _receipts_endpoint(
+                session, traffic.urls[0], soak, accounts)
         return soak.report
     except BaseException:
         print(soak.logs_tail(), file=sys.stderr)
@@ -541,6 +544,31 @@ async def _reconcile(soak: Soak, accounts: list[Account]) -> None:
         await conn.close()
 
 
+async def _receipts_endpoint(session: aiohttp.ClientSession, url: str, soak: Soak,
+                             accounts: list[Account]) -> list[str]:
+    """A sample of finished requests (every delayed or cut stream, every 20th other answer) read back from
+    GET /v1/receipts/{id}: the same charge and ledger entry as the usage record."""
+    conn = await asyncpg.connect(soak.dsn)
+    try:
+        usage = {r["request_id"]: r for r in await conn.fetch(
+            "SELECT request_id, charge_nanos, ledger_entry_id FROM usage_records")}
+    finally:
+        await conn.close()
+    sample = [o for i, o in enumerate(soak.report.outcomes) if o.request_id in usage
+              and (i % 20 == 0 or o.ending in ("cut", "timeout", "error:ledger_unavailable"))]
+    bad = []
+    for o in sample:
+        async with session.get(f"{url}/v1/receipts/{o.request_id}",
+                               headers={"authorization": f"Bearer {accounts[o.account].key}"}) as r:
+            body = _json_or_none(await r.read())
+        row = usage[o.request_id]
+        if r.status != 200 or not isinstance(body, dict) or (body.get("charge_nanos"), body.get(
+                "ledger_entry_id")) != (row["charge_nanos"], row["ledger_entry_id"]):
+            bad.append(f"{o.label} {o.request_id}: GET /v1/receipts answered {r.status} {str(body)[:200]}, "
+                       f"usage record {dict(row)}")
+    return bad
+
+
 def _receipts_present(outcomes: list[Outcome]) -> list[str]:
     """A unary 200 has `receipt` in its body; a stream that reached [DONE] with include_usage has it on
     the usage chunk."""
@@ -565,7 +593,8 @@ class Books:
             "SELECT request_id, status, charge_nanos, ledger_entry_id FROM usage_records")}
         charges: dict[str, list[asyncpg.Record]] = {}
         entries = {}
-        for r in await conn.fetch("SELECT id, account_id, bucket, kind, amount_nanos, request_id FROM ledger_entries"):
+        for r in await conn.fetch("SELECT id, account_id, bucket, kind, amount_nanos, balance_after_nanos, "
+                                  "request_id FROM ledger_entries"):
             entries[r["id"]] = r
             if r["kind"] == "charge":
                 charges.setdefault(r["request_id"], []).append(r)
@@ -592,7 +621,8 @@ class Books:
                 entry = self.entries.get(entry_id)
                 if entry is None:
                     bad.append(f"{where}: shown ledger entry {entry_id} ({charge} nanos) is not in the ledger")
-                elif entry["kind"] != "charge" or -entry["amount_nanos"] != charge or entry["request_id"] != rid:
+                elif (entry["kind"] != "charge" or -entry["amount_nanos"] != charge or entry["request_id"] != rid
+                      or entry["balance_after_nanos"] != r.get("balance_after_nanos")):
                     bad.append(f"{where}: shown {entry_id} = {charge} nanos, ledger has {dict(entry)}")
             usage = self.usage.get(str(rid))
             if usage is None or usage["charge_nanos"] != charge:

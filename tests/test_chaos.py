@@ -24,8 +24,8 @@ def test_reconciliation_flags_what_it_must() -> None:
     """The checks are not vacuous: a shown receipt the ledger lacks, a charged 5xx and the drift they cause."""
     funded = {"credit": 1000, "routed": 0}
     entry = {"id": "le_2", "account_id": "acc", "bucket": "credit", "kind": "charge", "amount_nanos": -30,
-             "request_id": "req_ok"}
-    charged_503 = {**entry, "id": "le_3", "amount_nanos": -5, "request_id": "req_503"}
+             "balance_after_nanos": 970, "request_id": "req_ok"}
+    charged_503 = {**entry, "id": "le_3", "amount_nanos": -5, "balance_after_nanos": 965, "request_id": "req_503"}
     books = Books(
         usage={"req_ok": {"request_id": "req_ok", "status": "succeeded", "charge_nanos": 30, "ledger_entry_id": "le_2"},
                "req_503": {"request_id": "req_503", "status": "failed", "charge_nanos": 5, "ledger_entry_id": "le_3"}},
@@ -38,7 +38,7 @@ def test_reconciliation_flags_what_it_must() -> None:
     def shown(request_id: str, charge: int, entry_id: str | None) -> Outcome:
         return Outcome("unary", "chaos-mini", None, 0, 0.0, status=200, request_id=request_id, receipt={
             "request_id": request_id, "charge_nanos": charge, "ledger_entry_id": entry_id, "account_id": "acc",
-            "bucket": "credit", "status": "succeeded"})
+            "bucket": "credit", "status": "succeeded", "balance_after_nanos": 970})
 
     fine = [shown("req_ok", 30, "le_2"),
             Outcome("unary", "chaos-mini", None, 0, 0.0, status=502, request_id="req_502", error_code="upstream_error")]
