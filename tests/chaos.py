@@ -131,7 +131,7 @@ class SoakConfig:
 class Outcome:
     """What one client request saw."""
 
-    kind: str  # unary | stream | leave (raw aiohttp, disconnects mid-stream)
+    kind: str  # unary | stream | leave (raw aiohttp, disconnects mid-stream) | probe (on a gateway about to die)
     model: str
     pin: str | None
     account: int
@@ -264,6 +264,27 @@ class Traffic:
             outcome.finished = time.monotonic()
         return outcome
 
+    async def stream_in_flight(self, session: aiohttp.ClientSession, url: str) -> asyncio.Task[None]:
+        """A slow stream on `url` that has delivered content; the returned task records how it ends."""
+        delivering = asyncio.Event()
+        account = self.accounts[0]
+
+        async def probe() -> None:
+            for _ in range(10):  # the upstream's injected 5xx may refuse a try
+                o = Outcome("probe", "chaos-mini", "official", 0, time.monotonic())
+                body = {"model": o.model, "messages": MESSAGES, "max_tokens": 60}
+                await self._leave(session, url, account, o, body, {"x-tokensforge-route": "official"},
+                                  after=10**6, delivering=delivering)
+                o.finished = time.monotonic()
+                self.outcomes.append(o)
+                if delivering.is_set():
+                    return
+            delivering.set()  # give up waiting: kill anyway
+
+        task = asyncio.create_task(probe())
+        await asyncio.wait_for(delivering.wait(), timeout=30)
+        return task
+
     def _client_for(self, url: str, account: Account) -> openai.AsyncOpenAI:
         client = self._sdk.get((url, account.key))
         if client is None:
@@ -298,9 +319,10 @@ class Traffic:
             o.ending = f"error:{o.error_code}"
 
     async def _leave(self, session: aiohttp.ClientSession, url: str, account: Account, o: Outcome,
-                     body: dict[str, Any], headers: dict[str, str]) -> None:
+                     body: dict[str, Any], headers: dict[str, str], *, after: int | None = None,
+                     delivering: asyncio.Event | None = None) -> None:
         """Raw SSE: read `after` content chunks (0: only the headers), then drop the connection."""
-        after = self.rng.randint(0, 3)
+        after = self.rng.randint(0, 3) if after is None else after
         payload = orjson.dumps({**body, "stream": True, "stream_options": {"include_usage": True}})
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
         try:
@@ -310,13 +332,14 @@ class Traffic:
                 if r.status != 200:
                     o.error_code = _error_code(_json_or_none(await r.read()))
                     return
-                o.ending = await _read_then_leave(r, o, after)
+                o.ending = await _read_then_leave(r, o, after, delivering)
                 r.close()
         except (aiohttp.ClientError, TimeoutError) as exc:
             o.ending = "timeout" if isinstance(exc, TimeoutError) else "cut"
 
 
-async def _read_then_leave(r: aiohttp.ClientResponse, o: Outcome, after: int) -> str:
+async def _read_then_leave(r: aiohttp.ClientResponse, o: Outcome, after: int,
+                           delivering: asyncio.Event | None = None) -> str:
     """How the stream ended for a client that meant to leave after `after` content chunks."""
     if after == 0:
         return "left before content"
@@ -336,6 +359,8 @@ async def _read_then_leave(r: aiohttp.ClientResponse, o: Outcome, after: int) ->
             o.receipt = event["receipt"]
         if any((c.get("delta") or {}).get("content") for c in event.get("choices") or ()):
             content_chunks += 1
+            if delivering is not None:
+                delivering.set()
             if content_chunks >= after:
                 return f"left after {after} chunk(s)"
     return "cut"
@@ -422,7 +447,7 @@ async def run_soak(config: SoakConfig, workdir: Path | None = None) -> Report:
             traffic = Traffic(config, accounts, [a.url, b.url])
             load = asyncio.create_task(traffic.run(session))
             try:
-                await _chaos(soak, traffic)
+                await _chaos(soak, traffic, session)
             finally:
                 traffic.stop.set()
                 await load
@@ -461,7 +486,7 @@ async def _accounts(session: aiohttp.ClientSession, url: str, config: SoakConfig
     return accounts
 
 
-async def _chaos(soak: Soak, traffic: Traffic) -> None:
+async def _chaos(soak: Soak, traffic: Traffic, session: aiohttp.ClientSession) -> None:
     """The schedule, once per cycle (one cycle per ~45 s of load): SIGKILL a gateway at 20 % of the cycle and
     restart it (the two take turns), crash PostgreSQL at 50 %, then let the load run on."""
     config, report = soak.config, soak.report
@@ -480,8 +505,10 @@ async def _chaos(soak: Soak, traffic: Traffic) -> None:
         start, slot = cycle * span_s, cycle % 2
         await until(start + 0.2 * span_s)
         victim = slots[slot]
+        probe = await traffic.stream_in_flight(session, victim.url)  # the kill always lands mid-stream
         victim.stop(signal.SIGKILL)
         traffic.urls.remove(victim.url)
+        await probe
         event(f"gateway {_name(victim)} SIGKILLed")
         await asyncio.sleep(0.5)
         slots[slot] = soak.gateway(f"{'ab'[slot]}{cycle + 2}")
@@ -496,8 +523,17 @@ async def _chaos(soak: Soak, traffic: Traffic) -> None:
         back = time.monotonic()
         event("PostgreSQL started again (crash recovery done)")
         await until(start + span_s)
+        report.recovery_s.append(await _recovery_s(traffic, back))
+
+
+async def _recovery_s(traffic: Traffic, back: float, patience_s: float = 15) -> float | None:
+    """Seconds from the database's return to the first successful request; waits (load running) if none yet."""
+    deadline = time.monotonic() + patience_s
+    while True:
         firsts = [o.finished for o in traffic.outcomes if o.succeeded and o.finished >= back]
-        report.recovery_s.append(min(firsts) - back if firsts else None)
+        if firsts or time.monotonic() > deadline:
+            return min(firsts) - back if firsts else None
+        await asyncio.sleep(0.1)
 
 
 def _name(gw: GatewayProcess) -> str:
