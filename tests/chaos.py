@@ -282,7 +282,11 @@ class Traffic:
             delivering.set()  # give up waiting: kill anyway
 
         task = asyncio.create_task(probe())
-        await asyncio.wait_for(delivering.wait(), timeout=30)
+        try:
+            await asyncio.wait_for(delivering.wait(), timeout=30)
+        except BaseException:
+            task.cancel()
+            raise
         return task
 
     def _client_for(self, url: str, account: Account) -> openai.AsyncOpenAI:
@@ -334,7 +338,7 @@ class Traffic:
                     return
                 o.ending = await _read_then_leave(r, o, after, delivering)
                 r.close()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
             o.ending = "timeout" if isinstance(exc, TimeoutError) else "cut"
 
 
@@ -416,9 +420,11 @@ class Soak:
         await migrate(self.dsn)
 
     def close(self) -> None:
-        for gw in self.gateways:
-            gw.stop(signal.SIGTERM, timeout_s=10)
-        self.cluster.close()
+        try:
+            for gw in self.gateways:
+                gw.stop(signal.SIGTERM, timeout_s=10)  # falls back to SIGKILL
+        finally:
+            self.cluster.close()
 
     def logs_tail(self, lines: int = 15) -> str:
         out = []
