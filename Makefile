@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: run test venv venv-test postgres promtool chromium bench bench-peer check clean
+.PHONY: run test venv venv-test postgres promtool chromium bench bench-peer chaos check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench: venv-test postgres
 
 bench-peer: venv-test postgres
 	$(BIN)/python -m benchmarks.run --peer $(BENCH_ARGS)
+
+# Chaos soak (a few minutes): two gateways, a flaky upstream, a gateway SIGKILL and a database crash per
+# 45 s, then exact reconciliation; fails on drift or any broken check. CHAOS_ARGS="--duration 60" shortens it.
+chaos: venv-test postgres
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 # Pinned: a new ruff or mypy release must not turn CI red on unchanged code; bump them on purpose.
 check: venv-test

@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tokensforge.embedded_pg import EmbeddedPostgres
+
 from .harness import ADMIN_TOKEN, UPSTREAM_SECRET, free_port
 
 
@@ -74,3 +76,16 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop(signal.SIGKILL if exc[0] is not None else signal.SIGTERM)
+
+
+def crash_postgres(cluster: EmbeddedPostgres, timeout_s: int = 60) -> None:
+    """`pg_ctl stop -m immediate`: the server dies the way a crash kills it (no checkpoint, sessions cut),
+    and the next `cluster.start()` runs crash recovery on the same port.
+
+    EmbeddedPostgres only offers a fast stop, so this drives its pg_ctl the way `stop()` does.
+    """
+    proc = cluster._run([cluster._bin("pg_ctl"), "stop", "-D", str(cluster.cluster_dir), "-m", "immediate",
+                         "-w", "-t", str(timeout_s)], as_server=True, timeout=timeout_s + 30)
+    if proc.returncode != 0 and cluster.is_running():
+        raise AssertionError(f"pg_ctl stop -m immediate failed: {proc.stderr}{proc.stdout}")
+    cluster._started = False
