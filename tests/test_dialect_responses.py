@@ -564,3 +564,32 @@ async def test_sdk_stream_failure_raises(client: openai.AsyncOpenAI, served: Ser
         assert seen[-1] == "response.failed"
     finally:
         served.handle = original  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "run_streamed"])
+async def test_openai_agents_runner_with_function_tool(served: Served, client: openai.AsyncOpenAI,
+                                                       streamed: bool) -> None:
+    """The README example: openai-agents' Runner against a Responses endpoint, one function tool."""
+    from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)  # never export traces to api.openai.com from a test
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather of a city."""
+        return f"sunny in {city}"
+
+    agent = Agent(name="weather", instructions="Answer briefly.", tools=[get_weather],
+                  model=OpenAIResponsesModel("gpt-4o-mini", client))
+    if streamed:
+        run = Runner.run_streamed(agent, "Weather in Paris?")
+        async for _ in run.stream_events():
+            pass
+        final = run.final_output
+    else:
+        final = (await Runner.run(agent, "Weather in Paris?")).final_output
+    assert final == "The tool said: sunny in Paris"
+    assert len(served.bodies) == 2
+    second = codec.decode(served.bodies[1])
+    assert second.messages[0] == Message("system", (TextPart("Answer briefly."),))
+    assert second.messages[-1].parts == (ToolResult(second.messages[-2].parts[-1].id, "sunny in Paris"),)  # type: ignore[union-attr]
