@@ -3,6 +3,7 @@ official SDKs (openai, openai-agents) reading what it writes over real HTTP on l
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.responses import Response as SdkResponse
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
@@ -181,6 +184,10 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     (body(input=[{"type": "item_reference", "id": "msg_1"}]), "input[0].type"),
     (body(input=[{"type": "web_search_call", "id": "ws"}]), "input[0].type"),
     (body(input=["hi"]), "input[0]"),
+    (body(input=[]), "input"),
+    (body(input=[{"type": "reasoning", "summary": []}]), "input"),
+    (body(tools=[WEATHER, WEATHER]), "tools[1].name"),
+    (body(stream_options=True), "stream_options"),
 ]
 
 
@@ -191,6 +198,30 @@ def test_decode_refuses_with_param(request_body: dict[str, Any], param: str) -> 
     assert caught.value.status == 400
     assert caught.value.param == param
     assert caught.value.body()["error"]["param"] == param
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=12)
+FIELD = st.sampled_from(["model", "input", "instructions", "max_output_tokens", "tools", "tool_choice", "text",
+                         "reasoning", "metadata", "temperature", "truncation", "include", "store", "top_logprobs"])
+PART = st.fixed_dictionaries({"type": st.sampled_from(["input_text", "input_image", "input_file", "output_text",
+                                                       "refusal", "x"])}, optional={"text": JSON, "image_url": JSON})
+ITEM = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "x"]) | JSON,
+    "role": st.sampled_from(["user", "assistant", "developer", "tool"]) | JSON,
+    "content": st.lists(PART, max_size=2) | JSON, "call_id": JSON, "name": JSON, "arguments": JSON, "output": JSON})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(FIELD, JSON, max_size=4), st.lists(ITEM, max_size=3) | JSON)
+def test_decode_never_fails_with_anything_but_a_400(fields: dict[str, Any], items: Any) -> None:
+    """SPEC §5: no client input gets a 500 — any body decodes or raises InvalidRequest."""
+    try:
+        codec.decode({"model": "m", "input": items, **fields})
+        codec.options({"model": "m", **fields})
+    except InvalidRequest as exc:
+        assert exc.status == 400
 
 
 def test_refusals_say_why() -> None:
@@ -256,6 +287,15 @@ def test_encode_response_validates_strictly(case: str, choice: Choice, status: s
     if case == "refusal":
         message = sdk.output[0]
         assert message.type == "message" and message.content[-1].type == "refusal"
+
+
+def test_encode_survives_the_lifecycle_replacing_the_cap() -> None:
+    """The lifecycle sets the reserved output cap on a copy; the echo fields must come along."""
+    req = dataclasses.replace(decoded(instructions="be brief", store=False), max_output_tokens=64)
+    data = codec.encode_response(Response(model="m", choices=[Choice(0, "x")], usage=None),
+                                 response_id="resp_r3", request=req, created_at=1, usage=USAGE, receipt={})
+    assert (data["instructions"], data["max_output_tokens"], data["store"]) == ("be brief", 64, False)
+    assert codec.history(req, Response(model="m", choices=[Choice(0, "x")], usage=None))[0]["role"] == "user"
 
 
 def test_encode_echoes_defaults() -> None:

@@ -105,6 +105,9 @@ def options(body: dict[str, Any]) -> ResponsesOptions:
     store = body.get("store")
     if store is not None and not isinstance(store, bool):
         raise InvalidRequest("'store' must be a boolean", param="store")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
     include = body.get("include")
     if include is None:
         include = []
@@ -135,7 +138,10 @@ def decode(body: dict[str, Any], history: Sequence[Message] = ()) -> Request:
     messages.extend(history)
     if "input" not in body or body["input"] is None:
         raise InvalidRequest("'input' is required", param="input")
-    messages.extend(_input(body["input"], history, notes))
+    new = _input(body["input"], history, notes)
+    if not new and not history:
+        raise InvalidRequest("'input' has no items", param="input")
+    messages.extend(new)
     text, response_format = _text(body.get("text"), notes)
     return ResponsesRequest(
         model=model,
@@ -246,7 +252,7 @@ def _reasoning(value: Any) -> dict[str, Any] | None:
         allowed = _EFFORTS if key == "effort" else _SUMMARIES if key in ("summary", "generate_summary") else None
         if allowed is None:
             raise InvalidRequest(f"Unknown parameter: 'reasoning.{key}'.", param=f"reasoning.{key}")
-        if item not in allowed:
+        if not isinstance(item, str) or item not in allowed:
             raise InvalidRequest(f"'reasoning.{key}' must be one of {sorted(allowed)}", param=f"reasoning.{key}")
         out["summary" if key == "generate_summary" else key] = item
     return out or None
@@ -315,6 +321,8 @@ def _tools(value: Any) -> tuple[Tool, ...]:
             raise InvalidRequest("'description' must be a string", param=f"{where}.description")
         if strict is not None and not isinstance(strict, bool):
             raise InvalidRequest("'strict' must be a boolean", param=f"{where}.strict")
+        if any(t.name == name for t in tools):
+            raise InvalidRequest(f"two tools are named {name!r}", param=f"{where}.name")
         tools.append(Tool(name=name, description=desc, parameters=params, strict=strict))
     return tuple(tools)
 
@@ -381,7 +389,7 @@ def _items(items: list[Any], call_ids: set[str], notes: list[str], where: str) -
         elif kind == "item_reference":
             raise InvalidRequest("item references are not supported: send the item itself, or chain turns with "
                                  "previous_response_id", param=f"{at}.type")
-        elif kind in _HOSTED_ITEMS:
+        elif isinstance(kind, str) and kind in _HOSTED_ITEMS:
             raise InvalidRequest(f"{kind!r} items belong to hosted tools the gateway cannot run", param=f"{at}.type")
         else:
             raise InvalidRequest(f"unknown input item type {kind!r}", param=f"{at}.type")
