@@ -210,6 +210,9 @@ PARSE_CASES: list[tuple[str, dict[str, Any], Choice, Usage | None]] = [
     ("absurd usage", message(usage={"input_tokens": 2**60, "output_tokens": 3}), Choice(0, "hello"), None),
     ("bool usage", message(usage={"input_tokens": 1, "output_tokens": True}), Choice(0, "hello"), None),
     ("missing input", message(usage={"output_tokens": 3}), Choice(0, "hello"), None),
+    ("null output", message(usage={"input_tokens": 3, "output_tokens": None}), Choice(0, "hello"), None),
+    ("bad cache count", message(usage={"input_tokens": 3, "output_tokens": 1, "cache_read_input_tokens": "4"}),
+     Choice(0, "hello"), None),
 ]  # fmt: skip
 
 

@@ -184,14 +184,18 @@ def _usage(raw: Any) -> Usage | None:
     """Anthropic usage → canonical; cache reads and writes are part of the prompt. None if insane."""
     if not isinstance(raw, dict):
         return None
-    counts = [token_count(raw.get(k, 0) if raw.get(k) is not None else 0) for k in (
-        "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")]  # fmt: skip
-    output = token_count(raw.get("output_tokens"))
-    if output is None or "input_tokens" not in raw or None in counts:
+    fresh, output = token_count(raw.get("input_tokens")), token_count(raw.get("output_tokens"))
+    cache_read, cache_write = _count(raw, "cache_read_input_tokens"), _count(raw, "cache_creation_input_tokens")
+    if fresh is None or output is None or cache_read is None or cache_write is None:
         return None
-    fresh, cache_read, cache_write = (c or 0 for c in counts)
     prompt = token_count(fresh + cache_read + cache_write)
     return None if prompt is None else Usage(prompt, output, cached_tokens=cache_read)
+
+
+def _count(raw: dict[str, Any], key: str) -> int | None:
+    """A token count; an absent or null optional counter is 0."""
+    value = raw.get(key)
+    return 0 if value is None else token_count(value)
 
 
 def parse_response(data: dict[str, Any]) -> Response:
