@@ -342,7 +342,7 @@ def _endpoint(
     handler: Handler, *, anthropic: bool = False
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Wrap a /v1 handler with auth, error rendering and inflight/cancelled/completed stats;
-    `anthropic` endpoints check `x-api-key` and answer errors in Anthropic's shape."""
+    `anthropic` endpoints also take the key as `x-api-key` and answer errors in Anthropic's shape."""
     check_auth = _check_api_key if anthropic else _check_auth
 
     async def wrapper(request: web.Request) -> web.StreamResponse:
@@ -1121,7 +1121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-usage", action="store_true", help="omit usage from responses")
     parser.add_argument("--malformed-json", action="store_true", help="answer 200 with broken JSON")
     parser.add_argument("--completion-tokens", type=int, default=None, help="fixed output length")
-    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    parser.add_argument("--api-key", default=None, help="require this key (Bearer, or x-api-key)")
     parser.add_argument("--embedding-dim", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed for --error-rate sampling")
     parser.add_argument("--model-faults", type=_model_faults_arg, default={}, metavar="JSON",
