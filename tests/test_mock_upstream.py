@@ -15,21 +15,25 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
 from tokensforge.mock_upstream import (
+    TOOL_RESULT_PREFIX,
     Faults,
     MockConfig,
     add_arguments,
+    anthropic_prompt_tokens,
     config_from_args,
     count_tokens,
     create_app,
     embedding_vector,
     prompt_tokens,
     reply_text,
+    tool_arguments,
 )
 
 MESSAGES = [
@@ -395,6 +399,283 @@ async def test_invalid_requests_get_openai_errors(make_client: ClientFactory) ->
         assert error["param"] == param
     assert (await client.get("/healthz")).status == 200
     assert await (await client.get("/healthz")).text() == "ok"
+
+
+# --------------------------------------------------------------------------- tool calls (chat)
+
+SEARCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "q": {"type": "string"},
+        "limit": {"type": "integer"},
+        "lang": {"type": "string"},
+    },
+    "required": ["q", "limit"],
+}
+CHAT_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {"name": "clock", "parameters": {"type": "object", "properties": {}}},
+    },
+    {"type": "function", "function": {"name": "search", "parameters": SEARCH_SCHEMA}},
+]
+
+
+def test_tool_arguments_are_deterministic() -> None:
+    assert orjson.loads(tool_arguments(SEARCH_SCHEMA, "cats")) == {"q": "cats"}
+    assert orjson.loads(tool_arguments({"type": "object"}, "x" * 100)) == {"query": "x" * 64}
+    assert orjson.loads(tool_arguments(None, "")) == {"query": ""}
+
+
+async def test_sdk_chat_tool_call_then_answer(make_client: ClientFactory) -> None:
+    client = await make_client()
+    asked: list[Any] = [{"role": "user", "content": "please search for cats"}]
+    async with sdk_for(client) as sdk:
+        first = await sdk.chat.completions.create(model="m", messages=asked, tools=CHAT_TOOLS)
+        named_clock = await sdk.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "what time"}], tools=CHAT_TOOLS
+        )
+        not_allowed = await sdk.chat.completions.create(
+            model="m", messages=asked, tools=CHAT_TOOLS, tool_choice="none"
+        )
+        call = first.choices[0].message.tool_calls[0]  # type: ignore[index]
+        answered = [
+            *asked,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "3 cats found"},
+        ]
+        second = await sdk.chat.completions.create(model="m", messages=answered, tools=CHAT_TOOLS)
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert first.choices[0].message.content is None
+    assert call.function.name == "search"  # type: ignore[union-attr]
+    arguments = call.function.arguments  # type: ignore[union-attr]
+    assert orjson.loads(arguments) == {"q": "please search for cats"}
+    assert first.usage is not None
+    assert first.usage.completion_tokens == count_tokens("search") + count_tokens(arguments)
+    clock = named_clock.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert clock.function.name == "clock"  # type: ignore[union-attr]
+    assert not_allowed.choices[0].message.tool_calls is None
+    assert not_allowed.choices[0].message.content == reply_text(16)
+    assert second.choices[0].finish_reason == "stop"
+    assert second.choices[0].message.content == TOOL_RESULT_PREFIX + "3 cats found"
+    assert second.usage is not None
+    assert second.usage.completion_tokens == count_tokens(TOOL_RESULT_PREFIX + "3 cats found")
+
+
+async def test_sdk_chat_tool_call_stream(make_client: ClientFactory) -> None:
+    client = await make_client()
+    asked: list[Any] = [
+        {"role": "user", "content": "search the archive for the longest article title"}
+    ]
+    async with sdk_for(client) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="m", messages=asked, tools=CHAT_TOOLS, max_tokens=4, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [chunk async for chunk in stream]
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert calls[0].index == 0 and calls[0].id and calls[0].type == "function"
+    assert calls[0].function is not None and calls[0].function.name == "search"
+    assert len(calls) > 2 and all(tc.id is None and tc.index == 0 for tc in calls[1:])
+    arguments = "".join(tc.function.arguments or "" for tc in calls if tc.function)
+    assert orjson.loads(arguments) == {"q": asked[0]["content"][:64]}
+    assert chunks[-2].choices[0].finish_reason == "tool_calls"
+    assert (
+        chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    )  # capped by max_tokens
+
+
+async def test_chat_tool_result_stream_and_cut(make_client: ClientFactory) -> None:
+    client = await make_client()
+    body = {"model": "m", "stream": True, "messages": [
+        {"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c", "content": "all good"}]}  # fmt: skip
+    events = sse_events(await (await client.post("/v1/chat/completions", json=body)).read())
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    assert text == TOOL_RESULT_PREFIX + "all good"
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    await client.post("/_mock/faults", json={"default": {"cut_after_chunks": 1}})
+    cut = {
+        "model": "m",
+        "stream": True,
+        "tools": CHAT_TOOLS,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    resp = await client.post("/v1/chat/completions", json=cut)
+    with pytest.raises(Exception):  # noqa: B017 - the connection drops mid-body
+        await resp.read()
+    current = await wait_for_stat(client, "cut", 1)
+    assert current["cut"] == 1
+
+
+# --------------------------------------------------------------------------- anthropic messages
+
+ANTHROPIC_KEY = "sk-ant-mock"
+ANTHROPIC_TOOLS: list[Any] = [
+    {"name": "clock", "input_schema": {"type": "object", "properties": {}}},
+    {"name": "search", "description": "Search", "input_schema": SEARCH_SCHEMA},
+]
+ANTHROPIC_MESSAGES: list[Any] = [
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "héllo"}, {"type": "text", "text": " wörld"}],
+    }
+]
+
+
+@asynccontextmanager
+async def anthropic_for(
+    client: TestClient, **kwargs: Any
+) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    options = {"api_key": ANTHROPIC_KEY, "max_retries": 0, **kwargs}
+    async with anthropic.AsyncAnthropic(base_url=str(client.make_url("")), **options) as sdk:
+        yield sdk
+
+
+async def test_anthropic_sdk_messages_unary_and_stream(make_client: ClientFactory) -> None:
+    client = await make_client(MockConfig(api_key=ANTHROPIC_KEY))
+    expected_prompt = anthropic_prompt_tokens({"system": "terse", "messages": ANTHROPIC_MESSAGES})
+    assert (
+        expected_prompt
+        == count_tokens("terse") + count_tokens("héllo") + count_tokens(" wörld") + 6
+    )
+    async with anthropic_for(client) as sdk:
+        short = await sdk.messages.create(
+            model="claude-m", max_tokens=5, system="terse", messages=ANTHROPIC_MESSAGES
+        )
+        full = await sdk.messages.create(
+            model="claude-m", max_tokens=100, messages=ANTHROPIC_MESSAGES,
+            extra_headers={"anthropic-beta": "some-beta-2025"},
+        )  # fmt: skip
+        last = (await stats(client))["last_request"]
+        async with sdk.messages.stream(
+            model="claude-m", max_tokens=7, system="terse", messages=ANTHROPIC_MESSAGES
+        ) as stream:
+            text = "".join([t async for t in stream.text_stream])
+            streamed = await stream.get_final_message()
+        counted = await sdk.messages.count_tokens(
+            model="claude-m", system="terse", messages=ANTHROPIC_MESSAGES
+        )
+    assert short.id.startswith("msg_mock_") and short.model == "claude-m"
+    assert short.content[0].type == "text" and short.content[0].text == reply_text(5)
+    assert short.stop_reason == "max_tokens"
+    assert (short.usage.input_tokens, short.usage.output_tokens) == (expected_prompt, 5)
+    assert full.stop_reason == "end_turn" and full.usage.output_tokens == 16
+    assert last["path"] == "/v1/messages"
+    assert (
+        last["headers"]["authorization"] == f"Bearer {ANTHROPIC_KEY}"
+    )  # how anthropic 2.x authenticates
+    assert last["headers"]["anthropic-version"]
+    assert last["headers"]["anthropic-beta"] == "some-beta-2025"
+    assert text == reply_text(7)
+    assert streamed.stop_reason == "max_tokens"
+    assert (streamed.usage.input_tokens, streamed.usage.output_tokens) == (expected_prompt, 7)
+    assert counted.input_tokens == expected_prompt
+
+
+async def test_anthropic_sdk_tool_use_round_trip(make_client: ClientFactory) -> None:
+    client = await make_client()
+    asked: list[Any] = [{"role": "user", "content": "search for dogs"}]
+    async with anthropic_for(client) as sdk:
+        first = await sdk.messages.create(
+            model="m", max_tokens=100, messages=asked, tools=ANTHROPIC_TOOLS
+        )
+        async with sdk.messages.stream(
+            model="m", max_tokens=100, messages=asked, tools=ANTHROPIC_TOOLS
+        ) as stream:
+            streamed = await stream.get_final_message()
+        block = first.content[0]
+        assert block.type == "tool_use"
+        answered = [
+            *asked,
+            {"role": "assistant", "content": [block.model_dump()]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": block.id, "content": "2 dogs"}],
+            },
+        ]
+        second = await sdk.messages.create(
+            model="m", max_tokens=100, messages=answered, tools=ANTHROPIC_TOOLS
+        )
+    assert (block.name, block.input, first.stop_reason) == (
+        "search",
+        {"q": "search for dogs"},
+        "tool_use",
+    )
+    assert first.usage.output_tokens == count_tokens("search") + count_tokens(
+        '{"q":"search for dogs"}'
+    )
+    stream_block = streamed.content[0]
+    assert stream_block.type == "tool_use" and stream_block.input == {"q": "search for dogs"}
+    assert streamed.stop_reason == "tool_use"
+    assert second.stop_reason == "end_turn"
+    assert (
+        second.content[0].type == "text" and second.content[0].text == TOOL_RESULT_PREFIX + "2 dogs"
+    )
+
+
+async def test_anthropic_faults_and_errors(make_client: ClientFactory) -> None:
+    config = MockConfig(
+        api_key=ANTHROPIC_KEY,
+        per_model={
+            "busy": Faults(error_status=529),
+            "limited": Faults(error_status=429, retry_after_s=3),
+            "quiet": Faults(no_usage=True),
+            "broken": Faults(malformed_json=True),
+            "cut": Faults(cut_after_chunks=2),
+            "fixed": Faults(completion_tokens=3),
+        },
+    )
+    client = await make_client(config)
+    async with anthropic_for(client, api_key="wrong") as sdk:
+        with pytest.raises(anthropic.AuthenticationError) as auth:
+            await sdk.messages.create(model="m", max_tokens=5, messages=ANTHROPIC_MESSAGES)
+    assert auth.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    for headers in ({"x-api-key": "wrong"}, {"authorization": f"Bearer {ANTHROPIC_KEY}x"}, {}):
+        resp = await client.post(
+            "/v1/messages/count_tokens", json={"model": "m", "messages": []}, headers=headers
+        )
+        assert resp.status == 401
+        assert (await resp.json())["type"] == "error"
+    ok = await client.post("/v1/messages/count_tokens", json={"model": "m", "messages": []},
+                           headers={"x-api-key": ANTHROPIC_KEY})  # fmt: skip
+    assert await ok.json() == {"input_tokens": 0}
+    async with anthropic_for(client) as sdk:
+        with pytest.raises(anthropic.APIStatusError) as busy:
+            await sdk.messages.create(model="busy", max_tokens=5, messages=ANTHROPIC_MESSAGES)
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await sdk.messages.create(model="limited", max_tokens=5, messages=ANTHROPIC_MESSAGES)
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            await sdk.messages.create(model="m", max_tokens=0, messages=ANTHROPIC_MESSAGES)
+        fixed = await sdk.messages.create(
+            model="fixed", max_tokens=100, messages=ANTHROPIC_MESSAGES
+        )
+        received: list[str] = []
+        with pytest.raises(Exception) as dropped:  # noqa: B017 - the SDK surfaces httpx's error unwrapped
+            async with sdk.messages.stream(
+                model="cut", max_tokens=100, messages=ANTHROPIC_MESSAGES
+            ) as stream:
+                async for text in stream.text_stream:
+                    received.append(text)
+    assert busy.value.status_code == 529
+    assert busy.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert limited.value.response.headers["retry-after"] == "3"
+    assert bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert fixed.usage.output_tokens == 3 and fixed.content[0].text == reply_text(3)  # type: ignore[union-attr]
+    assert received == ["lorem ", "ipsum "]
+    assert "peer closed connection" in str(dropped.value)
+    quiet = await client.post("/v1/messages", json={"model": "quiet", "max_tokens": 5, "messages": ANTHROPIC_MESSAGES,
+                                                    "stream": True}, headers={"x-api-key": ANTHROPIC_KEY})  # fmt: skip
+    assert b'"usage"' not in await quiet.read()
+    broken = await client.post("/v1/messages", json={"model": "broken", "max_tokens": 5, "messages": []},
+                               headers={"x-api-key": ANTHROPIC_KEY})  # fmt: skip
+    assert broken.status == 400  # validation comes before faults
+    broken = await client.post("/v1/messages", json={"model": "broken", "max_tokens": 5,
+                                                     "messages": ANTHROPIC_MESSAGES},
+                               headers={"x-api-key": ANTHROPIC_KEY})  # fmt: skip
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(await broken.read())
+    current = await wait_for_stat(client, "cut", 1)
+    assert current["by_model"]["busy"] == 1 and current["cut"] == 1
 
 
 # --------------------------------------------------------------------------- command line

@@ -1,4 +1,5 @@
-"""Simulated OpenAI-compatible upstream with deterministic token counts and fault injection.
+"""Simulated OpenAI-compatible and Anthropic Messages upstream with deterministic token counts,
+scripted tool calls and fault injection.
 
 Used by the demo, the end-to-end tests and the benchmarks, so the hot paths avoid per-request
 work that can be done once at import time (reply text, token JSON, stream chunk envelopes).
@@ -14,6 +15,7 @@ import hashlib
 import hmac
 import itertools
 import random
+import re
 import signal
 import struct
 import sys
@@ -52,6 +54,17 @@ _ERROR_KINDS: dict[int, tuple[str, str | None, str]] = {
     500: ("server_error", None, "The server had an error while processing your request."),
     502: ("server_error", "bad_gateway", "Bad gateway (mock upstream)."),
     503: ("server_error", "service_unavailable", "The engine is currently overloaded."),
+}
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
 }
 
 
@@ -259,6 +272,16 @@ class _ApiError(Exception):
             headers=self.headers,
         )
 
+    def anthropic_response(self) -> web.Response:
+        default = "api_error" if self.status >= 500 else "invalid_request_error"
+        error = {"type": _ANTHROPIC_ERROR_TYPES.get(self.status, default), "message": str(self)}
+        return web.Response(
+            status=self.status,
+            body=orjson.dumps({"type": "error", "error": error}),
+            content_type="application/json",
+            headers=self.headers,
+        )
+
 
 class _StreamCut(Exception):
     """The stream was deliberately broken; carries the response aiohttp must finish."""
@@ -304,8 +327,23 @@ def _check_auth(request: web.Request, state: _State) -> None:
         raise _ApiError(401)
 
 
-def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Wrap a /v1 handler with auth, error rendering and inflight/cancelled/completed stats."""
+def _check_api_key(request: web.Request, state: _State) -> None:
+    """Anthropic's auth: the key in `x-api-key`, or as a bearer token (recent anthropic SDKs)."""
+    if state.config.api_key is None:
+        return
+    given = request.headers.get("x-api-key")
+    if given is None:
+        _check_auth(request, state)
+    elif not hmac.compare_digest(given.encode(), state.config.api_key.encode()):
+        raise _ApiError(401, "invalid x-api-key")
+
+
+def _endpoint(
+    handler: Handler, *, anthropic: bool = False
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a /v1 handler with auth, error rendering and inflight/cancelled/completed stats;
+    `anthropic` endpoints also take the key as `x-api-key` and answer errors in Anthropic's shape."""
+    check_auth = _check_api_key if anthropic else _check_auth
 
     async def wrapper(request: web.Request) -> web.StreamResponse:
         state = request.app[STATE_KEY]
@@ -314,10 +352,10 @@ def _endpoint(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamR
         try:
             body = _parse_body(await request.read())
             _record(request, stats, body)
-            _check_auth(request, state)
+            check_auth(request, state)
             response = await handler(request, state, body)
         except _ApiError as exc:
-            response = exc.response()
+            response = exc.anthropic_response() if anthropic else exc.response()
         except _StreamCut as exc:
             stats.cut += 1
             return exc.response
@@ -439,11 +477,20 @@ async def chat_completions(request: web.Request, state: _State, body: Any) -> we
         "created": int(time.time()),
         "model": model,
     }
+    script = _chat_script(body, messages)
+    if script is not None:
+        n = min(script.tokens, _cap(body, ("max_completion_tokens", "max_tokens")))
     usage = None if faults.no_usage else _usage(prompt_tokens(messages), n)
     if body.get("stream") is True:
         include_usage = _include_usage(body) and usage is not None
+        if script is not None:
+            return await _send_chat_script(
+                request, head, script, usage if include_usage else None, faults
+            )
         stream = _ChatStream(head, n, finish_reason, usage if include_usage else None)
         return await stream.send(request, faults)
+    if script is not None:
+        return _json_response(_chat_script_completion(head, script, usage))
     return _json_response(_chat_completion(head, n, finish_reason, usage))
 
 
@@ -529,6 +576,379 @@ class _ChatStream:
 
 def _event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+# --------------------------------------------------------------------------- scripted tool calls
+
+TOOL_ARGUMENT_CHARS = 64
+ARGUMENT_CHUNK_CHARS = 16
+TOOL_RESULT_PREFIX = "The tool said: "
+_WORD_RE = re.compile(r"\S+\s*|\s+")
+
+
+@dataclass(frozen=True)
+class Script:
+    """A reply that is not lorem ipsum: one call to a tool, or text quoting a tool's result."""
+
+    text: str = ""
+    tool_name: str | None = None
+    arguments: str = ""  # JSON text
+
+    @property
+    def tokens(self) -> int:
+        if self.tool_name is None:
+            return count_tokens(self.text)
+        return count_tokens(self.tool_name) + count_tokens(self.arguments)
+
+    def argument_chunks(self) -> list[str]:
+        size = ARGUMENT_CHUNK_CHARS
+        return [self.arguments[i : i + size] for i in range(0, len(self.arguments), size)]
+
+    def text_chunks(self) -> list[str]:
+        return _WORD_RE.findall(self.text)
+
+
+def text_of(content: Any) -> str:
+    """The text of string content or of a list of text blocks (OpenAI parts or Anthropic blocks)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            b["text"]
+            for b in content
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        )
+    return ""
+
+
+def tool_arguments(schema: Any, text: str) -> str:
+    """Deterministic arguments: the user's text (truncated) for every required string property of the
+    schema, or `{"query": text}` when it has none."""
+    value = text[:TOOL_ARGUMENT_CHARS]
+    required = schema.get("required") if isinstance(schema, dict) else None
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    names = [
+        name
+        for name in required or ()
+        if isinstance(name, str)
+        and isinstance(properties, dict)
+        and isinstance(properties.get(name), dict)
+        and properties[name].get("type") == "string"
+    ]
+    return orjson.dumps({name: value for name in names} if names else {"query": value}).decode()
+
+
+def _tool_call_script(tools: list[tuple[str, Any]], text: str) -> Script | None:
+    """Call the tool the user's text names, else the first one."""
+    if not tools:
+        return None
+    name, schema = next(((n, s) for n, s in tools if n in text), tools[0])
+    return Script(tool_name=name, arguments=tool_arguments(schema, text))
+
+
+def _chat_script(body: dict[str, Any], messages: list[Any]) -> Script | None:
+    """Chat: a tool call when tools are offered and the user spoke last; text after a tool result."""
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict):
+        return None
+    role = last.get("role")
+    if role == "tool":
+        return Script(text=TOOL_RESULT_PREFIX + text_of(last.get("content")))
+    tools = body.get("tools")
+    if (
+        role != "user"
+        or not tools
+        or not isinstance(tools, list)
+        or body.get("tool_choice") == "none"
+    ):
+        return None
+    functions = [t.get("function") for t in tools if isinstance(t, dict)]
+    named = [
+        (f["name"], f.get("parameters"))
+        for f in functions
+        if isinstance(f, dict) and isinstance(f.get("name"), str)
+    ]
+    return _tool_call_script(named, text_of(last.get("content")))
+
+
+def _cap(body: dict[str, Any], keys: tuple[str, ...]) -> int:
+    """The client's output cap (validated by the caller), else the mock's maximum."""
+    for key in keys:
+        value = body.get(key)
+        if isinstance(value, int) and value >= 1:
+            return value
+    return MAX_COMPLETION_TOKENS
+
+
+def _chat_tool_call(script: Script, call_id: str) -> dict[str, Any]:
+    function = {"name": script.tool_name, "arguments": script.arguments}
+    return {"id": call_id, "type": "function", "function": function}
+
+
+def _chat_script_completion(
+    head: dict[str, Any], script: Script, usage: dict[str, int] | None
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": script.text or None, "refusal": None}
+    finish_reason = "stop"
+    if script.tool_name is not None:
+        message["tool_calls"] = [_chat_tool_call(script, head["id"].replace("chatcmpl", "call"))]
+        finish_reason = "tool_calls"
+    payload: dict[str, Any] = {
+        "id": head["id"],
+        "object": "chat.completion",
+        "created": head["created"],
+        "model": head["model"],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        ],
+    }
+    if usage is not None:
+        payload["usage"] = usage
+    return payload
+
+
+async def _send_chat_script(
+    request: web.Request,
+    head: dict[str, Any],
+    script: Script,
+    usage: dict[str, int] | None,
+    faults: Faults,
+) -> web.StreamResponse:
+    """Stream a scripted reply as OpenAI does: text deltas, or one tool call whose first delta carries
+    index, id and name and whose arguments follow in pieces."""
+    base = {**head, "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _event({**base, "choices": [choice], **({"usage": None} if usage else {})})
+
+    if script.tool_name is None:
+        body = [chunk({"content": piece}) for piece in script.text_chunks()]
+        finish_reason = "stop"
+    else:
+        call = _chat_tool_call(script, head["id"].replace("chatcmpl", "call"))
+        call["function"]["arguments"] = ""
+        body = [chunk({"tool_calls": [{"index": 0, **call}]})]
+        body += [
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            for piece in script.argument_chunks()
+        ]
+        finish_reason = "tool_calls"
+    tail = [chunk({}, finish_reason)]
+    if usage is not None:
+        tail.append(_event({**base, "choices": [], "usage": usage}))
+    tail.append(_DONE_EVENT)
+    return await _send_events(
+        request, [chunk({"role": "assistant", "content": None})], body, tail, faults
+    )
+
+
+async def _send_events(
+    request: web.Request, head: list[bytes], body: list[bytes], tail: list[bytes], faults: Faults
+) -> web.StreamResponse:
+    """Write head, the content events (a cut fault stops after N of them and drops the connection), tail."""
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    await resp.prepare(request)
+    for event in head:
+        await resp.write(event)
+    cut = faults.cut_after_chunks
+    delay = faults.chunk_delay_ms / 1000
+    for i, event in enumerate(body if cut is None else body[: max(cut, 0)]):
+        if delay > 0 and i:
+            await asyncio.sleep(delay)
+        await resp.write(event)
+    if cut is not None:
+        if request.transport is not None:
+            request.transport.close()
+        raise _StreamCut(resp)
+    for event in tail:
+        await resp.write(event)
+    await resp.write_eof()
+    return resp
+
+
+# --------------------------------------------------------------------------- anthropic messages
+
+
+def anthropic_prompt_tokens(body: dict[str, Any]) -> int:
+    """Prompt size for Messages: like chat, with the top-level `system` counted as one more message."""
+    messages = body.get("messages")
+    tokens = prompt_tokens(messages if isinstance(messages, list) else [])
+    system = body.get("system")
+    if system:
+        tokens += count_tokens(text_of(system)) + PER_MESSAGE_TOKENS
+    return tokens
+
+
+def _messages_script(body: dict[str, Any], messages: list[Any]) -> Script | None:
+    """Messages: text quoting the results when the user's last turn returns tool results; a tool call
+    when tools are offered and the user spoke last."""
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    content = last.get("content")
+    results = (
+        [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+        if isinstance(content, list)
+        else []
+    )
+    if results:
+        return Script(
+            text=TOOL_RESULT_PREFIX + " ".join(text_of(b.get("content")) for b in results)
+        )
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if (
+        not tools
+        or not isinstance(tools, list)
+        or (isinstance(choice, dict) and choice.get("type") == "none")
+    ):
+        return None
+    named = [
+        (t["name"], t.get("input_schema"))
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("name"), str)
+    ]
+    return _tool_call_script(named, text_of(content))
+
+
+def _messages_request(body: Any) -> tuple[dict[str, Any], str, int, list[Any]]:
+    body = _require_object(body)
+    model = _require_model(body)
+    max_tokens = body.get("max_tokens")
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise _ApiError(400, "max_tokens: Field required (an integer >= 1)", param="max_tokens")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _ApiError(400, "messages: Field required (a non-empty array)", param="messages")
+    return body, model, max_tokens, messages
+
+
+async def messages(request: web.Request, state: _State, body: Any) -> web.StreamResponse:
+    """POST /v1/messages (Anthropic): a reply of min(16, max_tokens) tokens, or a scripted tool turn."""
+    body, model, max_tokens, turns = _messages_request(body)
+    _count_model(state.stats, model)
+    faults = state.faults_for(model)
+    script = _messages_script(body, turns)
+    if script is not None:
+        n = min(script.tokens, max_tokens)
+        stop_reason = "tool_use" if script.tool_name is not None else "end_turn"
+    elif faults.completion_tokens is not None:
+        n, stop_reason = min(max(faults.completion_tokens, 0), MAX_COMPLETION_TOKENS), "end_turn"
+    else:
+        n = min(DEFAULT_COMPLETION_TOKENS, max_tokens)
+        stop_reason = "max_tokens" if max_tokens < DEFAULT_COMPLETION_TOKENS else "end_turn"
+    replacement = await _apply_faults(request, state, faults)
+    if replacement is not None:
+        return replacement
+    message_id = f"msg_mock_{next(state.ids)}"
+    usage = (
+        None
+        if faults.no_usage
+        else {"input_tokens": anthropic_prompt_tokens(body), "output_tokens": n}
+    )
+    script = script or Script(text=reply_text(n))
+    if body.get("stream") is True:
+        return await _send_messages_stream(
+            request, message_id, model, script, stop_reason, usage, faults
+        )
+    content: list[dict[str, Any]] = []
+    if script.tool_name is None:
+        content.append({"type": "text", "text": script.text})
+    else:
+        arguments = orjson.loads(script.arguments)
+        content.append(
+            {
+                "type": "tool_use",
+                "id": message_id.replace("msg", "toolu"),
+                "name": script.tool_name,
+                "input": arguments,
+            }
+        )
+    payload: dict[str, Any] = {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+    }
+    if usage is not None:
+        payload["usage"] = usage
+    return _json_response(payload)
+
+
+def _sse(event: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def _send_messages_stream(
+    request: web.Request,
+    message_id: str,
+    model: str,
+    script: Script,
+    stop_reason: str,
+    usage: dict[str, int] | None,
+    faults: Faults,
+) -> web.StreamResponse:
+    """Stream as Anthropic does: message_start, one content block (text_delta or input_json_delta
+    pieces), message_delta with stop_reason and output tokens, message_stop."""
+    message: dict[str, Any] = {
+        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+    }  # fmt: skip
+    if usage is not None:
+        message["usage"] = {"input_tokens": usage["input_tokens"], "output_tokens": 1}
+    if script.tool_name is None:
+        block: dict[str, Any] = {"type": "text", "text": ""}
+        deltas = [{"type": "text_delta", "text": piece} for piece in script.text_chunks()]
+    else:
+        block = {
+            "type": "tool_use",
+            "id": message_id.replace("msg", "toolu"),
+            "name": script.tool_name,
+            "input": {},
+        }
+        deltas = [
+            {"type": "input_json_delta", "partial_json": piece}
+            for piece in script.argument_chunks()
+        ]
+    head = [
+        _sse("message_start", {"type": "message_start", "message": message}),
+        _sse(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": block},
+        ),
+        _sse("ping", {"type": "ping"}),
+    ]
+    body = [
+        _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d})
+        for d in deltas
+    ]
+    delta: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+    }
+    if usage is not None:
+        delta["usage"] = {"output_tokens": usage["output_tokens"]}
+    tail = [
+        _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _sse("message_delta", delta),
+        _sse("message_stop", {"type": "message_stop"}),
+    ]
+    return await _send_events(request, head, body, tail, faults)
+
+
+async def count_message_tokens(
+    request: web.Request, state: _State, body: Any
+) -> web.StreamResponse:
+    """POST /v1/messages/count_tokens (Anthropic)."""
+    body = _require_object(body)
+    _require_model(body)
+    if not isinstance(body.get("messages"), list):
+        raise _ApiError(400, "messages: Field required", param="messages")
+    return _json_response({"input_tokens": anthropic_prompt_tokens(body)})
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -663,6 +1083,10 @@ def create_app(config: MockConfig | None = None) -> web.Application:
     app[STATE_KEY] = _State(config or MockConfig())
     app.router.add_post("/v1/chat/completions", _endpoint(chat_completions))
     app.router.add_post("/v1/embeddings", _endpoint(embeddings))
+    app.router.add_post("/v1/messages", _endpoint(messages, anthropic=True))
+    app.router.add_post(
+        "/v1/messages/count_tokens", _endpoint(count_message_tokens, anthropic=True)
+    )
     app.router.add_get("/v1/models", _endpoint(list_models))
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/_mock/faults", set_faults)
@@ -697,7 +1121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-usage", action="store_true", help="omit usage from responses")
     parser.add_argument("--malformed-json", action="store_true", help="answer 200 with broken JSON")
     parser.add_argument("--completion-tokens", type=int, default=None, help="fixed output length")
-    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    parser.add_argument("--api-key", default=None, help="require this key (Bearer, or x-api-key)")
     parser.add_argument("--embedding-dim", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed for --error-rate sampling")
     parser.add_argument("--model-faults", type=_model_faults_arg, default={}, metavar="JSON",
