@@ -54,7 +54,8 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
             await accounts.ensure_buckets(catalog.buckets)
             app[GATEWAY] = Gateway(
                 settings=settings, catalog=catalog, pool=pool,
-                ledger=LedgerStore(pool, reservation_ttl_s=settings.reservation_ttl_s),
+                ledger=LedgerStore(pool, reservation_ttl_s=settings.reservation_ttl_s,
+                                   acquire_timeout_s=settings.db_acquire_timeout_s),
                 accounts=accounts, keys=KeyCache(accounts, settings.key_cache_ttl_s,
                                                  unknown_ttl_s=settings.unknown_key_cache_ttl_s,
                                                  unknown_max=settings.unknown_key_cache_size),

@@ -16,6 +16,7 @@ from .canonical import MalformedUpstream, Request, Response, Usage, token_count
 from .catalog import Channel
 from .channel_walk import StreamDecoder
 from .pricing import embedding_input_tokens, typical_request_tokens
+from .upstream import anthropic as anthropic_codec
 from .upstream import openai as openai_codec
 
 
@@ -30,8 +31,6 @@ class ModelExchange:
 
     def payload(self, channel: Channel, upstream_model: str) -> tuple[str, bytes, dict[str, str]]:
         if channel.kind == "anthropic":
-            from .upstream import anthropic as anthropic_codec
-
             req = self.request
             if req.max_output_tokens is None:  # Anthropic requires a cap: the one reserved for
                 req = dataclasses.replace(req, max_output_tokens=self.allowance)
@@ -41,15 +40,11 @@ class ModelExchange:
 
     def parse(self, channel: Channel, data: dict[str, Any]) -> Response:
         if channel.kind == "anthropic":
-            from .upstream import anthropic as anthropic_codec
-
             return anthropic_codec.parse_response(data)
         return openai_codec.parse_response(data)
 
     def decoder(self, channel: Channel) -> StreamDecoder:
         if channel.kind == "anthropic":
-            from .upstream import anthropic as anthropic_codec
-
             return _AnthropicDecoder(anthropic_codec.StreamDecoder())
         return openai_codec.StreamDecoder()
 
@@ -66,7 +61,7 @@ class ModelExchange:
 class _AnthropicDecoder:
     """Adapts the Anthropic stream decoder to the walk's (event, bytes) interface."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: anthropic_codec.StreamDecoder) -> None:
         self.inner = inner
 
     def feed(self, event: str | None, data: bytes) -> Any:

@@ -7,6 +7,7 @@ encode the answer back. `stream_answer` and `proxy_headers` are shared by every 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -23,8 +24,9 @@ from ..receipts import answer_id
 from ..routing import find_model, select_route
 from ..state import Gateway
 from .auth import authenticate
-from .common import REQUEST_ID, json_response, read_json
+from .common import REQUEST_ID, STREAM, json_response, read_json
 
+log = logging.getLogger("tokensforge.api")
 routes = web.RouteTableDef()
 
 SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -102,6 +104,7 @@ async def stream_answer(request: web.Request, life: Lifecycle, exchange: ModelEx
     response = web.StreamResponse(headers={**SSE_HEADERS, **proxy_headers(life, answered=True)})
     try:
         await response.prepare(request)
+        request[STREAM] = response
         head = encoder.start()
         if head:
             await response.write(head)
@@ -109,6 +112,7 @@ async def stream_answer(request: web.Request, life: Lifecycle, exchange: ModelEx
             data = encoder.feed(frame)
             if data:
                 await response.write(data)
+        outcome = await life.finish_stream()
     except ConnectionError:
         life.client_gone()
         return response
@@ -117,7 +121,6 @@ async def stream_answer(request: web.Request, life: Lifecycle, exchange: ModelEx
         await _write_quietly(response, encoder.fail(UpstreamError("the stream was interrupted by a gateway error"),
                                                     None))
         return response
-    outcome = await life.finish_stream()
     if outcome.error is None and outcome.receipt is not None:
         tail = encoder.finish(outcome.usage, outcome.receipt)
     else:
@@ -132,8 +135,8 @@ async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
     try:
         await response.write(data)
         await response.write_eof()
-    except ConnectionError:
-        pass
+    except Exception:  # whatever broke the tail, the money is settled
+        log.info("the end of a stream did not reach its client")
 
 
 class _ChatStream:

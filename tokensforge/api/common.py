@@ -13,6 +13,8 @@ from ..errors import InvalidRequest, TokensForgeError
 from ..state import GATEWAY
 
 REQUEST_ID = web.RequestKey("request_id", str)
+#: set once a streamed answer started: from then on an error can only end the stream, not replace it
+STREAM = web.RequestKey("stream", web.StreamResponse)
 
 
 def new_request_id() -> str:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from ..errors import InvalidRequest, NotFound, RequestTooLarge, TokensForgeError
-from .common import REQUEST_ID, json_response, new_request_id
+from .common import REQUEST_ID, STREAM, json_response, new_request_id
 
 log = logging.getLogger("tokensforge.api")
 
@@ -42,15 +42,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     request[REQUEST_ID] = request_id
     try:
         response = await handler(request)
-    except TokensForgeError as exc:
-        return error_response(exc, request_id)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(_from_http(exc), request_id)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(TokensForgeError("internal error"), request_id)
+    except Exception as exc:
+        started = request.get(STREAM)
+        if started is not None:  # the answer is already on its way: it cannot become an error response
+            log.error("error after %s %s started streaming", request.method, request.path, exc_info=exc)
+            return started
+        return _error_answer(request, request_id, exc)
     if not response.prepared:
         response.headers["x-request-id"] = request_id
     return response
+
+
+def _error_answer(request: web.Request, request_id: str, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, TokensForgeError):
+        return error_response(exc, request_id)
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        return error_response(_from_http(exc), request_id)
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    return error_response(TokensForgeError("internal error"), request_id)

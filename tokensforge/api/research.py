@@ -17,7 +17,7 @@ from ..research import DISCLAIMER, estimate_view, parse_request, section_body
 from ..routing import find_model, select_route
 from .auth import authenticate
 from .client import complete
-from .common import REQUEST_ID, json_response, read_json
+from .common import REQUEST_ID, STREAM, json_response, read_json
 
 routes = web.RouteTableDef()
 
@@ -101,6 +101,7 @@ async def _open_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
                                            "x-request-id": request[REQUEST_ID]})
     await response.prepare(request)
+    request[STREAM] = response
     return response
 
 
