@@ -11,7 +11,7 @@ from aiohttp import web
 
 from . import metrics
 from .accounts import AccountStore
-from .api import admin, client, ops, playground, research, views
+from .api import admin, client, messages, ops, playground, research, responses, views
 from .api.middleware import error_middleware
 from .catalog import Catalog
 from .db import create_pool, migrate
@@ -32,6 +32,8 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     app.add_routes(admin.routes)
     app.add_routes(views.routes)
     app.add_routes(client.routes)
+    app.add_routes(responses.routes)
+    app.add_routes(messages.routes)
     app.add_routes(research.routes)
     app.add_routes(playground.routes)
     app.cleanup_ctx.append(_database(settings, catalog, dsn))

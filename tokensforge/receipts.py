@@ -57,6 +57,7 @@ class Trace:
     latency_ms: int | None = None
     error: dict[str, Any] | None = None
     endpoint: str = "chat.completions"
+    notes: list[str] = field(default_factory=list)  # request fields the upstream could not take ("dropped: …")
 
     @property
     def fallback_kind(self) -> str:
@@ -109,6 +110,8 @@ def build_receipt(t: Trace) -> dict[str, Any]:
     }
     if t.error is not None:
         receipt["error"] = t.error
+    if t.notes:
+        receipt["notes"] = list(t.notes)
     return receipt
 
 

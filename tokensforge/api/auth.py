@@ -1,4 +1,4 @@
-"""Bearer API keys → identity and effective policy."""
+"""API keys (`Authorization: Bearer`, or `x-api-key` as Anthropic clients send it) → identity and policy."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from ..state import GATEWAY, Gateway
 async def authenticate(request: web.Request) -> tuple[Gateway, KeyIdentity, EffectivePolicy]:
     gw = request.app[GATEWAY]
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    token = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("x-api-key", "").strip()
     if not token.startswith(KEY_PREFIX):
-        raise InvalidApiKey("missing or malformed API key: send 'Authorization: Bearer tf-…'")
+        raise InvalidApiKey("missing or malformed API key: send 'Authorization: Bearer tf-…' (or x-api-key)")
     caller = await gw.keys.lookup(token)
     if caller is None:
         raise InvalidApiKey("invalid or revoked API key")

@@ -8,6 +8,7 @@ encode the answer back. `stream_answer` and `proxy_headers` are shared by every 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -17,7 +18,7 @@ from ..catalog import Model, Route
 from ..dialects import openai_chat
 from ..errors import InvalidRequest, TokensForgeError, UpstreamError
 from ..exchange import EmbeddingExchange, ModelExchange
-from ..lifecycle import Lifecycle
+from ..lifecycle import Lifecycle, StreamOutcome
 from ..policy import EffectivePolicy
 from ..pricing import embedding_inputs, output_allowance, size_request, size_reservation
 from ..receipts import answer_id
@@ -80,6 +81,7 @@ async def admit_model_request(life: Lifecycle, model: Model, route: Route, req: 
                               *, beta: str | None = None) -> ModelExchange:
     """Size and hold a canonical request; the exchange forwards exactly the output cap reserved for."""
     sizing = size_request(req, model, route)
+    life.trace.notes = req.notes  # the same list: upstream codecs add what they had to drop
     await life.admit(sizing)
     return ModelExchange(req, output_allowance(req.max_output_tokens, model), beta=beta)
 
@@ -96,8 +98,9 @@ class StreamEncoder(Protocol):
     def fail(self, error: TokensForgeError, receipt: dict[str, Any] | None) -> bytes: ...
 
 
-async def stream_answer(request: web.Request, life: Lifecycle, exchange: ModelExchange,
-                        encoder: StreamEncoder) -> web.StreamResponse:
+async def stream_answer(request: web.Request, life: Lifecycle, exchange: ModelExchange, encoder: StreamEncoder,
+                        on_settled: Callable[[StreamOutcome], Awaitable[None]] | None = None,
+                        ) -> web.StreamResponse:
     """Open the upstream stream, relay it in the client's dialect, settle, and end with the receipt
     (or the error event). A client that leaves is billed by the lifecycle for what reached it."""
     await life.open_stream(exchange)
@@ -113,6 +116,8 @@ async def stream_answer(request: web.Request, life: Lifecycle, exchange: ModelEx
             if data:
                 await response.write(data)
         outcome = await life.finish_stream()
+        if on_settled is not None:  # before the client hears the end (a follow-up may come at once)
+            await on_settled(outcome)
     except ConnectionError:
         life.client_gone()
         return response

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -11,7 +12,8 @@ from ..errors import InvalidRequest, ModelNotFound, NotFound, PermissionDenied
 from ..ledger.model import entry_view, parse_cursor
 from ..money import usd
 from ..policy import EffectivePolicy
-from ..dialects import openai_chat
+from ..canonical import Request
+from ..dialects import anthropic_messages, openai_chat, openai_responses
 from ..pricing import size_request, size_reservation
 from ..receipts import request_id_of
 from ..routing import allowed_routes, find_model, select_route
@@ -67,6 +69,18 @@ async def get_model(request: web.Request) -> web.Response:
     return json_response(model_view(gw, model, policy))
 
 
+_DECODERS: dict[str, Callable[[dict[str, Any]], Request]] = {
+    "chat": openai_chat.decode, "responses": openai_responses.decode, "messages": anthropic_messages.decode}
+
+
+def _decoder(dialect: str) -> Callable[[dict[str, Any]], Request]:
+    """The quote prices any of the three request shapes (`?dialect=chat|responses|messages`)."""
+    decoder = _DECODERS.get(dialect)
+    if decoder is None:
+        raise InvalidRequest(f"'dialect' must be one of {sorted(_DECODERS)}", param="dialect")
+    return decoder
+
+
 @routes.post("/v1/quote")
 async def quote(request: web.Request) -> web.Response:
     """What a chat request would do, without doing it."""
@@ -80,7 +94,7 @@ async def quote(request: web.Request) -> web.Response:
         out.update(allowed=False, reason=exc.message, code=exc.code, route=None)
         return json_response(out)
     sizing = size_reservation(body, model, route) if model.type == "embedding" else size_request(
-        openai_chat.decode(body), model, route)
+        _decoder(request.query.get("dialect", "chat"))(body), model, route)
     available = await gw.ledger.available(identity.account_id, route.bucket)
     allowed = available >= sizing.amount_nanos
     out.update({

@@ -1,0 +1,83 @@
+"""POST /v1/messages and /v1/messages/count_tokens: the Anthropic Messages API over the shared lifecycle.
+
+Errors on these paths are rendered in Anthropic's shape by the middleware (`anthropic_path`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..canonical import Frame, MalformedUpstream, Usage
+from ..dialects import anthropic_messages
+from ..errors import TokensForgeError, UpstreamError
+from ..lifecycle import Lifecycle
+from ..pricing import typical_request_tokens
+from ..receipts import answer_id
+from .auth import authenticate
+from .client import admit_model_request, choose, receipt_headers, stream_answer
+from .common import REQUEST_ID, json_response, read_json
+
+routes = web.RouteTableDef()
+
+
+def anthropic_path(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+class _MessagesStream:
+    """anthropic_messages.StreamEncoder with the shared encoder protocol."""
+
+    def __init__(self, inner: anthropic_messages.StreamEncoder, input_tokens: int) -> None:
+        self.inner, self.input_tokens = inner, input_tokens
+
+    def start(self) -> bytes:
+        return self.inner.start(self.input_tokens)
+
+    def feed(self, frame: Frame) -> bytes:
+        return b"".join(self.inner.feed(event) for event in frame.events)
+
+    def finish(self, usage: Usage, receipt: dict[str, Any]) -> bytes:
+        return self.inner.finish(usage, receipt)
+
+    def fail(self, error: TokensForgeError, receipt: dict[str, Any] | None) -> bytes:
+        body = anthropic_messages.error_body(error.status, error.message)["error"]
+        return self.inner.fail(body["type"], body["message"])
+
+
+@routes.post("/v1/messages")
+async def create_message(request: web.Request) -> web.StreamResponse:
+    gw, identity, policy = await authenticate(request)
+    async with Lifecycle(gw, identity, policy, request[REQUEST_ID], "messages") as life:
+        body = await read_json(request)
+        model, route, pinned = choose(gw, policy, request, body, "chat", "/v1/messages")
+        life.begin(model, route, pinned=pinned)
+        req = anthropic_messages.decode(body)
+        exchange = await admit_model_request(life, model, route, req, beta=request.headers.get("anthropic-beta"))
+        message_id = answer_id(life.trace.request_id, "msg_")
+        if req.stream:
+            encoder = anthropic_messages.StreamEncoder(message_id=message_id, request=req)
+            return await stream_answer(request, life, exchange,
+                                       _MessagesStream(encoder, exchange.typical_input_tokens()))
+        answer = await life.call(exchange)
+        try:  # an answer Messages cannot express (tool arguments that are no JSON object) is not billed
+            anthropic_messages.encode_response(answer, message_id=message_id, request=req, usage=Usage(0, 0),
+                                               receipt={})
+        except MalformedUpstream as exc:
+            raise UpstreamError(f"the upstream answer cannot be expressed as a Message: {exc}") from None
+        receipt = await life.succeed(answer)
+        data = anthropic_messages.encode_response(answer, message_id=message_id, request=req,
+                                                  usage=life.trace.usage or Usage(0, 0), receipt=receipt)
+        return json_response(data, headers=receipt_headers(life, receipt))
+
+
+@routes.post("/v1/messages/count_tokens")
+async def count_tokens(request: web.Request) -> web.Response:
+    """The gateway's own count (the typical estimate settlement uses when an upstream reports none);
+    it charges nothing and writes no ledger entry."""
+    gw, _, policy = await authenticate(request)
+    body = await read_json(request)
+    choose(gw, policy, request, body, "chat", "/v1/messages/count_tokens")
+    req = anthropic_messages.decode_count_tokens(body)
+    return json_response(anthropic_messages.count_tokens_response(typical_request_tokens(req)))

@@ -1,0 +1,82 @@
+"""POST /v1/responses: the OpenAI Responses API over the same lifecycle, billing and receipts as chat."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from ..canonical import Frame, Request, Response, Usage
+from ..conversations import ConversationStore
+from ..dialects import openai_responses
+from ..errors import LedgerUnavailable, TokensForgeError
+from ..lifecycle import Lifecycle, StreamOutcome
+from ..receipts import answer_id
+from .auth import authenticate
+from .client import admit_model_request, choose, receipt_headers, stream_answer
+from .common import REQUEST_ID, json_response, read_json
+
+log = logging.getLogger("tokensforge.api")
+routes = web.RouteTableDef()
+
+
+class _ResponsesStream:
+    """openai_responses.StreamEncoder with the shared encoder protocol."""
+
+    def __init__(self, inner: openai_responses.StreamEncoder) -> None:
+        self.inner = inner
+
+    def start(self) -> bytes:
+        return self.inner.start()
+
+    def feed(self, frame: Frame) -> bytes:
+        return b"".join(self.inner.feed(event) for event in frame.events)
+
+    def finish(self, usage: Usage, receipt: dict[str, Any]) -> bytes:
+        return self.inner.finish(usage, receipt)
+
+    def fail(self, error: TokensForgeError, receipt: dict[str, Any] | None) -> bytes:
+        return self.inner.fail(error.body()["error"], receipt)
+
+
+async def _save(store: ConversationStore, response_id: str, account_id: str, request: Request,
+                answer: Response) -> None:
+    """Keep what a follow-up turn needs; a ledger outage costs the chain, never the answer."""
+    try:
+        await store.save(response_id, account_id, openai_responses.history(request, answer))
+    except LedgerUnavailable:
+        log.warning("could not store response %s for a follow-up turn", response_id)
+
+
+@routes.post("/v1/responses")
+async def create_response(request: web.Request) -> web.StreamResponse:
+    gw, identity, policy = await authenticate(request)
+    async with Lifecycle(gw, identity, policy, request[REQUEST_ID], "responses") as life:
+        body = await read_json(request)
+        options = openai_responses.options(body)
+        model, route, pinned = choose(gw, policy, request, body, "chat", "/v1/responses")
+        life.begin(model, route, pinned=pinned)
+        store = ConversationStore(gw.pool)
+        history = openai_responses.load_history(
+            await store.load(options.previous_response_id, identity.account_id)) \
+            if options.previous_response_id else []
+        req = openai_responses.decode(body, history)
+        exchange = await admit_model_request(life, model, route, req)
+        response_id, created = answer_id(life.trace.request_id, "resp_"), int(time.time())
+        if req.stream:
+            encoder = openai_responses.StreamEncoder(response_id=response_id, request=req, created_at=created)
+
+            async def keep(outcome: StreamOutcome) -> None:
+                if options.store and outcome.status == "succeeded":
+                    await _save(store, response_id, identity.account_id, req, encoder.output())
+
+            return await stream_answer(request, life, exchange, _ResponsesStream(encoder), keep)
+        answer = await life.call(exchange)
+        receipt = await life.succeed(answer)
+        if options.store:
+            await _save(store, response_id, identity.account_id, req, answer)
+        data = openai_responses.encode_response(answer, response_id=response_id, request=req, created_at=created,
+                                                usage=life.trace.usage or Usage(0, 0), receipt=receipt)
+        return json_response(data, headers=receipt_headers(life, receipt))
