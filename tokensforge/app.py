@@ -72,7 +72,8 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     session = new_session()
-    gw.upstream = UpstreamClient(session, gw.settings.channel_env)
+    gw.upstream = UpstreamClient(session, gw.settings.channel_env,
+                                 max_body_bytes=gw.settings.max_upstream_body_bytes)
     yield
     await session.close()
 

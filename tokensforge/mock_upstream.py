@@ -142,6 +142,15 @@ class Faults:
     no_usage: bool = False
     malformed_json: bool = False
     completion_tokens: int | None = None
+    # an upstream that lies: usage beyond 2**53, a 200 that carries an error, or a stream that breaks its
+    # own shape after `cut_after_chunks` (default 2) content chunks: "bad_delta" ("delta": "x"),
+    # "bad_choices" ("choices": 1), "long_line" (one 2 MiB line), "error_event" ({"error": …} mid-stream)
+    absurd_usage: bool = False
+    error_in_200: bool = False
+    malformed_stream: str | None = None
+
+
+MALFORMED_STREAMS = ("bad_delta", "bad_choices", "long_line", "error_event")
 
 
 @dataclass
@@ -166,6 +175,9 @@ _FAULT_TYPES: dict[str, tuple[type, ...]] = {
     "no_usage": (bool,),
     "malformed_json": (bool,),
     "completion_tokens": (int, type(None)),
+    "absurd_usage": (bool,),
+    "error_in_200": (bool,),
+    "malformed_stream": (str, type(None)),
 }
 
 
@@ -405,6 +417,8 @@ async def _apply_faults(request: web.Request, state: _State, faults: Faults) -> 
         raise _ApiError(faults.error_status, headers=headers)
     if faults.malformed_json:
         return web.Response(body=MALFORMED_BODY, content_type="application/json")
+    if faults.error_in_200:
+        return _json_response({"error": {"message": "upstream overloaded (in a 200)", "type": "server_error"}})
     return None
 
 
@@ -481,7 +495,11 @@ async def chat_completions(request: web.Request, state: _State, body: Any) -> we
     if script is not None:
         n = min(script.tokens, _cap(body, ("max_completion_tokens", "max_tokens")))
     usage = None if faults.no_usage else _usage(prompt_tokens(messages), n)
+    if usage is not None and faults.absurd_usage:
+        usage = _usage(2**60, n)
     if body.get("stream") is True:
+        if faults.malformed_stream is not None:
+            return await _send_malformed_stream(request, head, faults)
         include_usage = _include_usage(body) and usage is not None
         if script is not None:
             return await _send_chat_script(
@@ -492,6 +510,31 @@ async def chat_completions(request: web.Request, state: _State, body: Any) -> we
     if script is not None:
         return _json_response(_chat_script_completion(head, script, usage))
     return _json_response(_chat_completion(head, n, finish_reason, usage))
+
+
+async def _send_malformed_stream(
+    request: web.Request, head: dict[str, Any], faults: Faults
+) -> web.StreamResponse:
+    """A few good content chunks, then one event that breaks the chat-chunk shape, then [DONE]."""
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    await resp.prepare(request)
+    base = {**head, "object": "chat.completion.chunk"}
+    good = faults.cut_after_chunks if faults.cut_after_chunks is not None else 2
+    for i in range(good):
+        delta = {"content": WORDS[i % len(WORDS)] + " "}
+        await resp.write(_event({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
+    kind = faults.malformed_stream
+    if kind == "bad_delta":
+        await resp.write(_event({**base, "choices": [{"index": 0, "delta": "x", "finish_reason": None}]}))
+    elif kind == "bad_choices":
+        await resp.write(_event({**base, "choices": 1}))
+    elif kind == "long_line":
+        await resp.write(b"data: " + b"x" * (2 * 1024 * 1024) + b"\n\n")
+    else:
+        await resp.write(_event({"error": {"message": "the model crashed mid-stream", "type": "server_error"}}))
+    await resp.write(_DONE_EVENT)
+    await resp.write_eof()
+    return resp
 
 
 def _chat_completion(

@@ -23,6 +23,7 @@ class Settings:
     unknown_key_cache_ttl_s: float = 5.0  # NOTIFY 'keys' (sent on key creation) clears it sooner
     unknown_key_cache_size: int = 10_000
     max_body_bytes: int = 4 * 1024 * 1024
+    max_upstream_body_bytes: int = 16 * 1024 * 1024  # a larger non-streamed upstream answer is a failure
     db_pool_size: int = 20
     db_acquire_timeout_s: float = 5.0  # a request waits at most this long for a pool connection, then 503
     http_keepalive_timeout_s: float = 75.0  # idle connection, and the time to send a request head
@@ -50,7 +51,7 @@ class Settings:
 _TUNABLE = {
     "reservation_ttl_s": float, "sweep_interval_s": float, "key_cache_ttl_s": float,
     "unknown_key_cache_ttl_s": float, "unknown_key_cache_size": int,
-    "max_body_bytes": int, "db_pool_size": int, "db_acquire_timeout_s": float,
+    "max_body_bytes": int, "max_upstream_body_bytes": int, "db_pool_size": int, "db_acquire_timeout_s": float,
     "http_keepalive_timeout_s": float, "body_read_timeout_s": float,
     "breaker_failure_threshold": int, "breaker_cooldown_s": float,
 }
