@@ -276,6 +276,9 @@ async def exported_after_traffic(gw: Gw) -> Exported:
     # the "dead" channel refuses connections: relay-b serves, a channel fallback is counted
     await client.chat.completions.create(model="flaky-chain", messages=MESSAGES, max_tokens=2,
                                          extra_body={"route": "routed"})
+    # an upstream that serves more than the reservation covers: the gap is counted as undercharged
+    await gw.mock.faults(**{"up-official": {"completion_tokens": 50}})
+    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=2)
     await gw.mock.faults(**{"up-official": {"error_status": 500}})
     with pytest.raises(openai.InternalServerError):
         await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, max_tokens=2)
@@ -427,6 +430,10 @@ SCENARIOS: dict[str, tuple[str, list[dict[str, str]], list[str], list[dict[str, 
         "20m", [_series(REQ, "0+100x20", **OK), _series("tokensforge_fallbacks_total", "0+20x20", kind="channel")],
         ["{}"],
         [_series(REQ, "0+100x20", **OK), _series("tokensforge_fallbacks_total", "0+2x20", kind="channel")]),
+    "UpstreamOverservesReservations": (  # any undercharge over 10 minutes, on every gateway summed
+        "15m", [_series("tokensforge_undercharged_nanos_total", "0+5000x15", route_kind="routed")],
+        ['{route_kind="routed"}'],
+        [_series("tokensforge_undercharged_nanos_total", "0x15", route_kind="routed")]),
     "LedgerLatencyHigh": (  # p99 of "finish" lands between 50 and 100 ms; "reserve" stays fast
         "20m", _ledger("finish", {"0.005": 50, "0.05": 90, "0.1": 100, "+Inf": 100})
         + _ledger("reserve", {"0.005": 100, "0.05": 100, "0.1": 100, "+Inf": 100}),
