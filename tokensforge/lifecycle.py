@@ -39,6 +39,8 @@ from .channel_walk import ChannelWalk, Exchange, Served, StreamDecoder
 from .errors import (
     BudgetExceeded,
     InsufficientBalance,
+    LedgerOutcomeUnknown,
+    LedgerRejected,
     LedgerUnavailable,
     ReservationResolved,
     TokensForgeError,
@@ -219,7 +221,9 @@ class Lifecycle:
         try:
             await self.gw.ledger.record(self._receipt())
         except LedgerUnavailable:
-            pass
+            pass  # the refusal stands; its usage record is lost with the database
+        except LedgerRejected:
+            log.error("request %s: the ledger refused the usage record of a refusal", self.trace.request_id)
 
     # ------------------------------------------------------------------ upstream
 
@@ -388,6 +392,12 @@ class Lifecycle:
             log.info("request %s: the upstream reported no usable usage; estimated", self.trace.request_id)
         try:
             return await self._settle("succeeded", usage, source)
+        except LedgerOutcomeUnknown:
+            self._settled = True  # it may have committed: never void it from here; the sweeper decides if not
+            raise LedgerUnavailable(
+                "the ledger stopped answering while the charge was being posted, so the answer is withheld; "
+                f"whether it was charged shows at GET /v1/receipts/{self.trace.request_id} once the ledger is "
+                "back") from None
         except LedgerUnavailable:
             raise LedgerUnavailable("the ledger is unavailable, so the answer is withheld; nothing was charged") \
                 from None
@@ -405,7 +415,13 @@ class Lifecycle:
         if charged is not None:
             t.charge_nanos, t.price_nanos = charge_for(charged, route, t.reserved_nanos)
         receipt = self._receipt()
-        entry_id, balance = await shielded(self.gw.ledger.finish(self._reservation_id, t.charge_nanos, receipt))
+        try:
+            entry_id, balance = await shielded(self.gw.ledger.finish(self._reservation_id, t.charge_nanos, receipt))
+        except LedgerRejected:  # the database refused this receipt's data: post the money with the bare facts
+            log.error("request %s: the ledger refused its receipt; settling with a minimal one", t.request_id)
+            t.attempts, t.error, t.notes = [], {"code": "receipt_rejected", "message": "receipt details dropped"}, []
+            receipt = self._receipt()
+            entry_id, balance = await shielded(self.gw.ledger.finish(self._reservation_id, t.charge_nanos, receipt))
         self._settled = True
         self._reservation_id = None
         metrics.RESERVATIONS_INFLIGHT.dec()

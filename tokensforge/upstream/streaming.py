@@ -52,6 +52,15 @@ class SseReader:
             raise MalformedUpstream("an upstream stream line is longer than the gateway accepts")
         return line.rstrip(b"\r")
 
+    def __aiter__(self) -> SseReader:
+        return self
+
+    async def __anext__(self) -> tuple[str | None, bytes]:
+        event = await self.next()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
     async def next(self) -> tuple[str | None, bytes] | None:
         """The next event as (event name or None, data); None when the stream ended."""
         event: str | None = None
