@@ -38,7 +38,8 @@ DECODE_CASES: list[tuple[str, dict[str, Any], Any]] = [
     ("developer is system", {"messages": [{"role": "developer", "content": "be brief"}, USER]},
      [Message("system", (TextPart("be brief"),)), Message("user", (TextPart("hi"),))]),
     ("image part", {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is it"}, {"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}}]}]},
+        {"type": "text", "text": "what is it"},
+        {"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}}]}]},
      [Message("user", (TextPart("what is it"), MediaPart("image", url="data:x", detail="low")))]),
     ("tool round trip", {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
@@ -181,7 +182,8 @@ class _Source:
 
 def _read(chunks: list[bytes], **caps: int) -> list[tuple[str | None, bytes]]:
     async def collect() -> list[tuple[str | None, bytes]]:
-        reader = SseReader(_Source(chunks), max_line_bytes=caps.get("line", 100), max_total_bytes=caps.get("total", 1000))
+        reader = SseReader(_Source(chunks), max_line_bytes=caps.get("line", 100),
+                           max_total_bytes=caps.get("total", 1000))
         return [event async for event in reader]
     return asyncio.run(collect())
 
