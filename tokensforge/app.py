@@ -10,7 +10,7 @@ from aiohttp import web
 
 from . import metrics
 from .accounts import AccountStore
-from .api import admin, client, ops, playground, research, views
+from .api import admin, client, openapi, ops, playground, research, views
 from .api.middleware import error_middleware
 from .catalog import Catalog
 from .db import create_pool, migrate
@@ -33,6 +33,7 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     app.add_routes(client.routes)
     app.add_routes(research.routes)
     app.add_routes(playground.routes)
+    app.add_routes(openapi.routes)
     app.cleanup_ctx.append(_database(settings, catalog, dsn))
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_background(dsn))
