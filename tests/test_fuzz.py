@@ -22,6 +22,7 @@ from typing import Any
 
 import hypothesis
 import hypothesis.errors
+import pytest
 import orjson
 import requests
 import schemathesis
@@ -229,3 +230,56 @@ def test_known_500_names_exactly_the_inputs_being_fixed_elsewhere() -> None:
         deep = [deep]
     assert known_500(FakeCase(body=deep)) == "deep JSON nesting"
 
+
+# ---------------------------------------------------------------- what the fuzzer found, kept fixed
+
+NUL = "\\u0000"  # JSON escape: the body carries a real U+0000
+
+
+@pytest.mark.parametrize("method,path,token,body,status,param", [
+    ("POST", "/admin/accounts", "admin", f'{{"name": "a{NUL}"}}', 400, "name"),
+    ("POST", "/admin/accounts/{acct}/projects", "admin", f'{{"name": "a{NUL}"}}', 400, "name"),
+    ("POST", "/admin/accounts/{acct}/projects", "admin", f'{{"name": "p", "policy": {{"allowed_models": ["{NUL}"]}}}}',
+     400, "policy"),
+    ("POST", "/admin/accounts/{acct}/keys", "admin", f'{{"name": "k", "project_id": "p{NUL}"}}', 400, "project_id"),
+    ("POST", "/admin/accounts/{acct}/topups", "admin",
+     f'{{"bucket": "credit", "amount_nanos": 5, "idempotency_key": "{NUL}"}}', 400, "idempotency_key"),
+    ("POST", "/admin/accounts/{acct}/topups", "admin",
+     f'{{"bucket": "credit", "amount_nanos": 5, "idempotency_key": "n", "note": "{NUL}"}}', 400, "note"),
+    ("POST", "/admin/accounts/{acct}/topups", "admin",
+     '{"bucket": "credit", "amount_nanos": 1000000000000000000, "idempotency_key": "overflow"}', 400,
+     "amount_nanos"),
+    ("GET", "/admin/accounts/a%00", "admin", None, 404, None),
+    ("POST", "/admin/keys/k%00/revoke", "admin", None, 404, None),
+    ("POST", "/admin/accounts/a%00/topups", "admin",
+     '{"bucket": "credit", "amount_nanos": 5, "idempotency_key": "x"}', 404, None),
+    ("GET", "/v1/usage?route_kind=%00", "key", None, 400, "route_kind"),
+    ("GET", "/v1/ledger?bucket=%00", "key", None, 400, "bucket"),
+    ("GET", "/v1/usage?limit=%C2%B2", "key", None, 400, "limit"),  # "²".isdigit() is True
+    ("POST", "/v1/quote", "key", '{"model": "gpt-4o-mini", "messages": 5}', 400, "messages"),
+    ("POST", "/v1/research/reports", "key",
+     f'{{"topic": "t{NUL}", "model": "gpt-4o-mini", "max_charge_nanos": 1000, "dry_run": true}}', 400, "topic"),
+])
+async def test_inputs_the_fuzzer_found_get_a_clear_4xx_and_move_no_money(
+        gw: Gw, method: str, path: str, token: str, body: str | None, status: int, param: str | None) -> None:
+    account_id, key = await gw.account(credit=10**18)
+    for n in range(8 if "overflow" in (body or "") else 0):  # 9e18: one more 1e18 passes the bigint ceiling
+        status_, entry = await gw.admin("POST", f"/admin/accounts/{account_id}/topups", {
+            "bucket": "credit", "amount_nanos": 10**18, "idempotency_key": f"fill-{n}"})
+        assert status_ == 201, entry
+    headers = {"authorization": f"Bearer {ADMIN_TOKEN if token == 'admin' else key}"}
+    before = await gw.balances(key)
+    async with gw.session.request(method, gw.url + path.format(acct=account_id), data=body, headers=headers) as r:
+        answer = await r.json()
+        assert r.status == status, answer
+        assert answer["error"]["param"] == param and r.headers["x-should-retry"] == "false"
+    assert await gw.balances(key) == before
+
+
+@pytest.mark.xfail(strict=True, reason="chat path (api/client.py, being rewritten): a non-object stream_options "
+                                       "with stream: true is a 500; xpass = fixed, drop this marker")
+async def test_a_non_object_stream_options_is_a_400(gw: Gw) -> None:
+    _, key = await gw.account(credit=10**9)
+    status, answer, _ = await gw.post("/v1/chat/completions", key, {
+        "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": 5})
+    assert status == 400, answer

@@ -12,10 +12,11 @@ from ..catalog import CatalogError
 from ..errors import InvalidApiKey, InvalidRequest, TokensForgeError
 from ..ledger.model import bucket_view, entry_view
 from ..state import GATEWAY, Gateway
-from .common import json_response, optional_str, read_json, require_str
+from .common import json_response, no_nul, optional_str, path_id, read_json, require_str
 
 log = logging.getLogger("tokensforge.admin")
 routes = web.RouteTableDef()
+BIGINT_MAX = 2**63 - 1
 
 
 class AdminDisabled(TokensForgeError):
@@ -39,7 +40,7 @@ def _policy_field(body: dict[str, Any]) -> dict[str, Any]:
     policy = body.get("policy") or {}
     if not isinstance(policy, dict):
         raise InvalidRequest("'policy' must be an object", param="policy")
-    return policy
+    return dict(no_nul(policy, "policy"))
 
 
 @routes.post("/admin/accounts")
@@ -55,7 +56,7 @@ async def create_account(request: web.Request) -> web.Response:
 @routes.get("/admin/accounts/{account_id}")
 async def get_account(request: web.Request) -> web.Response:
     gw = _gateway(request)
-    account_id = request.match_info["account_id"]
+    account_id = path_id(request, "account_id")
     account = await gw.accounts.get_account(account_id)
     account["buckets"] = await account_buckets(gw, account_id)
     return json_response(account)
@@ -78,7 +79,7 @@ async def create_project(request: web.Request) -> web.Response:
     gw = _gateway(request)
     body = await read_json(request)
     name = require_str(body, "name")
-    project = await gw.accounts.create_project(request.match_info["account_id"], name, _policy_field(body))
+    project = await gw.accounts.create_project(path_id(request, "account_id"), name, _policy_field(body))
     return json_response(project, status=201)
 
 
@@ -88,7 +89,7 @@ async def create_key(request: web.Request) -> web.Response:
     body = await read_json(request)
     name = require_str(body, "name")
     project_id = optional_str(body, "project_id")
-    key = await gw.accounts.create_key(request.match_info["account_id"], name, project_id, _policy_field(body))
+    key = await gw.accounts.create_key(path_id(request, "account_id"), name, project_id, _policy_field(body))
     log.info("created key %s (%s) for account %s", key["id"], key["prefix"], key["account_id"])
     return json_response(key, status=201)
 
@@ -96,7 +97,7 @@ async def create_key(request: web.Request) -> web.Response:
 @routes.post("/admin/keys/{key_id}/revoke")
 async def revoke_key(request: web.Request) -> web.Response:
     gw = _gateway(request)
-    key = await gw.accounts.revoke_key(request.match_info["key_id"])
+    key = await gw.accounts.revoke_key(path_id(request, "key_id"))
     gw.keys.invalidate()
     await notify(gw, "keys")
     return json_response(key)
@@ -119,7 +120,13 @@ async def topup(request: web.Request) -> web.Response:
     note = body.get("note")
     if note is not None and not isinstance(note, str):
         raise InvalidRequest("'note' must be a string", param="note")
-    entry, created = await gw.ledger.topup(request.match_info["account_id"], bucket, amount, key, note)
+    no_nul(note, "note")
+    account_id = path_id(request, "account_id")
+    # balances are bigint: refuse a top-up that would overflow one instead of failing in the database
+    if await gw.ledger.balance(account_id, bucket) + amount > BIGINT_MAX:
+        raise InvalidRequest(f"this top-up would take bucket {bucket!r} past the largest balance the ledger "
+                             f"holds ({BIGINT_MAX} nano-USD)", param="amount_nanos")
+    entry, created = await gw.ledger.topup(account_id, bucket, amount, key, note)
     view = entry_view(entry)
     view["replayed"] = not created
     return json_response(view, status=201 if created else 200)

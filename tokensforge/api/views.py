@@ -17,7 +17,7 @@ from ..state import Gateway
 from .admin import account_buckets
 from .auth import authenticate
 from .client import route_pin
-from .common import json_response, query_limit, read_json
+from .common import json_response, query_limit, query_str, read_json
 
 routes = web.RouteTableDef()
 
@@ -71,6 +71,10 @@ async def quote(request: web.Request) -> web.Response:
     gw, identity, policy = await authenticate(request)
     body = await read_json(request)
     model = find_model(gw.catalog, body.get("model"))
+    messages = body.get("messages")
+    if model.type == "chat" and (
+            not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)):
+        raise InvalidRequest("'messages' must be a non-empty array of message objects", param="messages")
     out: dict[str, Any] = {"object": "quote", "model": model.id}
     try:
         route = select_route(model, policy, route_pin(request, body))
@@ -138,7 +142,7 @@ def _usage_view(row: Any) -> dict[str, Any]:
 async def usage(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
     limit = query_limit(request)
-    filters = {k: request.query.get(k) for k in ("model", "route_kind", "bucket", "status")}
+    filters = {k: query_str(request, k) for k in ("model", "route_kind", "bucket", "status")}
     rows = await gw.ledger.usage(identity.account_id, limit=limit + 1, after=_cursor(request), filters=filters)
     return json_response(_page(rows, limit, _usage_view))
 
@@ -148,7 +152,7 @@ async def ledger(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
     limit = query_limit(request)
     rows = await gw.ledger.ledger(identity.account_id, limit=limit + 1, after=_cursor(request),
-                                  bucket=request.query.get("bucket"))
+                                  bucket=query_str(request, "bucket"))
     return json_response(_page(rows, limit, entry_view))
 
 
