@@ -166,6 +166,24 @@ async def test_real_answers_validate_against_the_response_schemas(gw: Gw) -> Non
     conforms("GET", "/v1/receipts/{request_id}", 200, receipt)
 
 
+async def test_a_streamed_chat_ends_with_a_receipt_of_the_documented_shape(gw: Gw) -> None:
+    _, key = await gw.account(credit=10**9)
+    async with gw.session.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"}, json={
+            "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        assert r.headers["x-request-id"].startswith("req_")
+        events = [line[5:].strip() for line in (await r.text()).splitlines() if line.startswith("data:")]
+    sse = _validator("POST", "/v1/chat/completions", 200, "text/event-stream")
+    for data in events:
+        assert not list(sse.iter_errors({"event": "message", "data": data}))
+    assert events[-1] == "[DONE]"
+    final = orjson.loads(events[-2])
+    assert final["choices"] == [] and final["usage"]["total_tokens"] > 0
+    receipt = Draft202012Validator({**DOCUMENT, "$ref": "#/components/schemas/Receipt"})
+    assert not list(receipt.iter_errors(final["receipt"])), final["receipt"]
+
+
 async def test_a_402_and_a_403_carry_their_documented_fields(gw: Gw) -> None:
     _, key = await gw.account(credit=1)
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}

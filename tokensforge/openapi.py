@@ -57,7 +57,7 @@ def body(schema: Schema, *, required: bool = True) -> Schema:
 def ok(schema: Schema, description: str = "OK", *, stream: bool = False, headers: list[str] | None = None) -> Schema:
     content: Schema = {JSON: {"schema": schema}}
     if stream:
-        content["text/event-stream"] = {"schema": STR}
+        content["text/event-stream"] = {"schema": ref("ServerSentEvent")}
     out: Schema = {"description": description, "content": content, "headers": _headers(["RequestId"] + (headers or []))}
     return out
 
@@ -351,6 +351,9 @@ SCHEMAS: dict[str, Schema] = {
                                           "system": {"anyOf": [STR, array({"type": "object"})]},
                                           "tools": array({"type": "object"})}},
     "CountTokens": obj(["input_tokens"], input_tokens=INT),
+    "ServerSentEvent": obj(["data"], data={**STR, "description": "JSON, or [DONE] at the end of a chat stream"},
+                           event={**STR, "description": "named events: research and Responses/Messages streams"},
+                           id=STR),
     # ---------------------------------------------------------------- ops
     "Health": obj(["status"], status={"const": "ok"}, pid=INT),
     "Ready": obj(["status", "checks"], status={"enum": ["ready", "not_ready"]},
