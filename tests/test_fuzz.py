@@ -113,6 +113,16 @@ def _steer(case: Any, ctx: Context, draw: Any) -> None:
     if isinstance(case.body, dict) and "model" in case.body and draw(st.booleans()):
         models = ctx.embedding_models if case.path.endswith("/embeddings") else ctx.chat_models
         case.body["model"] = draw(st.sampled_from(models))
+    _spice(case, draw)
+
+
+def _spice(case: Any, draw: Any) -> None:
+    """Now and then a NUL in one string: PostgreSQL cannot store it, generators rarely make one."""
+    slots = [(container, name) for container in (case.query, case.path_parameters, case.body)
+             if isinstance(container, dict) for name, value in container.items() if isinstance(value, str)]
+    if slots and draw(st.integers(0, 7)) == 0:
+        container, name = draw(st.sampled_from(slots))
+        container[name] += "\x00"
 
 
 def check_answer(case: Any, response: Any, operation: dict[str, Any], ctx: Context) -> None:
