@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: run test venv venv-test postgres promtool chromium bench bench-peer chaos check clean
+.PHONY: run test venv venv-test postgres promtool chromium bench bench-peer chaos check clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ bench-peer: venv-test postgres
 # 45 s, then exact reconciliation; fails on drift or any broken check. CHAOS_ARGS="--duration 60" shortens it.
 chaos: venv-test postgres
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+
+# Long schemathesis run against GET /openapi.json's contract (tests/test_fuzz.py; `make test` runs a short one).
+# A new seed each time unless FUZZ_SEED is given; a failure prints it and the smallest failing curl.
+FUZZ_EXAMPLES ?= 300
+FUZZ_SEED ?= $(shell date +%s)
+fuzz: venv-test postgres
+	@echo "fuzz: $(FUZZ_EXAMPLES) examples per operation and mode, seed $(FUZZ_SEED)"
+	TOKENSFORGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) TOKENSFORGE_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/pytest tests/test_fuzz.py -s
 
 # Pinned: a new ruff or mypy release must not turn CI red on unchanged code; bump them on purpose.
 check: venv-test

@@ -82,30 +82,6 @@ timeout_s = {timeout_s}
 connect_timeout_s = 1
 
 [[models]]
-id = "claude-test"
-max_output_tokens = 1000
-
-  [[models.routes]]
-  id = "claude-test/official"
-  kind = "official"
-  bucket = "credit"
-  input_price_per_mtok = "3.00"
-  output_price_per_mtok = "15.00"
-  channels = [{{ channel = "anthropic-a", upstream_model = "up-claude" }}]
-  retry = {{ max_attempts = 2, retry_on = ["timeout", "connect", "5xx", "429"], backoff_ms = 1 }}
-
-  [[models.routes]]
-  id = "claude-test/routed"
-  kind = "routed"
-  bucket = "routed"
-  input_price_per_mtok = "1.50"
-  output_price_per_mtok = "7.50"
-  channels = [{{ channel = "relay-a", upstream_model = "up-claude-relay" }},
-              {{ channel = "anthropic-a", upstream_model = "up-claude-b" }}]
-  retry = {{ max_attempts = 3, retry_on = ["timeout", "connect", "5xx", "429"], backoff_ms = 1 }}
-  on_failure = "charge_delivered"
-
-[[models]]
 id = "gpt-4o-mini"
 max_output_tokens = 1000
 
@@ -235,6 +211,30 @@ max_output_tokens = 1
   input_price_per_mtok = "0.01"
   output_price_per_mtok = "0"
   channels = [{{ channel = "relay-b", upstream_model = "up-embed-routed" }}]
+
+[[models]]
+id = "claude-test"
+max_output_tokens = 1000
+
+  [[models.routes]]
+  id = "claude-test/official"
+  kind = "official"
+  bucket = "credit"
+  input_price_per_mtok = "3.00"
+  output_price_per_mtok = "15.00"
+  channels = [{{ channel = "anthropic-a", upstream_model = "up-claude" }}]
+  retry = {{ max_attempts = 2, retry_on = ["timeout", "connect", "5xx", "429"], backoff_ms = 1 }}
+
+  [[models.routes]]
+  id = "claude-test/routed"
+  kind = "routed"
+  bucket = "routed"
+  input_price_per_mtok = "1.50"
+  output_price_per_mtok = "7.50"
+  channels = [{{ channel = "relay-a", upstream_model = "up-claude-relay" }},
+              {{ channel = "anthropic-a", upstream_model = "up-claude-b" }}]
+  retry = {{ max_attempts = 3, retry_on = ["timeout", "connect", "5xx", "429"], backoff_ms = 1 }}
+  on_failure = "charge_delivered"
 """
 
 

@@ -37,15 +37,15 @@ class ResearchRequest:
 
 def parse_request(body: dict[str, Any]) -> ResearchRequest:
     topic = body.get("topic")
-    if not isinstance(topic, str) or not topic.strip() or len(topic) > 500:
-        raise InvalidRequest("'topic' must be a non-empty string of at most 500 characters", param="topic")
+    if not isinstance(topic, str) or not topic.strip() or len(topic) > 500 or "\x00" in topic:
+        raise InvalidRequest("'topic' must be a non-empty string of at most 500 characters (no NUL)", param="topic")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required", param="model")
     sections = body.get("sections") or list(DEFAULT_SECTIONS)
     if (not isinstance(sections, list) or not 1 <= len(sections) <= MAX_SECTIONS
-            or not all(isinstance(s, str) and s.strip() for s in sections)):
-        raise InvalidRequest(f"'sections' must be 1 to {MAX_SECTIONS} non-empty strings", param="sections")
+            or not all(isinstance(s, str) and s.strip() and "\x00" not in s for s in sections)):
+        raise InvalidRequest(f"'sections' must be 1 to {MAX_SECTIONS} non-empty strings (no NUL)", param="sections")
     cap = body.get("max_charge_nanos")
     if isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0:
         raise InvalidRequest("'max_charge_nanos' must be a positive integer (nano-USD)", param="max_charge_nanos")

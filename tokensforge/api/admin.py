@@ -117,8 +117,6 @@ async def topup(request: web.Request) -> web.Response:
     amount = body.get("amount_nanos")
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise InvalidRequest("'amount_nanos' must be a positive integer (nano-USD)", param="amount_nanos")
-    if amount > 10**18:
-        raise InvalidRequest("'amount_nanos' is too large", param="amount_nanos")
     key = require_str(body, "idempotency_key")
     note = body.get("note")
     if note is not None and not isinstance(note, str):

@@ -87,6 +87,10 @@ async def quote(request: web.Request) -> web.Response:
     gw, identity, policy = await authenticate(request)
     body = await read_json(request)
     model = find_model(gw.catalog, body.get("model"))
+    messages = body.get("messages")
+    if model.type == "chat" and (
+            not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)):
+        raise InvalidRequest("'messages' must be a non-empty array of message objects", param="messages")
     out: dict[str, Any] = {"object": "quote", "model": model.id}
     try:
         route = select_route(model, policy, route_pin(request, body))

@@ -24,6 +24,7 @@ from .. import metrics
 from ..errors import (
     BudgetExceeded,
     IdempotencyConflict,
+    InvalidRequest,
     InsufficientBalance,
     LedgerError,
     LedgerOutcomeUnknown,
@@ -209,6 +210,9 @@ class LedgerStore:
                 account_id, bucket, amount_nanos, idempotency_key, note)
         except asyncpg.ForeignKeyViolationError:
             raise NotFound(f"account {account_id!r} does not exist", param="account_id") from None
+        except asyncpg.NumericValueOutOfRangeError:  # checked where it happens, so concurrent top-ups agree
+            raise InvalidRequest(f"this top-up would take bucket {bucket!r} past the largest balance the ledger "
+                                 "holds (2^63 - 1 nano-USD)", param="amount_nanos") from None
         outcome, seq = rows[0]["outcome"], rows[0]["entry_seq"]
         if outcome == "conflict":
             raise IdempotencyConflict(
