@@ -22,6 +22,8 @@ from tokensforge.research import (
     section_body,
 )
 
+from tokensforge.research_store import ReportStore
+
 from .harness import Gw
 
 TOPIC = "Copper futures into 2027"
@@ -69,7 +71,7 @@ async def test_run_is_stored_and_reloads_as_json_and_markdown(gw: Gw) -> None:
         assert r.status == 200 and r.headers["content-type"].startswith("text/markdown")
         assert r.headers["content-disposition"] == f'attachment; filename="research-{report["id"]}.md"'
         text = await r.text()
-    assert text.startswith(f"# {TOPIC}\n") and "gpt-4o-mini/routed (routed)" in text
+    assert text.startswith(f"# Research report: {TOPIC}\n") and "gpt-4o-mini/routed (routed)" in text
     assert "> My notes: LME warehouse stocks | Chilean mine strikes." in text
     for section in report["sections"]:
         receipt = section["receipt"]
@@ -179,6 +181,57 @@ async def test_streamed_run_whose_client_leaves_is_kept_as_interrupted(gw: Gw) -
     assert balances["credit"]["reserved_nanos"] == 0
 
 
+async def test_unary_run_whose_client_leaves_is_kept_as_interrupted(gw: Gw) -> None:
+    _, key = await gw.account(credit=10**9)
+    await gw.mock.faults({"latency_ms": 250})
+    async with aiohttp.ClientSession() as session:
+        try:  # the client gives up while the second section is upstream
+            async with asyncio.timeout(0.4):
+                await session.post(gw.url + "/v1/research/reports", headers={"authorization": f"Bearer {key}"},
+                                   data=orjson.dumps({"topic": TOPIC, "model": "gpt-4o-mini",
+                                                      "sections": ["A", "B", "C"], "max_charge_nanos": 10**8}))
+            raise AssertionError("the run should still be going")
+        except TimeoutError:
+            pass
+    report = await _settled_report(gw, key)
+    assert report["status"] == "interrupted" and [s["title"] for s in report["sections"]] == ["A"]
+    charges = await _charges(gw, key)
+    assert report["total_charge_nanos"] == report["sections"][0]["receipt"]["charge_nanos"] == sum(charges.values())
+
+
+async def _settled_report(gw: Gw, key: str) -> dict[str, Any]:
+    """The account's one report, once its run has ended."""
+    deadline = time.monotonic() + 10
+    while True:
+        _, page = await gw.get("/v1/research/reports", key)
+        if page["data"] and page["data"][0]["status"] != "running" or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert len(page["data"]) == 1
+    status, report = await gw.get(f"/v1/research/reports/{page['data'][0]['id']}", key)
+    assert status == 200
+    return dict(report)
+
+
+async def test_a_charged_section_whose_row_was_lost_is_recovered_from_its_usage_record(gw: Gw) -> None:
+    """A cancellation between a section's settlement and its row: `finish` adds it from the usage record."""
+    _, key = await gw.account(credit=10**9)
+    report = await _report(gw, key, sections=["A", "B"])
+    lost = report["sections"][1]["receipt"]
+    async with gw.gateway.pool.acquire() as conn:
+        await conn.execute("DELETE FROM research_sections WHERE report_id = $1 AND position = 1", report["id"])
+    started = [(i, s["title"], s["receipt"]["request_id"]) for i, s in enumerate(report["sections"])]
+    row, sections = await ReportStore(gw.gateway.pool).finish(report["id"], "interrupted", started)
+    assert [s["title"] for s in sections] == ["A", "B"]
+    assert sections[1]["content"] is None and sections[1]["error"]["code"] == "client_cancelled"
+    assert sections[1]["charge_nanos"] == lost["charge_nanos"] > 0
+    assert sections[1]["receipt"]["ledger_entry_id"] == lost["ledger_entry_id"]
+    assert row["total_charge_nanos"] == report["total_charge_nanos"] == sum((await _charges(gw, key)).values())
+    # finishing again changes nothing
+    row2, sections2 = await ReportStore(gw.gateway.pool).finish(report["id"], "interrupted", started)
+    assert row2["total_charge_nanos"] == row["total_charge_nanos"] and len(sections2) == 2
+
+
 async def _cli(gw: Gw, key: str, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tokensforge", "research", *args, "--base-url", gw.url + "/v1", "--api-key", key,
@@ -203,7 +256,7 @@ async def test_cli_lists_and_shows_kept_reports(gw: Gw) -> None:
     assert DISCLAIMER in out
     code, out, err = await _cli(gw, key, "--show", report["id"])
     assert code == 0, err
-    assert f"# {TOPIC}" in out and "## Overview" in out and "## Risks" in out and DISCLAIMER in out
+    assert f"# Research report: {TOPIC}" in out and "## Overview" in out and "## Risks" in out and DISCLAIMER in out
     assert report["sections"][1]["content"] in out
     assert all(s["receipt"]["ledger_entry_id"] in out for s in report["sections"])
     assert f"**{report['total_charge_usd']}**" in out and "status: completed" in out

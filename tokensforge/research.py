@@ -228,7 +228,7 @@ def _cell(text: str) -> str:
 def report_markdown(report: Mapping[str, Any]) -> str:
     """A report as a markdown file to keep: its sections, a receipt table, totals, the disclaimer."""
     route = report["route"]
-    lines = [f"# {_cell(report['topic'])}", "",
+    lines = [f"# Research report: {_cell(report['topic'])}", "",
              f"- Report: `{report['id']}`, {report.get('created_at') or ''} · status: {report['status']}",
              f"- Model: {report['model']} · route: {route['id']} ({route['kind']}) · bucket: {report['bucket']}",
              ""]
