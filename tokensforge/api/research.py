@@ -126,7 +126,10 @@ class _Run:
             self.stream = web.StreamResponse(headers={
                 "content-type": "text/event-stream", "cache-control": "no-cache",
                 "x-request-id": self.request_id, "x-tokensforge-report-id": self.report_id})
-            await self.stream.prepare(self.request)
+            try:
+                await self.stream.prepare(self.request)
+            except ConnectionError:
+                raise _ClientGone() from None
             self.request[STREAM] = self.stream
             await self._event("estimate", {**estimate, "report_id": self.report_id})
 
