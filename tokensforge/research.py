@@ -36,6 +36,7 @@ SECTION_EXCERPT_BYTES = SECTION_MAX_TOKENS * 8
 #: what a later section sees of all earlier ones together: the most recent part
 EARLIER_MAX_BYTES = 8000
 ELLIPSIS = "…"
+_SECTION_GAP = "\n\n"
 STATUSES = ("running", "completed", "stopped_at_cap", "failed", "interrupted")
 
 
@@ -111,9 +112,6 @@ def estimate_section_body(req: ResearchRequest, index: int) -> dict[str, Any]:
         return _section_body(req, 0, "")
     size = min(EARLIER_MAX_BYTES, index * SECTION_EXCERPT_BYTES + (index - 1) * len(_SECTION_GAP))
     return _section_body(req, index, "x" * size)
-
-
-_SECTION_GAP = "\n\n"
 
 
 def earlier_excerpt(earlier: Sequence[tuple[str, str]]) -> str:
