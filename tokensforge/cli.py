@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_cmd = sub.add_parser("migrate", help="apply database migrations")
     migrate_cmd.add_argument("--data-dir", type=Path, default=Path(".tokensforge"))
 
-    research = sub.add_parser("research", help="write a research report through a running gateway")
+    research = sub.add_parser("research", help="write, list (--list) or show (--show ID) research reports "
+                              "through a running gateway")
     research_cli.add_arguments(research)
 
     mock = sub.add_parser("mock-upstream", help="the simulated OpenAI-compatible upstream")

@@ -1,24 +1,46 @@
-"""POST /v1/research/reports: the research assistant over the gateway's own billed route."""
+"""The research assistant over the gateway's own billed route (SPEC §7).
+
+`POST /v1/research/reports` writes a report section by section (each section one billed
+request) and keeps it as it goes (`research_store`); `GET /v1/research/reports` and
+`GET /v1/research/reports/{id}` read the kept reports back.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..errors import InsufficientBalance, InvalidRequest, TokensForgeError
-from ..money import usd
+from ..accounts import KeyIdentity
+from ..catalog import Model, Route
 from ..dialects import openai_chat
-from ..lifecycle import Lifecycle
+from ..errors import InsufficientBalance, InvalidRequest, LedgerUnavailable, NotFound, TokensForgeError
+from ..ledger.model import parse_cursor
+from ..lifecycle import Lifecycle, shielded
+from ..policy import EffectivePolicy
 from ..pricing import size_request
-from ..research import DISCLAIMER, estimate_view, parse_request, section_body
+from ..research import (
+    ResearchRequest,
+    estimate_section_body,
+    estimate_view,
+    parse_request,
+    report_list_item,
+    report_markdown,
+    report_view,
+    section_body,
+)
+from ..research_store import NewReport, ReportStore, section_request_id
 from ..routing import find_model, select_route
+from ..state import Gateway
 from .auth import authenticate
 from .client import complete
-from .common import REQUEST_ID, STREAM, json_response, read_json
+from .common import REQUEST_ID, STREAM, json_response, path_param, query_limit, query_text, read_json
 
+log = logging.getLogger("tokensforge.research")
 routes = web.RouteTableDef()
 
 
@@ -31,6 +53,10 @@ class ChargeCapTooLow(InsufficientBalance):
         self.extra["max_charge_nanos"] = cap_nanos
 
 
+class _ClientGone(Exception):
+    """A streamed run's client disconnected (a write failed)."""
+
+
 @routes.post("/v1/research/reports")
 async def create_report(request: web.Request) -> web.StreamResponse:
     gw, identity, policy = await authenticate(request)
@@ -40,7 +66,8 @@ async def create_report(request: web.Request) -> web.StreamResponse:
     if model.type != "chat":
         raise InvalidRequest(f"model {model.id!r} is not a chat model", param="model")
     route = select_route(model, policy, pin)
-    reserves = [size_request(openai_chat.decode(section_body(req, i)), model, route).amount_nanos
+    # each section at its largest prompt (the earlier sections at their longest excerpt)
+    reserves = [size_request(openai_chat.decode(estimate_section_body(req, i)), model, route).amount_nanos
                 for i in range(len(req.sections))]
     available = await gw.ledger.available(identity.account_id, route.bucket)
     estimate = estimate_view(req, reserves, available, {"id": route.id, "kind": route.kind}, route.bucket)
@@ -52,58 +79,167 @@ async def create_report(request: web.Request) -> web.StreamResponse:
         raise ChargeCapTooLow(route.bucket, reserves[0], req.max_charge_nanos)
 
     balance_before = await gw.ledger.balance(identity.account_id, route.bucket)
-    report_id = "rep_" + secrets.token_hex(8)
-    stream = await _open_stream(request) if req.stream else None
-    if stream is not None:
-        await _event(stream, "estimate", estimate)
-    sections: list[dict[str, Any]] = []
-    status, total = "completed", 0
-    for index, title in enumerate(req.sections):
-        if total + reserves[index] > req.max_charge_nanos:
-            status = "stopped_at_cap"
-            break
-        if stream is not None:
-            await _event(stream, "section_started", {"index": index, "title": title})
-        failure: TokensForgeError | None = None
+    run = _Run(gw, identity, policy, request, req, model, route, pinned=pin is not None)
+    try:
+        await run.start(balance_before, estimate)
+        status = await run.write_sections(reserves)
+    except _ClientGone:
+        status = "interrupted"
+    except asyncio.CancelledError:  # the client left a run (aiohttp cancels the handler): keep the report
+        await shielded(run.finish("interrupted"))
+        raise
+    except BaseException:
+        await shielded(run.finish("failed"))
+        raise
+    report = await shielded(run.finish(status))
+    if run.stream is None:
+        return json_response(report, headers={"x-tokensforge-report-id": run.report_id})
+    if status != "interrupted":
+        await _write_quietly(run.stream, "report_completed", report)
+    return run.stream
+
+
+class _Run:
+    """One report being written: its stored row, the stream (if any) and the sections so far."""
+
+    def __init__(self, gw: Gateway, identity: KeyIdentity, policy: EffectivePolicy, request: web.Request,
+                 req: ResearchRequest, model: Model, route: Route, *, pinned: bool) -> None:
+        self.gw, self.identity, self.policy = gw, identity, policy
+        self.request, self.req, self.model, self.route, self.pinned = request, req, model, route, pinned
+        self.report_id = "rep_" + secrets.token_hex(8)
+        self.request_id = request[REQUEST_ID]
+        self.store = ReportStore(gw.pool)
+        self.stream: web.StreamResponse | None = None
+        self.row: dict[str, Any] = {}
+        self.sections: list[dict[str, Any]] = []  # as stored: title, content, receipt, error
+        self.started: list[tuple[int, str, str]] = []  # (position, title, request id) of every section begun
+
+    async def start(self, balance_before_nanos: int, estimate: dict[str, Any]) -> None:
+        """Store the report (status "running") before anything is charged; open the stream."""
+        req, route = self.req, self.route
+        row = await shielded(self.store.create(NewReport(
+            self.report_id, self.identity.account_id, self.identity.project_id, self.identity.key_id,
+            self.request_id, req.topic, self.model.id, route.id, route.kind, route.bucket, req.context,
+            req.sections, req.max_charge_nanos, balance_before_nanos)))
+        self.row = dict(row)
+        if req.stream:
+            self.stream = web.StreamResponse(headers={
+                "content-type": "text/event-stream", "cache-control": "no-cache",
+                "x-request-id": self.request_id, "x-tokensforge-report-id": self.report_id})
+            try:
+                await self.stream.prepare(self.request)
+            except ConnectionError:
+                raise _ClientGone() from None
+            self.request[STREAM] = self.stream
+            await self._event("estimate", {**estimate, "report_id": self.report_id})
+
+    async def write_sections(self, reserves: list[int]) -> str:
+        """Write the sections in order; the report's status. Stops before a section that could pass the
+        cap, and at the first section that fails."""
+        total = 0
+        for index, title in enumerate(self.req.sections):
+            if total + reserves[index] > self.req.max_charge_nanos:
+                return "stopped_at_cap"
+            await self._event("section_started", {"report_id": self.report_id, "index": index, "title": title})
+            section = await self._section(index, title)
+            if section["receipt"] is None:
+                await self._event("section_failed", {"report_id": self.report_id, "index": index, **section})
+                return "failed"
+            total += section["receipt"]["charge_nanos"]
+            await self._event("section_completed", {"report_id": self.report_id, "index": index,
+                                                    "title": title, "content": section["content"],
+                                                    "receipt": section["receipt"]})
+        return "completed"
+
+    async def _section(self, index: int, title: str) -> dict[str, Any]:
+        """One billed request; recorded in the report whatever its outcome."""
+        request_id = section_request_id(self.request_id, index)
+        self.started.append((index, title, request_id))
+        earlier = [(s["title"], s["content"]) for s in self.sections if s["content"] is not None]
+        body = openai_chat.decode(section_body(self.req, index, earlier))
+        section: dict[str, Any] = {"title": title, "content": None, "receipt": None, "error": None}
         try:
-            async with Lifecycle(gw, identity, policy, request[REQUEST_ID] + f"_s{index + 1}",
-                                 "research.section") as life:
-                life.begin(model, route, pinned=pin is not None)
-                answer, receipt = await complete(gw, life, model, route, openai_chat.decode(section_body(req, index)))
+            async with Lifecycle(self.gw, self.identity, self.policy, request_id, "research.section") as life:
+                life.begin(self.model, self.route, pinned=self.pinned)
+                answer, receipt = await complete(self.gw, life, self.model, self.route, body)
+            section.update(content=answer.output_text, receipt=receipt)
         except TokensForgeError as exc:  # refused or failed: recorded and voided by the lifecycle
-            failure = exc
-        if failure is not None:
-            status = "failed"
-            sections.append({"title": title, "content": None, "error": failure.body()["error"], "receipt": None})
-            break
-        content = answer.output_text
-        section = {"title": title, "content": content, "receipt": receipt}
-        sections.append(section)
-        total += receipt["charge_nanos"]
-        if stream is not None:
-            await _event(stream, "section_completed", {"index": index, **section})
-    balance_after = await gw.ledger.balance(identity.account_id, route.bucket)
-    report = {
-        "id": report_id, "object": "research.report", "topic": req.topic, "model": model.id,
-        "route": {"id": route.id, "kind": route.kind}, "bucket": route.bucket, "status": status,
-        "sections": sections, "total_charge_nanos": total, "total_charge_usd": usd(total),
-        "balance_before_nanos": balance_before, "balance_after_nanos": balance_after,
-        "disclaimer": DISCLAIMER,
-    }
-    if stream is None:
+            section["error"] = exc.body()["error"]
+        self.sections.append(section)
+        try:
+            await shielded(self.store.add_section(self.report_id, index, title, request_id, section["content"],
+                                                  section["receipt"], section["error"]))
+        except LedgerUnavailable:  # `finish` recovers a charged section from its usage record
+            log.warning("report %s: section %d could not be stored", self.report_id, index + 1)
+        return section
+
+    async def finish(self, status: str) -> dict[str, Any]:
+        """Store the final status and totals; the report as stored (as held in memory if the
+        database is away: the sections were charged, so the answer is not an error)."""
+        if not self.row:  # the run never started: nothing was stored or charged
+            return {}
+        try:
+            row, sections = await self.store.finish(self.report_id, status, self.started)
+            return report_view(row, sections)
+        except LedgerUnavailable:
+            log.warning("report %s: its end (%s) could not be stored", self.report_id, status)
+        total = sum(s["receipt"]["charge_nanos"] for s in self.sections if s["receipt"] is not None)
+        balance_after = self.row["balance_before_nanos"] - total
+        return report_view({**self.row, "status": status, "total_charge_nanos": total,
+                            "balance_after_nanos": balance_after}, self.sections)
+
+    async def _event(self, name: str, data: Any) -> None:
+        if self.stream is None:
+            return
+        try:
+            await self.stream.write(_sse(name, data))
+        except ConnectionError:
+            raise _ClientGone() from None
+
+
+def _sse(name: str, data: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+async def _write_quietly(stream: web.StreamResponse, name: str, data: Any) -> None:
+    """The last event of a run whose report is already stored: a client that left misses only it."""
+    try:
+        await stream.write(_sse(name, data))
+        await stream.write_eof()
+    except ConnectionError:
+        log.info("the end of a research stream did not reach its client")
+
+
+# ---------------------------------------------------------------------- reading kept reports
+
+
+@routes.get("/v1/research/reports")
+async def list_reports(request: web.Request) -> web.Response:
+    gw, identity, _ = await authenticate(request)
+    limit = query_limit(request)
+    try:
+        after = parse_cursor(request.query.get("after"))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="after") from None
+    rows = await ReportStore(gw.pool).page(identity.account_id, limit=limit + 1, after=after)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return json_response({"object": "list", "data": [report_list_item(r) for r in rows], "has_more": more,
+                          "next_cursor": str(rows[-1]["seq"]) if more else None})
+
+
+@routes.get("/v1/research/reports/{report_id}")
+async def get_report(request: web.Request) -> web.Response:
+    gw, identity, _ = await authenticate(request)
+    report_id = path_param(request, "report_id")
+    fmt = query_text(request, "format") or "json"
+    if fmt not in ("json", "markdown"):
+        raise InvalidRequest("'format' must be 'json' or 'markdown'", param="format")
+    found = await ReportStore(gw.pool).get(identity.account_id, report_id)
+    if found is None:
+        raise NotFound(f"no research report {report_id!r} in this account", param="id")
+    report = report_view(*found)
+    if fmt == "json":
         return json_response(report)
-    await _event(stream, "report_completed", report)
-    await stream.write_eof()
-    return stream
-
-
-async def _open_stream(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"content-type": "text/event-stream", "cache-control": "no-cache",
-                                           "x-request-id": request[REQUEST_ID]})
-    await response.prepare(request)
-    request[STREAM] = response
-    return response
-
-
-async def _event(stream: web.StreamResponse, name: str, data: Any) -> None:
-    await stream.write(b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n")
+    return web.Response(text=report_markdown(report), content_type="text/markdown", charset="utf-8",
+                        headers={"content-disposition": f'attachment; filename="research-{report["id"]}.md"'})
