@@ -306,12 +306,18 @@ SCHEMAS: dict[str, Schema] = {
         ["id", "topic", "model", "status", "sections", "total_charge_nanos", "balance_before_nanos",
          "balance_after_nanos", "disclaimer"],
         id=STR, object={"const": "research.report"}, topic=STR, model=STR, route=ref("RouteRef"), bucket=STR,
-        status={"enum": ["completed", "stopped_at_cap", "failed"]}, sections=array(ref("ResearchSection")),
-        total_charge_nanos=NANOS, total_charge_usd=USD, balance_before_nanos=NANOS, balance_after_nanos=NANOS,
-        disclaimer={"const": "Research support, not financial advice."}),
+        status={"enum": ["running", "completed", "stopped_at_cap", "failed", "interrupted"]},
+        sections=array(ref("ResearchSection")), context=nullable(STR), created_at=nullable(STR),
+        updated_at=nullable(STR), total_charge_nanos=NANOS, total_charge_usd=USD, balance_before_nanos=NANOS,
+        balance_after_nanos=nullable(NANOS), disclaimer={"const": "Research support, not financial advice."}),
+    "ResearchListItem": obj(
+        ["id", "object", "topic", "model", "status", "created_at", "total_charge_nanos", "sections"],
+        id=STR, object={"const": "research.report"}, topic=STR, model=STR,
+        status={"enum": ["running", "completed", "stopped_at_cap", "failed", "interrupted"]}, created_at=STR,
+        total_charge_nanos=NANOS, total_charge_usd=USD, sections={"type": "integer", "minimum": 0}),
     "ResearchAnswer": {"anyOf": [ref("ResearchReport"), obj(["estimate"], estimate=ref("ResearchEstimate"))]},
     "ResearchList": obj(["object", "data", "has_more", "next_cursor"], object={"const": "list"},
-                        data=array(ref("ResearchReport")), has_more=BOOL, next_cursor=nullable(STR)),
+                        data=array(ref("ResearchListItem")), has_more=BOOL, next_cursor=nullable(STR)),
     # ---------------------------------------------------------------- other dialects (SPEC §2)
     "ResponsesRequest": {
         "type": "object", "required": ["model"],
@@ -477,8 +483,7 @@ PATHS: dict[str, Schema] = {
                                  stream=True),
                        **errors(400, 401, 402, 403, 404, 413, 429, 503)}),
         "get": op("The account's reports, newest first, paginated", tag="research", op_id="listResearchReports",
-                  params=[LIMIT, AFTER], responses={"200": ok(ref("ResearchList")), **errors(400, *CLIENT_READ)},
-                  planned=True),
+                  params=[LIMIT, AFTER], responses={"200": ok(ref("ResearchList")), **errors(400, *CLIENT_READ)}),
     },
     "/v1/research/reports/{report_id}": {"get": op(
         "One report with its sections, receipts and totals", tag="research", op_id="getResearchReport",
@@ -486,7 +491,7 @@ PATHS: dict[str, Schema] = {
                 query("format", {"enum": ["json", "markdown"]}, "markdown: a file to keep")],
         responses={"200": {**ok(ref("ResearchReport")), "content": {JSON: {"schema": ref("ResearchReport")},
                                                                      "text/markdown": {"schema": STR}}},
-                   **errors(*CLIENT_READ, 404)}, planned=True)},
+                   **errors(400, *CLIENT_READ, 404)})},
     # ---------------------------------------------------------------- admin
     "/admin/accounts": {"post": op(
         "Create an account", tag="admin", security="AdminToken", op_id="createAccount",
