@@ -57,39 +57,41 @@ def receipt_of(obj: Any) -> dict[str, Any]:
     return receipt
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
-async def test_create_text_is_a_strict_message_billed_as_its_receipt_says(
-        gw: Gw, claude: Factory, model: str, upstream_model: str, upstream_path: str) -> None:
+async def test_create_text_is_a_strict_message_billed_as_its_receipt_says(gw: Gw, claude: Factory) -> None:
     _, key = await gw.account(credit=FUNDS)
     await short_answers(gw, 7)
-    raw = await claude(key).messages.with_raw_response.create(
-        model=model, max_tokens=20, system="Be terse.", messages=HELLO)  # type: ignore[arg-type]
-    data = raw.http_response.json()
-    message = SdkMessage.model_validate(data, strict=True)
-    assert message.id.startswith("msg_") and message.model == model and message.stop_reason == "end_turn"
-    assert [block.type for block in message.content] == ["text"] and message.content[0].text  # type: ignore[union-attr]
-    assert message.usage.output_tokens == 7
-    receipt = data["receipt"]
-    assert receipt["endpoint"] == "messages" and receipt["upstream_model"] == upstream_model
-    assert receipt["usage"] == {"prompt_tokens": message.usage.input_tokens, "completion_tokens": 7,
-                                "total_tokens": message.usage.input_tokens + 7}
-    assert raw.headers["x-request-id"] == receipt["request_id"]
-    assert raw.headers["x-tokensforge-route"] == f"{model}/official"
-    assert raw.headers["x-tokensforge-charge-nanos"] == str(receipt["charge_nanos"])
-    charge = await gw.assert_billed(key, receipt, message.id)
-    assert (await gw.balances(key))["credit"]["balance_nanos"] == FUNDS - charge
-    last = (await gw.mock.stats())["last_request"]
-    assert last["path"] == upstream_path and last["body"]["model"] == upstream_model
-    assert "Be terse." in str(last["body"]) and "Say hello to the ledger." in str(last["body"])
+    spent = 0
+    for model, upstream_model, upstream_path in CHANNELS:
+        raw = await claude(key).messages.with_raw_response.create(
+            model=model, max_tokens=20, system="Be terse.", messages=HELLO)  # type: ignore[arg-type]
+        data = raw.http_response.json()
+        message = SdkMessage.model_validate(data, strict=True)
+        assert message.id.startswith("msg_") and message.model == model and message.stop_reason == "end_turn"
+        assert [block.type for block in message.content] == ["text"] and message.content[0].text  # type: ignore[union-attr]
+        assert message.usage.output_tokens == 7
+        receipt = data["receipt"]
+        assert receipt["endpoint"] == "messages" and receipt["upstream_model"] == upstream_model
+        assert receipt["usage"] == {"prompt_tokens": message.usage.input_tokens, "completion_tokens": 7,
+                                    "total_tokens": message.usage.input_tokens + 7}
+        assert raw.headers["x-request-id"] == receipt["request_id"]
+        assert raw.headers["x-tokensforge-route"] == f"{model}/official"
+        assert raw.headers["x-tokensforge-charge-nanos"] == str(receipt["charge_nanos"])
+        spent += await gw.assert_billed(key, receipt, message.id)
+        assert (await gw.balances(key))["credit"]["balance_nanos"] == FUNDS - spent
+        last = (await gw.mock.stats())["last_request"]
+        assert last["path"] == upstream_path and last["body"]["model"] == upstream_model
+        assert "Be terse." in str(last["body"]) and "Say hello to the ledger." in str(last["body"])
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
 @pytest.mark.parametrize("streamed", [False, True], ids=["create", "stream"])
-async def test_tool_use_round_trip(gw: Gw, claude: Factory, model: str, upstream_model: str,
-                                   upstream_path: str, streamed: bool) -> None:
+async def test_tool_use_round_trip(gw: Gw, claude: Factory, streamed: bool) -> None:
     _, key = await gw.account(credit=FUNDS)
-    client = claude(key)
+    for model, _, _ in CHANNELS:
+        await tool_use_round_trip(gw, claude(key), key, model, streamed)
 
+
+async def tool_use_round_trip(gw: Gw, client: anthropic.AsyncAnthropic, key: str, model: str,
+                              streamed: bool) -> None:
     async def create(messages: list[dict[str, Any]]) -> tuple[SdkMessage, dict[str, Any]]:
         fields: dict[str, Any] = dict(model=model, max_tokens=200, tools=[WEATHER], messages=messages)
         if not streamed:
@@ -115,27 +117,25 @@ async def test_tool_use_round_trip(gw: Gw, claude: Factory, model: str, upstream
     assert use.id in str((await gw.mock.stats())["last_request"]["body"])  # the call id went upstream
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
-async def test_stream_helper_final_message(gw: Gw, claude: Factory, model: str, upstream_model: str,
-                                           upstream_path: str) -> None:
+async def test_stream_helper_final_message(gw: Gw, claude: Factory) -> None:
     _, key = await gw.account(credit=FUNDS)
     await short_answers(gw, 5)
-    text, receipts = "", []
-    async with claude(key).messages.stream(model=model, max_tokens=20, messages=HELLO) as stream:  # type: ignore[arg-type]
-        async for event in stream:
-            if event.type == "text":
-                text += event.text
-            elif event.type == "message_delta":  # the SDK's accumulated message drops unknown fields
-                receipts.append(receipt_of(event))
-        final = await stream.get_final_message()
-    assert text and final.content[0].text == text and final.usage.output_tokens == 5  # type: ignore[union-attr]
-    assert final.stop_reason == "end_turn" and len(receipts) == 1
-    await gw.assert_billed(key, receipts[0], final.id)
+    for model, _, _ in CHANNELS:
+        text, receipts = "", []
+        async with claude(key).messages.stream(model=model, max_tokens=20, messages=HELLO) as stream:  # type: ignore[arg-type]
+            async for event in stream:
+                if event.type == "text":
+                    text += event.text
+                elif event.type == "message_delta":  # the SDK's accumulated message drops unknown fields
+                    receipts.append(receipt_of(event))
+            final = await stream.get_final_message()
+        assert text and final.content[0].text == text and final.usage.output_tokens == 5  # type: ignore[union-attr]
+        assert final.stop_reason == "end_turn" and len(receipts) == 1
+        await gw.assert_billed(key, receipts[0], final.id)
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
-async def test_raw_stream_events_start_first_receipt_on_delta_stop_last(
-        gw: Gw, claude: Factory, model: str, upstream_model: str, upstream_path: str) -> None:
+@pytest.mark.parametrize("model", [model for model, _, _ in CHANNELS], ids=CHANNEL_IDS)
+async def test_raw_stream_events_start_first_receipt_on_delta_stop_last(gw: Gw, claude: Factory, model: str) -> None:
     _, key = await gw.account(credit=FUNDS)
     await short_answers(gw, 6)
     stream = await claude(key).messages.create(model=model, max_tokens=20, messages=HELLO, stream=True)  # type: ignore[arg-type]
@@ -155,16 +155,15 @@ async def test_raw_stream_events_start_first_receipt_on_delta_stop_last(
     assert (await gw.mock.stats())["last_request"]["body"]["stream"] is True
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
-async def test_count_tokens_charges_nothing(gw: Gw, claude: Factory, model: str, upstream_model: str,
-                                            upstream_path: str) -> None:
+async def test_count_tokens_charges_nothing(gw: Gw, claude: Factory) -> None:
     _, key = await gw.account(credit=FUNDS)
     client = claude(key)
     before = await gw.balances(key)
-    short = await client.messages.count_tokens(model=model, messages=HELLO)  # type: ignore[arg-type]
-    longer = await client.messages.count_tokens(model=model, system="Be terse, and kind.", tools=[WEATHER],  # type: ignore[list-item]
-                                                messages=HELLO * 3)  # type: ignore[arg-type]
-    assert 0 < short.input_tokens < longer.input_tokens
+    for model, _, _ in CHANNELS:
+        short = await client.messages.count_tokens(model=model, messages=HELLO)  # type: ignore[arg-type]
+        longer = await client.messages.count_tokens(model=model, system="Be terse, and kind.", tools=[WEATHER],  # type: ignore[list-item]
+                                                    messages=HELLO * 3)  # type: ignore[arg-type]
+        assert 0 < short.input_tokens < longer.input_tokens
     assert await gw.balances(key) == before
     _, ledger = await gw.get("/v1/ledger", key)
     assert [e["kind"] for e in ledger["data"]] == ["topup"]

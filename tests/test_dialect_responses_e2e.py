@@ -35,36 +35,35 @@ def receipt_of(response: Any) -> dict[str, Any]:
     return receipt
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
-async def test_unary_is_a_strict_response_billed_as_its_receipt_says(
-        gw: Gw, model: str, upstream_model: str, upstream_path: str) -> None:
+async def test_unary_is_a_strict_response_billed_as_its_receipt_says(gw: Gw) -> None:
     _, key = await gw.account(credit=FUNDS)
     await short_answers(gw, 7)
-    raw = await gw.client(key).responses.with_raw_response.create(
-        model=model, input="Say hello to the ledger.", instructions="Be terse.", max_output_tokens=9)
-    data = raw.http_response.json()
-    response = SdkResponse.model_validate(data, strict=True)
-    assert response.id.startswith("resp_") and response.status == "completed" and response.model == model
-    assert response.output_text and response.instructions == "Be terse." and response.max_output_tokens == 9
-    assert response.usage is not None and response.usage.output_tokens == 7
-    receipt = data["receipt"]
-    assert receipt["endpoint"] == "responses" and receipt["upstream_model"] == upstream_model
-    assert receipt["usage"] == {"prompt_tokens": response.usage.input_tokens, "completion_tokens": 7,
-                                "total_tokens": response.usage.total_tokens}
-    assert raw.headers["x-request-id"] == receipt["request_id"]
-    assert raw.headers["x-tokensforge-charge-nanos"] == str(receipt["charge_nanos"])
-    assert raw.headers["x-tokensforge-ledger-entry"] == receipt["ledger_entry_id"]
-    charge = await gw.assert_billed(key, receipt, response.id)
-    assert (await gw.balances(key))["credit"]["balance_nanos"] == FUNDS - charge
-    last = (await gw.mock.stats())["last_request"]
-    assert last["path"] == upstream_path and last["body"]["model"] == upstream_model
-    sent = str(last["body"])
-    assert "Be terse." in sent and "Say hello to the ledger." in sent
+    spent = 0
+    for model, upstream_model, upstream_path in CHANNELS:
+        raw = await gw.client(key).responses.with_raw_response.create(
+            model=model, input="Say hello to the ledger.", instructions="Be terse.", max_output_tokens=9)
+        data = raw.http_response.json()
+        response = SdkResponse.model_validate(data, strict=True)
+        assert response.id.startswith("resp_") and response.status == "completed" and response.model == model
+        assert response.output_text and response.instructions == "Be terse." and response.max_output_tokens == 9
+        assert response.usage is not None and response.usage.output_tokens == 7
+        receipt = data["receipt"]
+        assert receipt["endpoint"] == "responses" and receipt["upstream_model"] == upstream_model
+        assert receipt["usage"] == {"prompt_tokens": response.usage.input_tokens, "completion_tokens": 7,
+                                    "total_tokens": response.usage.total_tokens}
+        assert raw.headers["x-request-id"] == receipt["request_id"]
+        assert raw.headers["x-tokensforge-charge-nanos"] == str(receipt["charge_nanos"])
+        assert raw.headers["x-tokensforge-ledger-entry"] == receipt["ledger_entry_id"]
+        spent += await gw.assert_billed(key, receipt, response.id)
+        assert (await gw.balances(key))["credit"]["balance_nanos"] == FUNDS - spent
+        last = (await gw.mock.stats())["last_request"]
+        assert last["path"] == upstream_path and last["body"]["model"] == upstream_model
+        sent = str(last["body"])
+        assert "Be terse." in sent and "Say hello to the ledger." in sent
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
-async def test_raw_stream_events_in_order_with_one_id_and_the_receipt_last(
-        gw: Gw, model: str, upstream_model: str, upstream_path: str) -> None:
+@pytest.mark.parametrize("model", [model for model, _, _ in CHANNELS], ids=CHANNEL_IDS)
+async def test_raw_stream_events_in_order_with_one_id_and_the_receipt_last(gw: Gw, model: str) -> None:
     _, key = await gw.account(credit=FUNDS)
     await short_answers(gw, 6)
     stream = await gw.client(key).responses.create(model=model, input="Stream to me.", max_output_tokens=20,
@@ -89,25 +88,29 @@ async def test_raw_stream_events_in_order_with_one_id_and_the_receipt_last(
     assert (await gw.mock.stats())["last_request"]["body"]["stream"] is True
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
-async def test_stream_helper_final_response(gw: Gw, model: str, upstream_model: str, upstream_path: str) -> None:
+async def test_stream_helper_final_response(gw: Gw) -> None:
     _, key = await gw.account(credit=FUNDS)
     await short_answers(gw, 5)
-    deltas: list[str] = []
-    async with gw.client(key).responses.stream(model=model, input="Hi there.", max_output_tokens=5) as stream:
-        async for event in stream:
-            if event.type == "response.output_text.delta":
-                deltas.append(event.delta)
-        final = await stream.get_final_response()
-    assert final.status == "completed" and final.output_text == "".join(deltas) != ""
-    await gw.assert_billed(key, receipt_of(final), final.id)
+    for model, _, _ in CHANNELS:
+        deltas: list[str] = []
+        async with gw.client(key).responses.stream(model=model, input="Hi there.", max_output_tokens=20) as stream:
+            async for event in stream:
+                if event.type == "response.output_text.delta":
+                    deltas.append(event.delta)
+            final = await stream.get_final_response()
+        assert final.status == "completed" and final.output_text == "".join(deltas) != ""
+        assert final.usage is not None and final.usage.output_tokens == 5
+        await gw.assert_billed(key, receipt_of(final), final.id)
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
 @pytest.mark.parametrize("streamed", [False, True], ids=["unary", "stream"])
-async def test_function_tool_round_trip_with_previous_response_id(
-        gw: Gw, model: str, upstream_model: str, upstream_path: str, streamed: bool) -> None:
+async def test_function_tool_round_trip_with_previous_response_id(gw: Gw, streamed: bool) -> None:
     _, key = await gw.account(credit=FUNDS)
+    for model, _, _ in CHANNELS:
+        await tool_round_trip(gw, key, model, streamed)
+
+
+async def tool_round_trip(gw: Gw, key: str, model: str, streamed: bool) -> None:
     client = gw.client(key)
 
     async def create(**fields: Any) -> Any:
@@ -130,24 +133,23 @@ async def test_function_tool_round_trip_with_previous_response_id(
     assert "Paris" in sent and calls[0].call_id in sent  # the stored first turn went upstream
 
 
-@pytest.mark.parametrize(("model", "upstream_model", "upstream_path"), CHANNELS, ids=CHANNEL_IDS)
-async def test_previous_response_id_carries_the_first_turn_upstream(
-        gw: Gw, model: str, upstream_model: str, upstream_path: str) -> None:
+async def test_previous_response_id_carries_the_first_turn_upstream(gw: Gw) -> None:
     _, key = await gw.account(credit=FUNDS)
     await short_answers(gw, 4)
     client = gw.client(key)
-    first = await client.responses.create(model=model, input="My name is Ada.", instructions="Be kind.",
-                                           max_output_tokens=4)
-    second = await client.responses.create(model=model, input="What is my name?", previous_response_id=first.id,
-                                            max_output_tokens=4)
-    body = (await gw.mock.stats())["last_request"]["body"]
-    turns = [(m["role"], str(m["content"])) for m in body["messages"]]
-    roles = [role for role, _ in turns]
-    assert roles[-3:] == ["user", "assistant", "user"], turns
-    assert "My name is Ada." in turns[-3][1] and first.output_text in turns[-2][1]
-    assert "What is my name?" in turns[-1][1]
-    assert "Be kind." not in str(body)  # instructions belong to their own turn only (as OpenAI does)
-    assert receipt_of(second)["usage"]["prompt_tokens"] > receipt_of(first)["usage"]["prompt_tokens"]
+    for model, _, _ in CHANNELS:
+        first = await client.responses.create(model=model, input="My name is Ada.", instructions="Be kind.",
+                                               max_output_tokens=20)
+        second = await client.responses.create(model=model, input="What is my name?",
+                                                previous_response_id=first.id, max_output_tokens=20)
+        body = (await gw.mock.stats())["last_request"]["body"]
+        turns = [(m["role"], str(m["content"])) for m in body["messages"]]
+        roles = [role for role, _ in turns]
+        assert roles[-3:] == ["user", "assistant", "user"], turns
+        assert "My name is Ada." in turns[-3][1] and first.output_text in turns[-2][1]
+        assert "What is my name?" in turns[-1][1]
+        assert "Be kind." not in str(body)  # instructions belong to their own turn only (as OpenAI does)
+        assert receipt_of(second)["usage"]["prompt_tokens"] > receipt_of(first)["usage"]["prompt_tokens"]
 
 
 async def test_unknown_or_foreign_previous_response_id_is_a_404(gw: Gw) -> None:
