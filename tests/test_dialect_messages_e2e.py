@@ -12,6 +12,7 @@ import anthropic
 import orjson
 import pytest
 from anthropic.types import Message as SdkMessage
+from anthropic.types import MessageParam
 
 from tokensforge.mock_upstream import TOOL_RESULT_PREFIX
 
@@ -25,7 +26,7 @@ WEATHER: dict[str, Any] = {
     "name": "get_weather", "description": "The weather of a city",
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 FUNDS = 10**9
-HELLO = [{"role": "user", "content": "Say hello to the ledger."}]
+HELLO: list[MessageParam] = [{"role": "user", "content": "Say hello to the ledger."}]
 
 Factory = Callable[[str], anthropic.AsyncAnthropic]
 
@@ -63,7 +64,7 @@ async def test_create_text_is_a_strict_message_billed_as_its_receipt_says(gw: Gw
     spent = 0
     for model, upstream_model, upstream_path in CHANNELS:
         raw = await claude(key).messages.with_raw_response.create(
-            model=model, max_tokens=20, system="Be terse.", messages=HELLO)  # type: ignore[arg-type]
+            model=model, max_tokens=20, system="Be terse.", messages=HELLO)
         data = raw.http_response.json()
         message = SdkMessage.model_validate(data, strict=True)
         assert message.id.startswith("msg_") and message.model == model and message.stop_reason == "end_turn"
@@ -122,7 +123,7 @@ async def test_stream_helper_final_message(gw: Gw, claude: Factory) -> None:
     await short_answers(gw, 5)
     for model, _, _ in CHANNELS:
         text, receipts = "", []
-        async with claude(key).messages.stream(model=model, max_tokens=20, messages=HELLO) as stream:  # type: ignore[arg-type]
+        async with claude(key).messages.stream(model=model, max_tokens=20, messages=HELLO) as stream:
             async for event in stream:
                 if event.type == "text":
                     text += event.text
@@ -138,7 +139,7 @@ async def test_stream_helper_final_message(gw: Gw, claude: Factory) -> None:
 async def test_raw_stream_events_start_first_receipt_on_delta_stop_last(gw: Gw, claude: Factory, model: str) -> None:
     _, key = await gw.account(credit=FUNDS)
     await short_answers(gw, 6)
-    stream = await claude(key).messages.create(model=model, max_tokens=20, messages=HELLO, stream=True)  # type: ignore[arg-type]
+    stream = await claude(key).messages.create(model=model, max_tokens=20, messages=HELLO, stream=True)
     events = [event async for event in stream]
     kinds = [e.type for e in events]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and kinds[-2] == "message_delta"
@@ -160,9 +161,9 @@ async def test_count_tokens_charges_nothing(gw: Gw, claude: Factory) -> None:
     client = claude(key)
     before = await gw.balances(key)
     for model, _, _ in CHANNELS:
-        short = await client.messages.count_tokens(model=model, messages=HELLO)  # type: ignore[arg-type]
+        short = await client.messages.count_tokens(model=model, messages=HELLO)
         longer = await client.messages.count_tokens(model=model, system="Be terse, and kind.", tools=[WEATHER],  # type: ignore[list-item]
-                                                    messages=HELLO * 3)  # type: ignore[arg-type]
+                                                    messages=HELLO * 3)
         assert 0 < short.input_tokens < longer.input_tokens
     assert await gw.balances(key) == before
     _, ledger = await gw.get("/v1/ledger", key)
@@ -193,7 +194,7 @@ async def test_both_auth_headers_and_anthropic_error_shape(gw: Gw, claude: Facto
     assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
     assert "tf-wrong" not in error["error"]["message"]
     with pytest.raises(anthropic.AuthenticationError):
-        await claude("tf-wrong").messages.create(model="claude-test", max_tokens=5, messages=HELLO)  # type: ignore[arg-type]
+        await claude("tf-wrong").messages.create(model="claude-test", max_tokens=5, messages=HELLO)
 
 
 async def test_anthropic_beta_reaches_the_anthropic_channel_only(gw: Gw, claude: Factory) -> None:
@@ -201,13 +202,13 @@ async def test_anthropic_beta_reaches_the_anthropic_channel_only(gw: Gw, claude:
     await short_answers(gw, 2)
     beta = "prompt-caching-2024-07-31,token-efficient-tools-2025-02-19"
     client = claude(key)
-    await client.messages.create(model="claude-test", max_tokens=10, messages=HELLO,  # type: ignore[arg-type]
+    await client.messages.create(model="claude-test", max_tokens=10, messages=HELLO,
                                  extra_headers={"anthropic-beta": beta})
     headers = (await gw.mock.stats())["last_request"]["headers"]
     assert headers["anthropic-beta"] == beta
     assert headers["x-api-key"] == UPSTREAM_SECRET and "anthropic-version" in headers
     assert key not in str(headers)  # the client's key never goes upstream
-    await client.messages.create(model="gpt-4o-mini", max_tokens=10, messages=HELLO,  # type: ignore[arg-type]
+    await client.messages.create(model="gpt-4o-mini", max_tokens=10, messages=HELLO,
                                  extra_headers={"anthropic-beta": beta})
     headers = (await gw.mock.stats())["last_request"]["headers"]
     assert "anthropic-beta" not in headers and headers["authorization"] == f"Bearer {UPSTREAM_SECRET}"

@@ -79,7 +79,7 @@ async def test_raw_stream_events_in_order_with_one_id_and_the_receipt_last(gw: G
     item_ids = {e.item_id for e in events if hasattr(e, "item_id")}
     assert item_ids and all(i.removeprefix("msg_").startswith(response_id.removeprefix("resp_")) for i in item_ids)
     final = events[-1].response  # type: ignore[union-attr]
-    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")  # type: ignore[union-attr]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert final.output_text == text and final.usage is not None and final.usage.output_tokens == 6
     receipt = receipt_of(final)
     assert receipt["request_id"].removeprefix("req_") == response_id.removeprefix("resp_")
