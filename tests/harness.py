@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tokensforge.catalog import Catalog, load_catalog
 from tokensforge.mock_upstream import MockConfig, create_app as create_mock_app
+from tokensforge.money import charge_nanos
 from tokensforge.server import listening_socket, running
 from tokensforge.app import create_app
 from tokensforge.settings import Settings
@@ -337,6 +338,38 @@ class Gw:
     async def counter(self, name: str, **labels: str) -> float:
         samples = await self.metrics()
         return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+    def route_charge(self, route_id: str, prompt_tokens: int, completion_tokens: int) -> int:
+        """What the catalog's Decimal prices of `route_id` charge for these tokens (SPEC §1 money)."""
+        route = self.catalog.routes[route_id]
+        return charge_nanos(prompt_tokens, completion_tokens, route.input_price, route.output_price)
+
+    async def ledger_entry(self, key: str, entry_id: str) -> dict[str, Any]:
+        """One ledger entry of the key's account, as GET /v1/ledger shows it (fails if it is not there)."""
+        status, page = await self.get("/v1/ledger?limit=100", key)
+        assert status == 200, page
+        entries = {e["id"]: e for e in page["data"]}
+        assert entry_id in entries, f"ledger entry {entry_id} is not in the ledger: {list(entries)}"
+        return dict(entries[entry_id])
+
+    async def assert_billed(self, key: str, receipt: dict[str, Any], answer_id: str | None = None) -> int:
+        """A succeeded request's receipt tells the truth: charge = usage × the route's catalog prices, its
+        ledger entry holds exactly that, and /v1/receipts/{answer id} is the same receipt. The charge."""
+        assert receipt["status"] == "succeeded", receipt
+        usage = receipt["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+        charge = self.route_charge(receipt["route"]["id"], usage["prompt_tokens"], usage["completion_tokens"])
+        assert receipt["charge_nanos"] == charge > 0 and receipt["charge_nanos"] <= receipt["reserved_nanos"]
+        entry = await self.ledger_entry(key, receipt["ledger_entry_id"])
+        assert entry["kind"] == "charge" and entry["amount_nanos"] == -charge, entry
+        assert entry["request_id"] == receipt["request_id"] and entry["bucket"] == receipt["bucket"]
+        assert entry["balance_after_nanos"] == receipt["balance_after_nanos"]
+        for lookup in {receipt["request_id"], answer_id or receipt["request_id"]}:
+            status, stored = await self.get(f"/v1/receipts/{lookup}", key)
+            assert status == 200, stored
+            assert stored["request_id"] == receipt["request_id"] and stored["charge_nanos"] == charge
+            assert stored["ledger_entry_id"] == receipt["ledger_entry_id"]
+        return charge
 
     def client(self, key: str, **kwargs: Any) -> openai.AsyncOpenAI:
         client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kwargs)
