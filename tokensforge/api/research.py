@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from ..catalog import RESEARCH_FREE_BUCKET, Route
 from ..errors import InsufficientBalance, InvalidRequest, TokensForgeError
 from ..money import usd
 from ..dialects import openai_chat
+from ..ledger.pools import PoolStore
 from ..lifecycle import Lifecycle
 from ..pricing import size_request
 from ..research import DISCLAIMER, estimate_view, parse_request, section_body
 from ..routing import find_model, select_route
+from ..state import Gateway
 from .auth import authenticate
 from .client import complete
 from .common import REQUEST_ID, STREAM, json_response, read_json
@@ -42,12 +46,14 @@ async def create_report(request: web.Request) -> web.StreamResponse:
     route = select_route(model, policy, pin)
     reserves = [size_request(openai_chat.decode(section_body(req, i)), model, route).amount_nanos
                 for i in range(len(req.sections))]
+    free = await _free_allowance(gw, identity.account_id)
     available = await gw.ledger.available(identity.account_id, route.bucket)
-    estimate = estimate_view(req, reserves, available, {"id": route.id, "kind": route.kind}, route.bucket)
+    estimate = estimate_view(req, reserves, available, {"id": route.id, "kind": route.kind}, route.bucket, free)
     if req.dry_run:
         return json_response({"estimate": estimate})
-    if available < estimate["expected_nanos"]:
-        raise InsufficientBalance(route.bucket, estimate["expected_nanos"], available)
+    from_bucket = sum(reserves[estimate["free_allowance"]["covers_sections"] if free else 0:])
+    if available < from_bucket:
+        raise InsufficientBalance(route.bucket, from_bucket, available)
     if req.max_charge_nanos < reserves[0]:
         raise ChargeCapTooLow(route.bucket, reserves[0], req.max_charge_nanos)
 
@@ -65,11 +71,12 @@ async def create_report(request: web.Request) -> web.StreamResponse:
         if stream is not None:
             await _event(stream, "section_started", {"index": index, "title": title})
         failure: TokensForgeError | None = None
+        payer = await _payer(gw, identity.account_id, route, reserves[index])
         try:
             async with Lifecycle(gw, identity, policy, request[REQUEST_ID] + f"_s{index + 1}",
                                  "research.section") as life:
-                life.begin(model, route, pinned=pin is not None)
-                answer, receipt = await complete(gw, life, model, route, openai_chat.decode(section_body(req, index)))
+                life.begin(model, payer, pinned=pin is not None)
+                answer, receipt = await complete(gw, life, model, payer, openai_chat.decode(section_body(req, index)))
         except TokensForgeError as exc:  # refused or failed: recorded and voided by the lifecycle
             failure = exc
         if failure is not None:
@@ -95,6 +102,24 @@ async def create_report(request: web.Request) -> web.StreamResponse:
     await _event(stream, "report_completed", report)
     await stream.write_eof()
     return stream
+
+
+async def _free_allowance(gw: Gateway, account_id: str) -> tuple[str, int] | None:
+    """(bucket, available) of the account's free research allowance, caught up to today; None if off."""
+    if not gw.catalog.research_free_daily_nanos:
+        return None
+    await PoolStore(gw.ledger).pools(account_id)  # a new day's allowance is granted before we look
+    return RESEARCH_FREE_BUCKET, await gw.ledger.available(account_id, RESEARCH_FREE_BUCKET)
+
+
+async def _payer(gw: Gateway, account_id: str, route: Route, reserve_nanos: int) -> Route:
+    """The route as charged for one section: from the free research allowance while it can cover the
+    section's reservation, else from the route's own bucket (one request, one bucket; the receipt's
+    `bucket` and `bucket_kind` say which paid)."""
+    if gw.catalog.research_free_daily_nanos and (
+            await gw.ledger.available(account_id, RESEARCH_FREE_BUCKET) >= reserve_nanos):
+        return dataclasses.replace(route, bucket=RESEARCH_FREE_BUCKET)
+    return route
 
 
 async def _open_stream(request: web.Request) -> web.StreamResponse:
