@@ -262,7 +262,7 @@ async def test_grant_at_start_lapse_at_end_and_day_boundaries(db: asyncpg.Connec
     await set_clock(db, start + timedelta(hours=1))
     assert await tick(db) == 1
     assert await entries(db, acct, "plan") == [("grant", 1_000, start + DAY)]
-    await ledger.hold("r0", acct, "plan", 500)
+    await ledger.reserve("r0", acct, "plan", 500)
     await ledger.finish("r0", 400, record("r0", acct))
     await set_clock(db, start + DAY - timedelta(seconds=5))
     assert await tick(db) == 0  # still the first day
@@ -351,13 +351,13 @@ async def test_reservations_racing_the_boundary_never_spend_an_ended_period(db: 
     start = utc("2030-09-01T00:00:00+00:00")
     await subscribe(db, acct, start, "day", 10_000)
     await set_clock(db, start + timedelta(hours=1))
-    old = await asyncio.gather(*(ledger.hold(f"old{i}", acct, "plan", 2_000) for i in range(4)))
+    old = await asyncio.gather(*(ledger.reserve(f"old{i}", acct, "plan", 2_000) for i in range(4)))
     assert all(h.pool_period_end == start + DAY for h in old)
     assert [h.available_nanos for h in old] and min(h.available_nanos for h in old) == 2_000
     await set_clock(db, start + DAY + timedelta(seconds=1))
     # the new period's reservations race the old holds' settlements and the background ticks
     new, *_ = await asyncio.gather(
-        asyncio.gather(*(ledger.hold(f"new{i}", acct, "plan", 3_000) for i in range(5)),
+        asyncio.gather(*(ledger.reserve(f"new{i}", acct, "plan", 3_000) for i in range(5)),
                        return_exceptions=True),
         *(ledger.finish(f"old{i}", 500 * i, record(f"old{i}", acct)) for i in range(4)),
         *(PoolStore(ledger).tick(0) for _ in range(3)))
@@ -385,7 +385,7 @@ async def test_settling_after_the_lapse_returns_nothing_to_the_new_period(db: as
     start = utc("2030-10-01T00:00:00+00:00")
     await subscribe(db, acct, start, "day", 1_000)
     await set_clock(db, start + timedelta(hours=1))
-    await ledger.hold("h", acct, "plan", 800)
+    await ledger.reserve("h", acct, "plan", 800)
     await set_clock(db, start + timedelta(days=1, hours=1))
     await tick(db)
     # the lapse took only the unheld 200; the hold is still covered
@@ -403,7 +403,7 @@ async def test_the_reserve_path_catches_up_before_spending(db: asyncpg.Connectio
     await set_clock(db, start + timedelta(hours=1))
     await tick(db)
     await set_clock(db, start + timedelta(days=1, hours=1))  # no tick ran since the boundary
-    held = await ledger.hold("x", acct, "plan", 1_000)
+    held = await ledger.reserve("x", acct, "plan", 1_000)
     assert held.pool_period_end == start + 2 * DAY and held.available_nanos == 0
     await ledger.finish("x", 1_000, record("x", acct))
     got = await entries(db, acct, "plan")

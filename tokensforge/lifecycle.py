@@ -192,7 +192,7 @@ class Lifecycle:
         self.trace.bucket_kind, self.trace.pool_period_end = self.gw.catalog.bucket_kind(route.bucket), None
 
         async def hold() -> None:
-            held = await self.gw.ledger.hold(
+            held = await self.gw.ledger.reserve(
                 reservation_id, self.identity.account_id, route.bucket, amount_nanos, self.policy.budgets,
                 receipt=build_receipt(self.trace), request_id=self.trace.request_id)
             if held.pool_period_end is not None:  # the receipt names the period the charge is made in

@@ -33,13 +33,20 @@ class BudgetLimit:
     limit_nanos: int
 
 
-@dataclass(frozen=True, slots=True)
-class Held:
-    """A reservation made: the bucket's available amount left, and for a pool the end of the
-    period that holds it (the reservation settles against that period)."""
+class Held(int):
+    """What `LedgerStore.reserve` returns: the bucket's available amount left (an int, as it always
+    was), and for a pool the end of the period that holds the money (it settles against that period)."""
 
-    available_nanos: int
-    pool_period_end: datetime | None = None
+    pool_period_end: datetime | None
+
+    def __new__(cls, available_nanos: int, pool_period_end: datetime | None = None) -> Held:
+        held = super().__new__(cls, available_nanos)
+        held.pool_period_end = pool_period_end
+        return held
+
+    @property
+    def available_nanos(self) -> int:
+        return int(self)
 
 
 def entry_view(row: Any) -> dict[str, Any]:

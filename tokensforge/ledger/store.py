@@ -221,17 +221,9 @@ class LedgerStore:
         self, reservation_id: str, account_id: str, bucket: str, amount_nanos: int,
         budgets: Sequence[BudgetLimit] = (), receipt: dict[str, Any] | None = None,
         request_id: str | None = None,
-    ) -> int:
-        """Hold `amount_nanos` in the bucket (and budgets); returns the available amount left."""
-        held = await self.hold(reservation_id, account_id, bucket, amount_nanos, budgets, receipt, request_id)
-        return held.available_nanos
-
-    async def hold(
-        self, reservation_id: str, account_id: str, bucket: str, amount_nanos: int,
-        budgets: Sequence[BudgetLimit] = (), receipt: dict[str, Any] | None = None,
-        request_id: str | None = None,
     ) -> Held:
-        """`reserve`, also telling which pool period holds the money (None for a prepaid bucket).
+        """Hold `amount_nanos` in the bucket (and budgets); returns the available amount left, which
+        also tells which pool period holds the money (`pool_period_end`, None for a prepaid bucket).
 
         Concurrent reservations are grouped into one transaction (group commit); each one is
         still all-or-nothing. A pool whose period has ended is caught up first, in the same
