@@ -52,8 +52,8 @@ class PoolStore:
         (so a view never shows an allowance whose period has ended)."""
         async with translated("pool"), self.ledger._connection() as conn, conn.transaction():
             await conn.execute(
-                "SELECT tf_pool_catch_up(id) FROM (SELECT id FROM subscriptions WHERE account_id = $1"
-                " AND status <> 'ended' AND due_at <= tf_now() ORDER BY account_id, bucket) due", account_id)
+                "SELECT tf_pool_catch_up_due(array_agg(account_id), array_agg(bucket)) FROM subscriptions"
+                " WHERE account_id = $1 AND status <> 'ended'", account_id)
             rows = await conn.fetch(_POOLS_SQL, account_id)
         return {r["bucket"]: r for r in rows}
 

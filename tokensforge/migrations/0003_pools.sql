@@ -24,8 +24,8 @@
 -- Σ grant + Σ expiry + Σ charge = 0 once its holds are resolved (tests/invariants.py).
 --
 -- Lock order (extends 0001's): budget rows, then subscription rows (by account, bucket),
--- then bucket rows (by account, bucket). Nothing takes a subscription lock while holding
--- a bucket lock.
+-- then bucket rows (by account, bucket). Nothing waits for a subscription lock while holding
+-- a bucket lock (the tick takes its subscriptions with SKIP LOCKED, so it never waits on one).
 
 CREATE TABLE tf_clock (
     id               boolean PRIMARY KEY DEFAULT true CHECK (id),
@@ -189,6 +189,25 @@ BEGIN
     RETURN v_count;
 END $$;
 
+-- Catch up the due pools among (account, bucket) pairs, as the reserve path and the views need
+-- them. All their rows are locked first, in order, before any bucket row: taking a subscription
+-- lock while holding a bucket lock could deadlock with a reservation batch doing the same.
+CREATE FUNCTION tf_pool_catch_up_due(p_accounts text[], p_buckets text[]) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids text[];
+    v_id text;
+BEGIN
+    SELECT array_agg(due.id ORDER BY due.account_id, due.bucket) INTO v_ids
+    FROM (SELECT s.id, s.account_id, s.bucket FROM subscriptions s
+          JOIN (SELECT DISTINCT t.a, t.bk FROM unnest(p_accounts, p_buckets) AS t(a, bk)) w
+            ON s.account_id = w.a AND s.bucket = w.bk
+          WHERE s.status <> 'ended' AND s.due_at <= tf_now()
+          ORDER BY s.account_id, s.bucket FOR UPDATE OF s) due;
+    FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP
+        PERFORM tf_pool_catch_up(v_id);
+    END LOOP;
+END $$;
+
 -- Cancel: the subscription ends at the end of its current period (at once if none started).
 CREATE FUNCTION tf_pool_cancel(p_id text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
@@ -212,7 +231,6 @@ CREATE FUNCTION tf_reserve_many(
                  pool_period_end timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_id text;
     r record;
     v_end timestamptz;
 BEGIN
@@ -225,13 +243,7 @@ BEGIN
           FROM jsonb_array_elements(p_budgets) AS b(items), jsonb_array_elements(b.items) AS x) w
       ON g.scope = w.scope AND g.period = w.period
     ORDER BY g.scope, g.period FOR UPDATE OF g;
-    FOR v_id IN SELECT s.id FROM subscriptions s
-                JOIN (SELECT DISTINCT t.a, t.bk FROM unnest(p_accounts, p_buckets) AS t(a, bk)) w
-                  ON s.account_id = w.a AND s.bucket = w.bk
-                WHERE s.status <> 'ended' AND s.due_at <= tf_now()
-                ORDER BY s.account_id, s.bucket FOR UPDATE OF s LOOP
-        PERFORM tf_pool_catch_up(v_id);
-    END LOOP;
+    PERFORM tf_pool_catch_up_due(p_accounts, p_buckets);
     PERFORM 1 FROM buckets k
     JOIN (SELECT DISTINCT t.a, t.bk FROM unnest(p_accounts, p_buckets) AS t(a, bk)) w
       ON k.account_id = w.a AND k.bucket = w.bk
