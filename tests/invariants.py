@@ -56,6 +56,42 @@ async def assert_ledger_invariants(dsn_or_conn: str | asyncpg.Connection) -> Non
                 WHERE s.scope = g.scope AND s.period = g.period) x ON true
             WHERE g.reserved_nanos <> x.open_total OR g.spent_nanos <> x.spent""")
         assert not bad, f"budget rows disagree with reservations: {[dict(r) for r in bad]}"
+        await _assert_pool_invariants(conn)
     finally:
         if isinstance(dsn_or_conn, str):
             await conn.close()
+
+
+async def _assert_pool_invariants(conn: asyncpg.Connection) -> None:
+    """8. A pool's balance = grants − expiries − charges; a pool never pays for another bucket's routes;
+    an expired allowance cannot be spent (each period's money is charged, held or lapsed, never carried)."""
+    pools = "(SELECT DISTINCT account_id, bucket FROM subscriptions)"
+    bad = await conn.fetch(f"""
+        SELECT l.id, l.kind FROM ledger_entries l LEFT JOIN {pools} p USING (account_id, bucket)
+        WHERE (p.bucket IS NOT NULL AND (l.kind NOT IN ('grant', 'expiry', 'charge') OR l.pool_period_end IS NULL))
+           OR (p.bucket IS NULL AND l.kind IN ('grant', 'expiry'))""")
+    assert not bad, f"invariant 8 broken (a pool moved by something else than grant/expiry/charge): {bad}"
+    bad = await conn.fetch(f"""
+        SELECT u.request_id, u.bucket, u.route_kind FROM usage_records u JOIN {pools} p USING (account_id, bucket)
+        WHERE u.charge_nanos > 0 AND CASE WHEN u.bucket = 'research-free'
+              THEN u.receipt ->> 'endpoint' <> 'research.section' ELSE u.route_kind <> 'subscription' END""")
+    assert not bad, f"invariant 8 broken (a pool paid for another kind of route): {[dict(r) for r in bad]}"
+    bad = await conn.fetch("""
+        SELECT id FROM reservations WHERE pool_period_end IS NOT NULL AND pool_reserved_at >= pool_period_end""")
+    assert not bad, f"invariant 8 broken (a reservation spent a period that had ended): {bad}"
+    # per period: Σ entries = what its open holds still keep, plus (current period only) what is available
+    bad = await conn.fetch("""
+        WITH per AS (SELECT account_id, bucket, pool_period_end, sum(amount_nanos) AS total
+                     FROM ledger_entries WHERE pool_period_end IS NOT NULL GROUP BY 1, 2, 3),
+             held AS (SELECT account_id, bucket, pool_period_end, sum(amount_nanos) AS total
+                      FROM reservations WHERE status = 'open' AND pool_period_end IS NOT NULL GROUP BY 1, 2, 3)
+        SELECT p.account_id, p.bucket, p.pool_period_end, p.total, coalesce(h.total, 0) AS held,
+               cur.id IS NOT NULL AS current
+        FROM per p
+        LEFT JOIN held h USING (account_id, bucket, pool_period_end)
+        LEFT JOIN subscriptions cur ON cur.account_id = p.account_id AND cur.bucket = p.bucket
+             AND cur.status <> 'ended' AND cur.period_end = p.pool_period_end
+        JOIN buckets b ON b.account_id = p.account_id AND b.bucket = p.bucket
+        WHERE p.total - coalesce(h.total, 0)
+              <> CASE WHEN cur.id IS NULL THEN 0 ELSE b.balance_nanos - b.reserved_nanos END""")
+    assert not bad, f"invariant 8 broken (a period's allowance outlived it or went missing): {[dict(r) for r in bad]}"

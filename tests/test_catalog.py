@@ -519,3 +519,82 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_catalog_error_is_a_value_error() -> None:
     assert issubclass(CatalogError, ValueError)
+
+
+# ---------------------------------------------------------------- pools (SPEC §1, §3)
+
+
+def _with_pool(data: dict[str, Any]) -> dict[str, Any]:
+    data["buckets"].append({"id": "plan", "name": "Pro plan", "kind": "pool"})
+    data["models"][1]["routes"].append({
+        "id": "m2/subscription", "kind": "subscription", "bucket": "plan",
+        "input_price_per_mtok": "1", "output_price_per_mtok": "2",
+        "channels": [{"channel": "relay-a", "upstream_model": "m2"}]})
+    return data
+
+
+def test_pool_buckets_subscription_routes_and_the_free_research_allowance(tmp_path: Path) -> None:
+    data = _with_pool(_base())
+    data["research"] = {"free_daily_allowance_usd": "0.05"}
+    catalog = load_catalog(_write(tmp_path, _dump(data)))
+    assert catalog.buckets["plan"].kind == "pool" and catalog.buckets["credit"].kind == "prepaid"
+    assert catalog.research_free_daily_nanos == 50_000_000
+    assert catalog.buckets["research-free"].kind == "pool"
+    assert catalog.bucket_kind("plan") == "pool" and catalog.bucket_kind("routed") == "prepaid"
+    assert catalog.routes["m2/subscription"].bucket == "plan"
+
+
+@pytest.mark.parametrize("amount", ["0", None])
+def test_free_research_allowance_off(tmp_path: Path, amount: str | None) -> None:
+    data = _base()
+    if amount is not None:
+        data["research"] = {"free_daily_allowance_usd": amount}
+    catalog = load_catalog(_write(tmp_path, _dump(data)))
+    assert catalog.research_free_daily_nanos == 0 and "research-free" not in catalog.buckets
+
+
+@pytest.mark.parametrize(("research", "problem"), [
+    ({"free_daily_allowance_usd": 0.05}, "must be a decimal string"),
+    ({"free_daily_allowance_usd": "-1"}, "must not be negative"),
+    ({"free_daily_allowance_usd": "lots"}, "is not a USD amount"),
+    ({"free_daily_allowance_usd": "0.0000000001"}, "more than nine decimals"),
+    ({"daily": "1"}, "unknown key 'daily'"),
+])
+def test_bad_research_table(tmp_path: Path, research: dict[str, Any], problem: str) -> None:
+    data = _base()
+    data["research"] = research
+    msg = _refused(tmp_path, data)
+    assert "research" in msg and problem in msg
+
+
+def test_bad_bucket_kind(tmp_path: Path) -> None:
+    data = _base()
+    data["buckets"][1]["kind"] = "subscription"
+    msg = _refused(tmp_path, data)
+    assert "bucket 'routed'" in msg and "'kind' must be one of ['pool', 'prepaid']" in msg
+
+
+def test_subscription_route_must_charge_a_pool(tmp_path: Path) -> None:
+    data = _with_pool(_base())
+    _route(data, 1, 1)["bucket"] = "credit"
+    msg = _refused(tmp_path, data)
+    assert "route 'm2/subscription'" in msg and "must charge a pool bucket" in msg
+
+
+def test_only_subscription_routes_charge_a_pool(tmp_path: Path) -> None:
+    data = _with_pool(_base())
+    _route(data, 0, 1)["bucket"] = "plan"
+    msg = _refused(tmp_path, data)
+    assert "route 'm1/routed'" in msg and "pool bucket 'plan' may only be charged by routes of kind" in msg
+
+
+def test_research_free_is_reserved_for_the_research_assistant(tmp_path: Path) -> None:
+    data = _with_pool(_base())
+    data["research"] = {"free_daily_allowance_usd": "0.05"}
+    _route(data, 1, 1)["bucket"] = "research-free"
+    msg = _refused(tmp_path, data)
+    assert "route 'm2/subscription'" in msg and "only the research assistant may spend it" in msg
+    data = _base()
+    data["buckets"].append({"id": "research-free", "kind": "pool"})
+    msg = _refused(tmp_path, data)
+    assert "bucket 'research-free'" in msg and "reserved for the free research allowance" in msg

@@ -16,7 +16,8 @@ from .api.middleware import error_middleware
 from .catalog import Catalog
 from .db import create_pool, migrate
 from .ledger.store import LedgerStore
-from .ledger.sweeper import sweep_forever
+from .ledger.pools import PoolStore
+from .ledger.sweeper import sweep_forever, tick_pools_forever
 from .notify import listen_forever
 from .settings import Settings
 from .state import GATEWAY, Gateway, KeyCache
@@ -80,11 +81,14 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 
 
 def _background(dsn: str) -> CleanupCtx:
-    """The sweeper, the database probe and the NOTIFY listener, in every process."""
+    """The sweeper, the pools' tick, the database probe and the NOTIFY listener, in every process."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         gw = app[GATEWAY]
         await probe_database(gw)  # /readyz has an answer before the first request
+        pools = PoolStore(gw.ledger)
         tasks = [asyncio.create_task(sweep_forever(gw.ledger, interval_s=gw.settings.sweep_interval_s)),
+                 asyncio.create_task(tick_pools_forever(pools, lambda: gw.catalog.research_free_daily_nanos,
+                                                        interval_s=gw.settings.sweep_interval_s)),
                  asyncio.create_task(_probe_database(gw)),
                  asyncio.create_task(listen_forever(gw, dsn))]
         yield

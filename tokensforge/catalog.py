@@ -14,11 +14,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from .money import parse_price
+from .money import parse_price, usd_to_nanos
 
 FAILURE_CLASSES = frozenset({"timeout", "connect", "5xx", "429"})
 ON_FAILURE = frozenset({"free", "charge_delivered"})
 MODEL_TYPES = frozenset({"chat", "embedding"})
+BUCKET_KINDS = frozenset({"prepaid", "pool"})
+#: the pool every account has for the free research allowance ([research] in the catalog)
+RESEARCH_FREE_BUCKET = "research-free"
+#: the route kind that charges a pool (SPEC §1)
+SUBSCRIPTION_ROUTE_KIND = "subscription"
 
 
 class CatalogError(ValueError):
@@ -29,6 +34,7 @@ class CatalogError(ValueError):
 class Bucket:
     id: str
     name: str
+    kind: str = "prepaid"  # "pool": funded by a schedule (grant / expiry), never by top-ups
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +116,17 @@ class Catalog:
     channels: Mapping[str, Channel]
     models: Mapping[str, Model]
     routes: Mapping[str, Route] = field(default_factory=dict)
+    #: every account's daily free research allowance (bucket "research-free"); 0 turns it off
+    research_free_daily_nanos: int = 0
+
+    def bucket_kind(self, bucket_id: str) -> str:
+        bucket = self.buckets.get(bucket_id)
+        return bucket.kind if bucket is not None else "prepaid"
 
 
-_TOP_KEYS = {"buckets", "channels", "models"}
-_BUCKET_KEYS = {"id", "name"}
+_TOP_KEYS = {"buckets", "channels", "models", "research"}
+_BUCKET_KEYS = {"id", "name", "kind"}
+_RESEARCH_KEYS = {"free_daily_allowance_usd"}
 _CHANNEL_KEYS = {
     "id", "kind", "base_url", "api_key_env", "timeout_s", "connect_timeout_s",
     "first_byte_timeout_s", "max_concurrency", "anthropic_version",
@@ -187,6 +200,9 @@ def parse_catalog(data: dict[str, Any], source: str = "<catalog>") -> Catalog:
     check = _Checker(source)
     check.table(data, "catalog", _TOP_KEYS)
     buckets = _parse_buckets(check, data)
+    free_daily_nanos = _parse_research(check, data)
+    if free_daily_nanos:
+        buckets[RESEARCH_FREE_BUCKET] = Bucket(RESEARCH_FREE_BUCKET, "Free research allowance", "pool")
     channels = _parse_channels(check, data)
     models: dict[str, Model] = {}
     routes: dict[str, Route] = {}
@@ -196,7 +212,21 @@ def parse_catalog(data: dict[str, Any], source: str = "<catalog>") -> Catalog:
         models[model.id] = model
     if not models:
         raise check.fail("models", "the catalog defines no model")
-    return Catalog(source, buckets, channels, models, routes)
+    return Catalog(source, buckets, channels, models, routes, free_daily_nanos)
+
+
+def _parse_research(check: _Checker, data: dict[str, Any]) -> int:
+    table = check.table(data.get("research", {}), "research", _RESEARCH_KEYS)
+    raw = table.get("free_daily_allowance_usd", "0")
+    if not isinstance(raw, str):
+        raise check.fail("research", "'free_daily_allowance_usd' must be a decimal string like \"0.05\"")
+    try:
+        nanos = usd_to_nanos(raw)
+    except ValueError as exc:
+        raise check.fail("research", f"'free_daily_allowance_usd': {exc}") from None
+    if nanos < 0:
+        raise check.fail("research", "'free_daily_allowance_usd' must not be negative")
+    return nanos
 
 
 def _parse_buckets(check: _Checker, data: dict[str, Any]) -> dict[str, Bucket]:
@@ -206,7 +236,13 @@ def _parse_buckets(check: _Checker, data: dict[str, Any]) -> dict[str, Bucket]:
         table = check.table(raw, entry, _BUCKET_KEYS)
         ident = check.text(table, "id", entry)
         check.unique(set(buckets), ident, f"bucket {ident!r}")
-        buckets[ident] = Bucket(ident, check.text(table, "name", f"bucket {ident!r}", default=ident))
+        if ident == RESEARCH_FREE_BUCKET:
+            raise check.fail(f"bucket {ident!r}", "this id is reserved for the free research allowance "
+                             "(set [research] free_daily_allowance_usd instead)")
+        kind = check.text(table, "kind", f"bucket {ident!r}", default="prepaid")
+        if kind not in BUCKET_KINDS:
+            raise check.fail(f"bucket {ident!r}", f"'kind' must be one of {sorted(BUCKET_KINDS)}")
+        buckets[ident] = Bucket(ident, check.text(table, "name", f"bucket {ident!r}", default=ident), kind)
     if not buckets:
         raise check.fail("buckets", "the catalog defines no bucket")
     return buckets
@@ -291,8 +327,8 @@ def _parse_route(
     ident = check.text(table, "id", where)
     entry = f"route {ident!r}"
     bucket = check.text(table, "bucket", entry)
-    if bucket not in buckets:
-        raise check.fail(entry, f"unknown bucket {bucket!r}")
+    kind = check.text(table, "kind", entry)
+    _check_route_bucket(check, entry, kind, bucket, buckets)
     prices = {}
     for key in ("input_price_per_mtok", "output_price_per_mtok"):
         if key not in table:
@@ -306,7 +342,7 @@ def _parse_route(
         raise check.fail(entry, f"'on_failure' must be one of {sorted(ON_FAILURE)}")
     return Route(
         id=ident,
-        kind=check.text(table, "kind", entry),
+        kind=kind,
         bucket=bucket,
         input_price=prices["input_price_per_mtok"],
         output_price=prices["output_price_per_mtok"],
@@ -315,6 +351,22 @@ def _parse_route(
         on_failure=on_failure,
         model_id=model_id,
     )
+
+
+def _check_route_bucket(check: _Checker, entry: str, kind: str, bucket: str, buckets: Mapping[str, Bucket]) -> None:
+    """A subscription route charges a pool, and only subscription routes charge pools (SPEC §1, §5.8)."""
+    if bucket == RESEARCH_FREE_BUCKET:
+        raise check.fail(entry, f"bucket {bucket!r} is the free research allowance: only the research "
+                         "assistant may spend it")
+    if bucket not in buckets:
+        raise check.fail(entry, f"unknown bucket {bucket!r}")
+    pool = buckets[bucket].kind == "pool"
+    if kind == SUBSCRIPTION_ROUTE_KIND and not pool:
+        raise check.fail(entry, f"a route of kind {kind!r} must charge a pool bucket; {bucket!r} is "
+                         f"{buckets[bucket].kind!r}")
+    if pool and kind != SUBSCRIPTION_ROUTE_KIND:
+        raise check.fail(entry, f"pool bucket {bucket!r} may only be charged by routes of kind "
+                         f"{SUBSCRIPTION_ROUTE_KIND!r}, not {kind!r}")
 
 
 def _parse_refs(check: _Checker, raw: Any, entry: str, channels: Mapping[str, Channel]) -> tuple[ChannelRef, ...]:

@@ -15,9 +15,10 @@ from importlib import resources
 from pathlib import Path
 
 from .accounts import AccountStore
-from .catalog import Catalog, load_catalog
+from .catalog import RESEARCH_FREE_BUCKET, Catalog, load_catalog
 from .db import create_pool, migrate
 from .keys import hash_key, new_key
+from .ledger.pools import PoolStore
 from .ledger.store import LedgerStore
 from .mock_upstream import Faults, MockConfig
 from .mock_upstream import create_app as create_mock_app
@@ -29,6 +30,9 @@ log = logging.getLogger("tokensforge.demo")
 DEMO_ACCOUNT = "acct_demo"
 DEMO_FUNDING_NANOS = {"credit": 5_000_000_000, "routed": 5_000_000_000}  # $5 each
 UPSTREAM_KEY_ENV = "TOKENSFORGE_DEMO_UPSTREAM_KEY"
+#: the demo account's subscription: $2 of allowance a month into each pool bucket of the catalog
+DEMO_PLAN = "Pro (demo)"
+DEMO_PLAN_ALLOWANCE_NANOS = 2_000_000_000
 
 
 def _secret_file(path: Path, make: str) -> str:
@@ -69,6 +73,12 @@ async def bootstrap(dsn: str, catalog: Catalog, api_key: str) -> None:
             await accounts.create_key(DEMO_ACCOUNT, "demo key", None, {}, plaintext=api_key)
         for bucket, amount in DEMO_FUNDING_NANOS.items():
             await ledger.topup(DEMO_ACCOUNT, bucket, amount, f"demo-initial-{bucket}", "demo funding")
+        pools = PoolStore(ledger)
+        live = {s["bucket"] for s in await pools.subscriptions(DEMO_ACCOUNT) if s["status"] != "ended"}
+        for pool_bucket in catalog.buckets.values():
+            if pool_bucket.kind == "pool" and pool_bucket.id not in live | {RESEARCH_FREE_BUCKET}:
+                await pools.create(DEMO_ACCOUNT, pool_bucket.id, DEMO_PLAN, DEMO_PLAN_ALLOWANCE_NANOS, "month", None)
+        await pools.tick(catalog.research_free_daily_nanos)  # today's free research allowance, before serving
     finally:
         await pool.close()
 

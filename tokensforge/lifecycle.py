@@ -191,11 +191,14 @@ class Lifecycle:
         """Hold the money, shielded: a client that leaves mid-call still has its hold recorded, so the
         exit can void it at once instead of leaving it to the sweeper."""
         self.trace.reserved_nanos = amount_nanos
+        self.trace.bucket_kind, self.trace.pool_period_end = self.gw.catalog.bucket_kind(route.bucket), None
 
         async def hold() -> None:
-            await self.gw.ledger.reserve(
+            held = await self.gw.ledger.reserve(
                 reservation_id, self.identity.account_id, route.bucket, amount_nanos, self.policy.budgets,
                 receipt=build_receipt(self.trace), request_id=self.trace.request_id)
+            if held.pool_period_end is not None:  # the receipt names the period the charge is made in
+                self.trace.pool_period_end = held.pool_period_end.isoformat()
             self._reservation_id = reservation_id
             metrics.RESERVATIONS_INFLIGHT.inc()
 

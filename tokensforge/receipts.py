@@ -58,6 +58,8 @@ class Trace:
     error: dict[str, Any] | None = None
     endpoint: str = "chat.completions"
     notes: list[str] = field(default_factory=list)  # request fields the upstream could not take ("dropped: …")
+    bucket_kind: str = "prepaid"  # "pool": funded by a schedule
+    pool_period_end: str | None = None  # iso8601: the pool period the reservation was held in
 
     @property
     def fallback_kind(self) -> str:
@@ -78,6 +80,8 @@ def build_receipt(t: Trace) -> dict[str, Any]:
         "upstream_model": t.upstream_model,
         "route": {"id": route.id, "kind": route.kind} if route else None,
         "bucket": route.bucket if route else None,
+        "bucket_kind": t.bucket_kind if route else None,
+        "pool_period_end": t.pool_period_end,
         "price": {
             "input_per_mtok": str(route.input_price),
             "output_per_mtok": str(route.output_price),

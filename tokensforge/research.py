@@ -156,15 +156,33 @@ def _section_body(req: ResearchRequest, index: int, earlier_text: str) -> dict[s
     }
 
 
+def free_sections(section_reserves: list[int], free_available_nanos: int) -> int:
+    """How many leading sections the free research allowance pays for: a section is paid from it
+    while it can still cover that section's whole reservation (assuming each costs its reservation)."""
+    covered = 0
+    for reserve in section_reserves:
+        if reserve > free_available_nanos:
+            break
+        free_available_nanos -= reserve
+        covered += 1
+    return covered
+
+
 def estimate_view(req: ResearchRequest, section_reserves: list[int], available_nanos: int,
-                  route: dict[str, Any], bucket: str) -> dict[str, Any]:
-    """What the run would cost at most, what it holds at a time, and whether it may start."""
+                  route: dict[str, Any], bucket: str, free: tuple[str, int] | None = None) -> dict[str, Any]:
+    """What the run would cost at most, what it holds at a time, and whether it may start.
+
+    `free` is (bucket, available) of the free research allowance, if the catalog has one: the
+    sections it covers need nothing from the route's bucket."""
     expected = sum(section_reserves)
     largest = max(section_reserves)
+    covers = free_sections(section_reserves, free[1]) if free is not None else 0
+    from_bucket = sum(section_reserves[covers:])
     allowed, reason = True, None
-    if available_nanos < expected:
+    if available_nanos < from_bucket:
         allowed, reason = False, (
-            f"bucket {bucket!r} has {available_nanos} nano-USD available; the report may cost up to {expected}")
+            f"bucket {bucket!r} has {available_nanos} nano-USD available; the report may cost up to {from_bucket}"
+            + (f" beyond the {covers} section(s) the free allowance covers" if covers else ""))
     elif req.max_charge_nanos < section_reserves[0]:
         allowed, reason = False, (
             f"max_charge_nanos {req.max_charge_nanos} cannot cover even the first section ({section_reserves[0]})")
@@ -178,6 +196,8 @@ def estimate_view(req: ResearchRequest, section_reserves: list[int], available_n
         "max_charge_nanos": req.max_charge_nanos,
         "allowed": allowed,
         "reason": reason,
+        "free_allowance": None if free is None else {
+            "bucket": free[0], "available_nanos": free[1], "covers_sections": covers},
     }
 
 

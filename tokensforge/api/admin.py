@@ -8,9 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..catalog import CatalogError
+from ..catalog import RESEARCH_FREE_BUCKET, CatalogError
 from ..errors import InvalidApiKey, InvalidRequest, TokensForgeError
-from ..ledger.model import bucket_view, entry_view
+from ..ledger.model import bucket_view, entry_view, pool_view, subscription_view
+from ..ledger.pools import PoolStore, parse_subscription
 from ..state import GATEWAY, Gateway
 from .common import check_json_text, check_text, json_response, optional_str, path_param, read_json, require_str
 
@@ -49,7 +50,8 @@ async def create_account(request: web.Request) -> web.Response:
     body = await read_json(request)
     name = require_str(body, "name")
     account = await gw.accounts.create_account(name, gw.catalog.buckets)
-    account["buckets"] = [bucket_view(b.id, b.name, 0, 0) for b in gw.catalog.buckets.values()]
+    account["buckets"] = [{**bucket_view(b.id, b.name, 0, 0), "kind": b.kind, "pool": None}
+                          for b in gw.catalog.buckets.values()]
     return json_response(account, status=201)
 
 
@@ -59,18 +61,25 @@ async def get_account(request: web.Request) -> web.Response:
     account_id = path_param(request, "account_id")
     account = await gw.accounts.get_account(account_id)
     account["buckets"] = await account_buckets(gw, account_id)
+    account["subscriptions"] = [subscription_view(r) for r in await PoolStore(gw.ledger).subscriptions(account_id)]
     return json_response(account)
 
 
 async def account_buckets(gw: Gateway, account_id: str) -> list[dict[str, Any]]:
+    """Every bucket of the account with its kind; a pool also shows its current period (SPEC §1)."""
+    pools = await PoolStore(gw.ledger).pools(account_id)  # first: catches due pools up
     rows = {r["bucket"]: r for r in await gw.ledger.balances(account_id)}
+    named = [(b.id, b.name, b.kind) for b in gw.catalog.buckets.values()]
+    # a bucket the catalog no longer lists still holds money
+    named += [(b, b, "pool" if b in pools else "prepaid") for b in rows if b not in gw.catalog.buckets]
     views = []
-    for bucket in gw.catalog.buckets.values():
-        row = rows.pop(bucket.id, None)
-        views.append(bucket_view(bucket.id, bucket.name, row["balance_nanos"] if row else 0,
-                                 row["reserved_nanos"] if row else 0))
-    for bucket_id, row in rows.items():  # a bucket the catalog no longer lists still holds money
-        views.append(bucket_view(bucket_id, bucket_id, row["balance_nanos"], row["reserved_nanos"]))
+    for bucket_id, name, kind in named:
+        row = rows.get(bucket_id)
+        view = bucket_view(bucket_id, name, row["balance_nanos"] if row else 0, row["reserved_nanos"] if row else 0)
+        view["kind"] = kind
+        pool = pools.get(bucket_id)
+        view["pool"] = pool_view(pool, view["available_nanos"]) if pool is not None and kind == "pool" else None
+        views.append(view)
     return views
 
 
@@ -114,6 +123,9 @@ async def topup(request: web.Request) -> web.Response:
     if bucket not in gw.catalog.buckets:
         raise InvalidRequest(
             f"unknown bucket {bucket!r} (buckets: {', '.join(gw.catalog.buckets)})", param="bucket")
+    if gw.catalog.bucket_kind(bucket) == "pool":
+        raise InvalidRequest(f"bucket {bucket!r} is a pool: it is funded by subscriptions "
+                             "(POST /admin/accounts/{id}/subscriptions), never by top-ups", param="bucket")
     amount = body.get("amount_nanos")
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise InvalidRequest("'amount_nanos' must be a positive integer (nano-USD)", param="amount_nanos")
@@ -127,6 +139,27 @@ async def topup(request: web.Request) -> web.Response:
     view = entry_view(entry)
     view["replayed"] = not created
     return json_response(view, status=201 if created else 200)
+
+
+@routes.post("/admin/accounts/{account_id}/subscriptions")
+async def create_subscription(request: web.Request) -> web.Response:
+    """`{plan, bucket, allowance_nanos, period: "day"|"month", starts_at?}` → the subscription (201)."""
+    gw = _gateway(request)
+    body = await read_json(request)
+    pools = {b.id for b in gw.catalog.buckets.values() if b.kind == "pool" and b.id != RESEARCH_FREE_BUCKET}
+    plan, bucket, allowance, period, starts_at = parse_subscription(body, pools)
+    row = await PoolStore(gw.ledger).create(path_param(request, "account_id"), bucket, plan, allowance, period,
+                                            starts_at)
+    log.info("subscription %s (%s, %s) for account %s", row["id"], plan, bucket, row["account_id"])
+    return json_response(subscription_view(row), status=201)
+
+
+@routes.post("/admin/subscriptions/{subscription_id}/cancel")
+async def cancel_subscription(request: web.Request) -> web.Response:
+    """Ends the subscription at the end of its current period: that period's allowance stays usable."""
+    gw = _gateway(request)
+    row = await PoolStore(gw.ledger).cancel(path_param(request, "subscription_id"))
+    return json_response(subscription_view(row))
 
 
 @routes.get("/admin/routes/health")

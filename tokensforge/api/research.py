@@ -8,6 +8,7 @@ request) and keeps it as it goes (`research_store`); `GET /v1/research/reports` 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 from typing import Any
@@ -16,10 +17,11 @@ import orjson
 from aiohttp import web
 
 from ..accounts import KeyIdentity
-from ..catalog import Model, Route
+from ..catalog import RESEARCH_FREE_BUCKET, Model, Route
 from ..dialects import openai_chat
 from ..errors import InsufficientBalance, InvalidRequest, LedgerUnavailable, NotFound, TokensForgeError
 from ..ledger.model import parse_cursor
+from ..ledger.pools import PoolStore
 from ..lifecycle import Lifecycle, shielded
 from ..policy import EffectivePolicy
 from ..pricing import size_request
@@ -69,12 +71,14 @@ async def create_report(request: web.Request) -> web.StreamResponse:
     # each section at its largest prompt (the earlier sections at their longest excerpt)
     reserves = [size_request(openai_chat.decode(estimate_section_body(req, i)), model, route).amount_nanos
                 for i in range(len(req.sections))]
+    free = await _free_allowance(gw, identity.account_id)
     available = await gw.ledger.available(identity.account_id, route.bucket)
-    estimate = estimate_view(req, reserves, available, {"id": route.id, "kind": route.kind}, route.bucket)
+    estimate = estimate_view(req, reserves, available, {"id": route.id, "kind": route.kind}, route.bucket, free)
     if req.dry_run:
         return json_response({"estimate": estimate})
-    if available < estimate["expected_nanos"]:
-        raise InsufficientBalance(route.bucket, estimate["expected_nanos"], available)
+    from_bucket = sum(reserves[estimate["free_allowance"]["covers_sections"] if free else 0:])
+    if available < from_bucket:
+        raise InsufficientBalance(route.bucket, from_bucket, available)
     if req.max_charge_nanos < reserves[0]:
         raise ChargeCapTooLow(route.bucket, reserves[0], req.max_charge_nanos)
 
@@ -141,7 +145,7 @@ class _Run:
             if total + reserves[index] > self.req.max_charge_nanos:
                 return "stopped_at_cap"
             await self._event("section_started", {"report_id": self.report_id, "index": index, "title": title})
-            section = await self._section(index, title)
+            section = await self._section(index, title, reserves[index])
             if section["receipt"] is None:
                 await self._event("section_failed", {"report_id": self.report_id, "index": index, **section})
                 return "failed"
@@ -151,8 +155,10 @@ class _Run:
                                                     "receipt": section["receipt"]})
         return "completed"
 
-    async def _section(self, index: int, title: str) -> dict[str, Any]:
-        """One billed request; recorded in the report whatever its outcome."""
+    async def _section(self, index: int, title: str, reserve_nanos: int) -> dict[str, Any]:
+        """One billed request, paid from the free research allowance while it covers the section; recorded
+        in the report whatever its outcome."""
+        payer = await _payer(self.gw, self.identity.account_id, self.route, reserve_nanos)
         request_id = section_request_id(self.request_id, index)
         self.started.append((index, title, request_id))
         earlier = [(s["title"], s["content"]) for s in self.sections if s["content"] is not None]
@@ -160,8 +166,8 @@ class _Run:
         section: dict[str, Any] = {"title": title, "content": None, "receipt": None, "error": None}
         try:
             async with Lifecycle(self.gw, self.identity, self.policy, request_id, "research.section") as life:
-                life.begin(self.model, self.route, pinned=self.pinned)
-                answer, receipt = await complete(self.gw, life, self.model, self.route, body)
+                life.begin(self.model, payer, pinned=self.pinned)
+                answer, receipt = await complete(self.gw, life, self.model, payer, body)
             section.update(content=answer.output_text, receipt=receipt)
         except TokensForgeError as exc:  # refused or failed: recorded and voided by the lifecycle
             section["error"] = exc.body()["error"]
@@ -243,3 +249,21 @@ async def get_report(request: web.Request) -> web.Response:
         return json_response(report)
     return web.Response(text=report_markdown(report), content_type="text/markdown", charset="utf-8",
                         headers={"content-disposition": f'attachment; filename="research-{report["id"]}.md"'})
+
+
+async def _free_allowance(gw: Gateway, account_id: str) -> tuple[str, int] | None:
+    """(bucket, available) of the account's free research allowance, caught up to today; None if off."""
+    if not gw.catalog.research_free_daily_nanos:
+        return None
+    await PoolStore(gw.ledger).pools(account_id)  # a new day's allowance is granted before we look
+    return RESEARCH_FREE_BUCKET, await gw.ledger.available(account_id, RESEARCH_FREE_BUCKET)
+
+
+async def _payer(gw: Gateway, account_id: str, route: Route, reserve_nanos: int) -> Route:
+    """The route as charged for one section: from the free research allowance while it can cover the
+    section's reservation, else from the route's own bucket (one request, one bucket; the receipt's
+    `bucket` and `bucket_kind` say which paid)."""
+    if gw.catalog.research_free_daily_nanos and (
+            await gw.ledger.available(account_id, RESEARCH_FREE_BUCKET) >= reserve_nanos):
+        return dataclasses.replace(route, bucket=RESEARCH_FREE_BUCKET)
+    return route

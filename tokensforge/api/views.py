@@ -9,7 +9,8 @@ from aiohttp import web
 
 from ..catalog import Model, Route
 from ..errors import InvalidRequest, ModelNotFound, NotFound, PermissionDenied
-from ..ledger.model import entry_view, parse_cursor
+from ..ledger.model import entry_view, parse_cursor, pool_view
+from ..ledger.pools import PoolStore
 from ..money import usd
 from ..policy import EffectivePolicy
 from ..canonical import Request
@@ -99,12 +100,16 @@ async def quote(request: web.Request) -> web.Response:
         return json_response(out)
     sizing = size_reservation(body, model, route) if model.type == "embedding" else size_request(
         _decoder(request.query.get("dialect", "chat"))(body), model, route)
+    bucket_kind = gw.catalog.bucket_kind(route.bucket)
+    pool = (await PoolStore(gw.ledger).pools(identity.account_id)).get(route.bucket) if bucket_kind == "pool" else None
     available = await gw.ledger.available(identity.account_id, route.bucket)
     allowed = available >= sizing.amount_nanos
     out.update({
         "route": {"id": route.id, "kind": route.kind},
         "bucket": route.bucket,
         "bucket_name": gw.catalog.buckets[route.bucket].name,
+        "bucket_kind": bucket_kind,
+        "pool": None if pool is None else pool_view(pool, available),
         "price": {"input_per_mtok": str(route.input_price), "output_per_mtok": str(route.output_price),
                   "rounding": "half_up_nano"},
         "channels": {"primary": route.primary.channel, "backups": [c.channel for c in route.backups]},

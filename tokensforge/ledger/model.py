@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -30,6 +31,22 @@ class BudgetLimit:
     scope: str
     period: str
     limit_nanos: int
+
+
+class Held(int):
+    """What `LedgerStore.reserve` returns: the bucket's available amount left (an int, as it always
+    was), and for a pool the end of the period that holds the money (it settles against that period)."""
+
+    pool_period_end: datetime | None
+
+    def __new__(cls, available_nanos: int, pool_period_end: datetime | None = None) -> Held:
+        held = super().__new__(cls, available_nanos)
+        held.pool_period_end = pool_period_end
+        return held
+
+    @property
+    def available_nanos(self) -> int:
+        return int(self)
 
 
 def entry_view(row: Any) -> dict[str, Any]:
@@ -61,6 +78,48 @@ def bucket_view(bucket: str, name: str, balance_nanos: int, reserved_nanos: int)
         "balance_usd": usd(balance_nanos),
         "reserved_usd": usd(reserved_nanos),
         "available_usd": usd(available),
+    }
+
+
+def pool_view(row: Any, available_nanos: int) -> dict[str, Any]:
+    """A pool's current period as /v1/balance and /v1/quote show it: what was granted, what was
+    used, and what is still available and lapses at period end if unused."""
+    lapses = max(available_nanos, 0)
+    return {
+        "plan": row["plan"],
+        "period": row["period"],
+        "period_start": row["period_start"].isoformat(),
+        "period_end": row["period_end"].isoformat(),
+        "allowance_nanos": row["period_allowance_nanos"],
+        "used_nanos": row["used_nanos"],
+        "lapses_nanos": lapses,
+        "lapses_usd": usd(lapses),
+        "lapses_at": row["period_end"].isoformat(),
+    }
+
+
+def subscription_view(row: Any) -> dict[str, Any]:
+    """A subscription as the admin API shows it."""
+    def iso(name: str) -> str | None:
+        value = row[name]
+        return None if value is None else str(value.isoformat())
+    return {
+        "id": row["id"],
+        "object": "subscription",
+        "account_id": row["account_id"],
+        "plan": row["plan"],
+        "bucket": row["bucket"],
+        "allowance_nanos": row["allowance_nanos"],
+        "allowance_usd": None if row["allowance_nanos"] is None else usd(row["allowance_nanos"]),
+        "period": row["period"],
+        "status": row["status"],
+        "starts_at": iso("starts_at"),
+        "current_period_start": iso("period_start"),
+        "current_period_end": iso("period_end"),
+        "periods_granted": row["periods"],
+        "ends_at": iso("ends_at"),
+        "cancelled_at": iso("cancelled_at"),
+        "created_at": iso("created_at"),
     }
 
 

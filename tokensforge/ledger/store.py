@@ -33,7 +33,7 @@ from ..errors import (
     NotFound,
     ReservationResolved,
 )
-from .model import BudgetLimit, Outcome, clean_record
+from .model import BudgetLimit, Held, Outcome, clean_record
 
 log = logging.getLogger("tokensforge.ledger")
 
@@ -168,7 +168,7 @@ class LedgerStore:
         self.resolve_window_s = resolve_window_s
         self._settles: _Batcher[_Settlement, tuple[str | None, int]] = _Batcher(
             self._finish_many, max_batch, max_inflight_batches)
-        self._holds: _Batcher[_Hold, int] = _Batcher(self._reserve_many, max_batch, max_inflight_batches)
+        self._holds: _Batcher[_Hold, Held] = _Batcher(self._reserve_many, max_batch, max_inflight_batches)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -225,15 +225,17 @@ class LedgerStore:
         self, reservation_id: str, account_id: str, bucket: str, amount_nanos: int,
         budgets: Sequence[BudgetLimit] = (), receipt: dict[str, Any] | None = None,
         request_id: str | None = None,
-    ) -> int:
-        """Hold `amount_nanos` in the bucket (and budgets); returns the available amount left.
+    ) -> Held:
+        """Hold `amount_nanos` in the bucket (and budgets); returns the available amount left, which
+        also tells which pool period holds the money (`pool_period_end`, None for a prepaid bucket).
 
         Concurrent reservations are grouped into one transaction (group commit); each one is
-        still all-or-nothing."""
+        still all-or-nothing. A pool whose period has ended is caught up first, in the same
+        transaction, so an expired allowance is never spent."""
         return await self._holds.submit(_Hold(reservation_id, request_id or reservation_id, account_id, bucket,
                                               amount_nanos, budgets, _cleaned(receipt)))
 
-    async def _reserve_many(self, holds: list[_Hold]) -> list[int | Exception]:
+    async def _reserve_many(self, holds: list[_Hold]) -> list[Held | Exception]:
         try:
             rows = await self._call(
                 "reserve", "SELECT * FROM tf_reserve_many($1, $2, $3, $4, $5, $6, $7, $8) ORDER BY idx",
@@ -425,10 +427,9 @@ def _resolved_result(item: _Settlement, found: Outcome | None) -> tuple[str | No
     return found.ledger_entry_id, found.balance_after_nanos
 
 
-def _hold_result(hold: _Hold, row: asyncpg.Record) -> int | Exception:
+def _hold_result(hold: _Hold, row: asyncpg.Record) -> Held | Exception:
     if row["outcome"] == "ok":
-        available: int = row["available_nanos"]
-        return available
+        return Held(row["available_nanos"], row["pool_period_end"])
     if row["outcome"] == "insufficient_balance":
         return InsufficientBalance(hold.bucket, hold.amount_nanos, row["available_nanos"])
     if row["outcome"] == "budget_exceeded":
