@@ -21,7 +21,9 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +211,9 @@ async def test_usage_summary_sums_spend_per_bucket_model_and_route(gw: Gw) -> No
             assert len(series["points"]) == bins
             assert sum(p["charge_nanos"] for p in series["points"]) == sum(
                 s["charge_nanos"] for s in sent if s["bucket"] == bucket)
-            assert series["points"][-1]["charge_nanos"] > 0  # this hour / today is the last bin
+            times = [datetime.fromisoformat(p["t"]) for p in series["points"]]
+            assert all((b - a).total_seconds() == size_s for a, b in pairwise(times))
+            assert times[-1] <= datetime.now(UTC) < times[-1] + timedelta(seconds=size_s)  # the last bin is now
         assert summary["top_models"] == [{"model": "gpt-4o-mini", "requests": 3,
                                           "charge_nanos": sum(s["charge_nanos"] for s in sent)}]
         routes = {r["route_id"]: r for r in summary["top_routes"]}
