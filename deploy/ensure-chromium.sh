@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Make sure /usr/bin/chromium exists (the playground's browser tests drive it headless).
+# Make sure /usr/bin/chromium exists: the console's browser tests (tests/test_playground.py) drive it headless
+# through Playwright with executable_path, so Playwright never downloads a browser of its own. The `playwright`
+# Python package itself comes from pyproject's test extras (make venv-test).
 set -euo pipefail
 say() { printf 'ensure-chromium: %s\n' "$*" >&2; }
 if [[ -x /usr/bin/chromium ]]; then echo /usr/bin/chromium; exit 0; fi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -163,10 +165,85 @@ def _usage_view(row: Any) -> dict[str, Any]:
 @routes.get("/v1/usage")
 async def usage(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
-    limit = query_limit(request)
+    output = request.query.get("format", "json")
+    if output not in ("json", "csv"):
+        raise InvalidRequest("'format' must be 'json' or 'csv'", param="format")
     filters = {k: query_text(request, k) for k in ("model", "route_kind", "bucket", "status")}
+    if output == "csv":
+        rows = await gw.ledger.usage(identity.account_id, limit=CSV_MAX_ROWS, after=_cursor(request),
+                                     filters=filters)
+        return _csv_response(rows)
+    limit = query_limit(request)
     rows = await gw.ledger.usage(identity.account_id, limit=limit + 1, after=_cursor(request), filters=filters)
     return json_response(_page(rows, limit, _usage_view))
+
+
+#: a CSV export holds at most this many rows (newest first); older ones are reached with `after`
+CSV_MAX_ROWS = 10_000
+CSV_COLUMNS = ("request_id", "created_at", "status", "model", "route_id", "route_kind", "bucket", "prompt_tokens",
+               "completion_tokens", "reserved_nanos", "charge_nanos", "charge_usd", "ledger_entry_id", "latency_ms")
+
+
+def csv_row(row: Any) -> list[Any]:
+    """One usage record as a CSV row in CSV_COLUMNS order (money as exact integers and USD strings)."""
+    r = row["receipt"]
+    route = r.get("route") or {}
+    used = r.get("usage") or {}
+    charge = int(r.get("charge_nanos") or 0)
+    return [r.get("request_id"), row["created_at"].isoformat(), r.get("status"), r.get("selected_model"),
+            route.get("id"), route.get("kind"), r.get("bucket"), used.get("prompt_tokens"),
+            used.get("completion_tokens"), int(r.get("reserved_nanos") or 0), charge, usd(charge),
+            r.get("ledger_entry_id"), row["latency_ms"]]
+
+
+def _csv_response(rows: list[Any]) -> web.Response:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(csv_row(r) for r in rows)
+    return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8", headers={
+        "content-disposition": 'attachment; filename="tokensforge-usage.csv"', "cache-control": "no-store"})
+
+
+#: window → (bin size in seconds, number of bins)
+SUMMARY_WINDOWS = {"24h": (3600, 24), "30d": (86400, 30)}
+
+
+@routes.get("/v1/usage/summary")
+async def usage_summary(request: web.Request) -> web.Response:
+    """Where the account's money went: spend per bucket over time, top models and routes, typical tokens."""
+    gw, identity, _ = await authenticate(request)
+    window = request.query.get("window", "24h")
+    if window not in SUMMARY_WINDOWS:
+        raise InvalidRequest("'window' must be '24h' or '30d'", param="window")
+    bin_s, bins = SUMMARY_WINDOWS[window]
+    found = await gw.ledger.spend_summary(identity.account_id, bin_s=bin_s, bins=bins)
+    return json_response(summary_view(window, bin_s, found))
+
+
+def summary_view(window: str, bin_s: int, found: dict[str, list[Any]]) -> dict[str, Any]:
+    series: dict[str, list[dict[str, Any]]] = {}
+    for row in found["series"]:
+        series.setdefault(row["bucket"], []).append(
+            {"t": row["t"].isoformat(), "charge_nanos": int(row["charge_nanos"])})
+    typical = found["typical"][0] if found["typical"] else None
+    return {
+        "object": "usage.summary",
+        "window": window,
+        "bucket_size_s": bin_s,
+        "series": [{"bucket": b, "total_nanos": sum(p["charge_nanos"] for p in points), "points": points}
+                   for b, points in series.items()],
+        "top_models": [{"model": r["model"], "charge_nanos": int(r["charge_nanos"]), "requests": int(r["requests"])}
+                       for r in found["models"]],
+        "top_routes": [{"route_id": r["route_id"], "route_kind": r["route_kind"],
+                        "charge_nanos": int(r["charge_nanos"]), "requests": int(r["requests"])}
+                       for r in found["routes"]],
+        "typical": {
+            "prompt_tokens": None if typical is None else typical["prompt_tokens"],
+            "completion_tokens": None if typical is None else typical["completion_tokens"],
+            "requests": 0 if typical is None else int(typical["requests"]),
+        },
+    }
 
 
 @routes.get("/v1/ledger")

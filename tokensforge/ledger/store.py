@@ -372,6 +372,19 @@ class LedgerStore:
         rows = await self._read("SELECT * FROM ledger_entries WHERE id = $1", entry_id)
         return rows[0] if rows else None
 
+    async def spend_summary(self, account_id: str, *, bin_s: int, bins: int, typical_of: int = 20,
+                            top: int = 5) -> dict[str, list[asyncpg.Record]]:
+        """Spend of an account over the last `bins` time bins of `bin_s` seconds (UTC-aligned, by the
+        database clock): per bucket and bin (empty bins included), the top models and routes, and the
+        median tokens of its last `typical_of` requests that reported usage."""
+        args = (account_id, bin_s, bins)
+        async with translated("read"), self._connection() as conn:
+            series = await conn.fetch(_SPEND_SERIES_SQL, *args)
+            models = await conn.fetch(_SPEND_TOP_SQL.format(key="model", extra=""), *args, top)
+            routes = await conn.fetch(_SPEND_TOP_SQL.format(key="route_id", extra=", route_kind"), *args, top)
+            typical = await conn.fetch(_TYPICAL_SQL, account_id, typical_of)
+        return {"series": series, "models": models, "routes": routes, "typical": typical}
+
 
 # A settled reservation's charge entry is the one charge of its request (one per request id);
 # a void has none: its balance is the one its usage record saw (same bucket), else the current one.
@@ -390,6 +403,44 @@ LEFT JOIN buckets b ON b.account_id = r.account_id AND b.bucket = r.bucket
 WHERE r.id = ANY($1::text[])
 FOR SHARE OF r"""
 
+
+# Bins are aligned to the Unix epoch (UTC midnight for days), so every gateway draws the same chart.
+_SPEND_WINDOW = """
+WITH w AS (
+    SELECT make_interval(secs => $2) AS step,
+           date_bin(make_interval(secs => $2), now(), timestamptz '1970-01-01 00:00:00+00')
+               - make_interval(secs => $2 * ($3 - 1)) AS start
+)"""
+_SPEND_SERIES_SQL = _SPEND_WINDOW + """,
+used AS (
+    SELECT u.bucket, date_bin(w.step, u.created_at, timestamptz '1970-01-01 00:00:00+00') AS t,
+           sum(u.charge_nanos)::bigint AS charge_nanos
+    FROM usage_records u, w
+    WHERE u.account_id = $1 AND u.created_at >= w.start AND u.bucket IS NOT NULL
+    GROUP BY 1, 2
+)
+SELECT b.bucket, s.t, coalesce(used.charge_nanos, 0)::bigint AS charge_nanos
+FROM (SELECT DISTINCT bucket FROM used) b
+CROSS JOIN w
+CROSS JOIN LATERAL generate_series(w.start, w.start + w.step * ($3 - 1), w.step) AS s(t)
+LEFT JOIN used ON used.bucket = b.bucket AND used.t = s.t
+ORDER BY b.bucket, s.t"""
+_SPEND_TOP_SQL = _SPEND_WINDOW + """
+SELECT u.{key}{extra}, sum(u.charge_nanos)::bigint AS charge_nanos, count(*)::bigint AS requests
+FROM usage_records u, w
+WHERE u.account_id = $1 AND u.created_at >= w.start AND u.{key} IS NOT NULL
+GROUP BY u.{key}{extra}
+ORDER BY charge_nanos DESC, requests DESC, u.{key}
+LIMIT $4"""
+_TYPICAL_SQL = """
+SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY prompt_tokens) AS prompt_tokens,
+       percentile_disc(0.5) WITHIN GROUP (ORDER BY completion_tokens) AS completion_tokens,
+       count(*)::bigint AS requests
+FROM (SELECT (receipt #>> '{usage,prompt_tokens}')::bigint AS prompt_tokens,
+             (receipt #>> '{usage,completion_tokens}')::bigint AS completion_tokens
+      FROM usage_records
+      WHERE account_id = $1 AND status = 'succeeded' AND jsonb_typeof(receipt #> '{usage,prompt_tokens}') = 'number'
+      ORDER BY seq DESC LIMIT $2) last"""
 
 def _cleaned(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if record is None else clean_record(record)
