@@ -184,7 +184,21 @@ SCHEMAS: dict[str, Schema] = {
                       data=array(ref("LedgerEntry")), has_more=BOOL, next_cursor=nullable(STR)),
     "Bucket": obj(["bucket", "name", "balance_nanos", "reserved_nanos", "available_nanos"],
                   bucket=STR, name=STR, balance_nanos=NANOS, reserved_nanos=NANOS, available_nanos=NANOS,
-                  balance_usd=USD, reserved_usd=USD, available_usd=USD),
+                  balance_usd=USD, reserved_usd=USD, available_usd=USD, kind={"enum": ["prepaid", "pool"]},
+                  pool=nullable(ref("Pool"))),
+    "Pool": obj(["period", "period_start", "period_end", "allowance_nanos", "used_nanos", "lapses_nanos",
+                 "lapses_at"],
+                plan=nullable(STR), period={"enum": ["day", "month"]}, period_start=STR, period_end=STR,
+                allowance_nanos=NANOS, used_nanos=NANOS, lapses_nanos=NANOS, lapses_usd=USD, lapses_at=STR),
+    "UsageSummary": obj(
+        ["object", "window", "bucket_size_s", "series", "top_models", "top_routes", "typical"],
+        object={"const": "usage.summary"}, window={"enum": ["24h", "30d"]}, bucket_size_s=INT,
+        series=array(obj(["bucket", "points"], bucket=STR, total_nanos=NANOS,
+                         points=array(obj(["t", "charge_nanos"], t=STR, charge_nanos=NANOS)))),
+        top_models=array(obj(["model", "charge_nanos", "requests"], model=STR, charge_nanos=NANOS, requests=INT)),
+        top_routes=array(obj(["route_id", "route_kind", "charge_nanos", "requests"], route_id=STR,
+                             route_kind=STR, charge_nanos=NANOS, requests=INT)),
+        typical={"type": "object"}),
     "Balance": obj(["buckets"], object={"const": "balance"}, account_id=STR, buckets=array(ref("Bucket"))),
     "ModelRoute": obj(
         ["id", "kind", "bucket", "input_price_per_mtok", "output_price_per_mtok", "channels", "on_failure",
@@ -239,7 +253,8 @@ SCHEMAS: dict[str, Schema] = {
         channels=ref("ChannelChain"), healthy=BOOL, retry=ref("RetryPolicy"),
         on_failure={"enum": ["free", "charge_delivered"]}, allow_cross_route_fallback=BOOL,
         estimated_input_tokens=INT, max_output_tokens=INT, reserve_nanos=NANOS, reserve_usd=USD,
-        available_nanos=NANOS, available_usd=USD),
+        available_nanos=NANOS, available_usd=USD, bucket_kind={"enum": ["prepaid", "pool"]},
+        pool=nullable(ref("Pool"))),
     # ---------------------------------------------------------------- admin
     "Policy": {
         "type": "object", "additionalProperties": False,
@@ -450,8 +465,15 @@ PATHS: dict[str, Schema] = {
         "Usage records, newest first, cursor-paginated", tag="client", op_id="listUsage",
         params=[LIMIT, AFTER, query("model", STR, "model id"), query("route_kind", STR, "route kind"),
                 query("bucket", STR, "bucket id"),
-                query("status", {"enum": ["succeeded", "failed", "client_cancelled"]}, "request status")],
-        responses={"200": ok(ref("UsageList")), **errors(400, *CLIENT_READ)})},
+                query("status", {"enum": ["succeeded", "failed", "client_cancelled"]}, "request status"),
+                query("format", {"enum": ["json", "csv"]}, "csv: every matching record (up to 10,000) as a file")],
+        responses={"200": {**ok(ref("UsageList")), "content": {JSON: {"schema": ref("UsageList")},
+                                                               "text/csv": {"schema": STR}}},
+                   **errors(400, *CLIENT_READ)})},
+    "/v1/usage/summary": {"get": op(
+        "Spend per bucket over time, top models and routes, typical request size (the console's chart)",
+        tag="client", op_id="usageSummary", params=[query("window", {"enum": ["24h", "30d"]}, "time window")],
+        responses={"200": ok(ref("UsageSummary")), **errors(400, *CLIENT_READ)})},
     "/v1/ledger": {"get": op(
         "Ledger entries, newest first, cursor-paginated", tag="client", op_id="listLedger",
         params=[LIMIT, AFTER, query("bucket", STR, "bucket id")],
@@ -526,11 +548,11 @@ PATHS: dict[str, Schema] = {
     "/admin/accounts/{account_id}/subscriptions": {"post": op(
         "Start a subscription funding a pool bucket", tag="admin", security="AdminToken",
         op_id="createSubscription", params=[_ACCOUNT], request=body(ref("SubscriptionRequest")),
-        responses={"201": ok(ref("Subscription"), "created"), **errors(400, *ADMIN, 404, 413)}, planned=True)},
+        responses={"201": ok(ref("Subscription"), "created"), **errors(400, *ADMIN, 404, 409, 413)})},
     "/admin/subscriptions/{subscription_id}/cancel": {"post": op(
         "End a subscription at its period end", tag="admin", security="AdminToken", op_id="cancelSubscription",
         params=[path_param("subscription_id", "subscription id")],
-        responses={"200": ok(ref("Subscription")), **errors(*ADMIN, 404)}, planned=True)},
+        responses={"200": ok(ref("Subscription")), **errors(*ADMIN, 404, 409)})},
     "/admin/routes/health": {"get": op(
         "Per channel: circuit state, success rate, latency p50/p95, consecutive failures, last error",
         tag="admin", security="AdminToken", op_id="routesHealth",

@@ -145,7 +145,7 @@ class _Run:
             if total + reserves[index] > self.req.max_charge_nanos:
                 return "stopped_at_cap"
             await self._event("section_started", {"report_id": self.report_id, "index": index, "title": title})
-            section = await self._section(index, title, reserves[index])
+            section = await self._section(index, title)
             if section["receipt"] is None:
                 await self._event("section_failed", {"report_id": self.report_id, "index": index, **section})
                 return "failed"
@@ -155,14 +155,15 @@ class _Run:
                                                     "receipt": section["receipt"]})
         return "completed"
 
-    async def _section(self, index: int, title: str, reserve_nanos: int) -> dict[str, Any]:
-        """One billed request, paid from the free research allowance while it covers the section; recorded
-        in the report whatever its outcome."""
-        payer = await _payer(self.gw, self.identity.account_id, self.route, reserve_nanos)
+    async def _section(self, index: int, title: str) -> dict[str, Any]:
+        """One billed request, paid from the free research allowance while it covers this section's
+        reservation; recorded in the report whatever its outcome."""
         request_id = section_request_id(self.request_id, index)
         self.started.append((index, title, request_id))
         earlier = [(s["title"], s["content"]) for s in self.sections if s["content"] is not None]
         body = openai_chat.decode(section_body(self.req, index, earlier))
+        reserve = size_request(body, self.model, self.route).amount_nanos  # what the lifecycle will hold
+        payer = await _payer(self.gw, self.identity.account_id, self.route, reserve)
         section: dict[str, Any] = {"title": title, "content": None, "receipt": None, "error": None}
         try:
             async with Lifecycle(self.gw, self.identity, self.policy, request_id, "research.section") as life:
