@@ -21,13 +21,13 @@ def _route(ident: str, kind: str, bucket: str, pin: str, pout: str) -> dict[str,
 
 
 CATALOG: Catalog = parse_catalog({
-    "buckets": [{"id": "credit"}, {"id": "routed"}],
+    "buckets": [{"id": "credit"}, {"id": "routed"}, {"id": "plan", "kind": "pool"}],
     "channels": [{"id": "c1", "base_url": "http://127.0.0.1:1/v1"}],
     "models": [
         {"id": "m", "routes": [
             _route("m/official", "official", "credit", "0.15", "0.60"),   # 0.75
             _route("m/routed", "routed", "routed", "0.06", "0.24"),       # 0.30
-            _route("m/sub", "subscription", "credit", "0.05", "0.05"),    # 0.10 (cheapest)
+            _route("m/sub", "subscription", "plan", "0.05", "0.05"),      # 0.10 (cheapest)
             _route("m/backup", "backup", "routed", "0.24", "0.06"),       # 0.30 (ties with routed)
         ]},
         {"id": "r-only", "routes": [_route("r-only/routed", "routed", "routed", "0.01", "0.01")]},
@@ -74,8 +74,10 @@ def test_cheapest_ties_are_broken_by_catalog_order() -> None:
 
 
 def test_cheapest_only_among_allowed_buckets() -> None:
-    policy = _policy({"route_preference": "cheapest", "allowed_buckets": ["credit"]})
+    policy = _policy({"route_preference": "cheapest", "allowed_buckets": ["plan"]})
     assert select_route(M, policy).id == "m/sub"
+    policy = _policy({"route_preference": "cheapest", "allowed_buckets": ["credit"]})
+    assert select_route(M, policy).id == "m/official"
     policy = _policy({"route_preference": "cheapest", "allowed_buckets": ["routed"]})
     assert select_route(M, policy).id == "m/routed"
 
