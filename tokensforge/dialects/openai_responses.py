@@ -660,6 +660,7 @@ class StreamEncoder:
         self._text: _Item | None = None  # the open message item
         self._calls: dict[int, _Item] = {}  # open function calls by canonical tool-call index
         self._finish: str | None = None
+        self._failed = False
         self._usage: Usage | None = None
 
     def _event(self, kind: str, **fields: Any) -> bytes:
@@ -725,7 +726,7 @@ class StreamEncoder:
                                  output_index=item.index, delta=event.arguments)
 
     def _item_status(self) -> str:
-        return "incomplete" if self._finish in _INCOMPLETE else "completed"
+        return "incomplete" if self._failed or self._finish in _INCOMPLETE else "completed"
 
     def _close_text(self) -> bytes:
         item, self._text = self._text, None
@@ -772,6 +773,7 @@ class StreamEncoder:
         error = error.get("error", error) if isinstance(error.get("error"), dict) else error
         message = str(error.get("message") or "the upstream failed")
         code = "rate_limit_exceeded" if error.get("code") == "rate_limited" else "server_error"
+        self._failed = True  # whatever was streamed before the failure is an incomplete item
         out = self._lifecycle("response.failed", "failed", output=self._output_json(),
                               error={"code": code, "message": message}, receipt=receipt,
                               usage=_usage_json(self._usage) if self._usage else None)
