@@ -725,3 +725,120 @@ async def test_browser_shows_pools_with_allowance_used_left_and_lapse(
             assert "$20.00" in await tab.text("pools") and "pro" in await tab.text("pools")
             assert await tab.page.locator("#balances [data-bucket=plan]").count() == 0  # pools apart from prepaid
             await tab.shot("12-pools")
+
+
+SUBSCRIPTION_ROUTE = """
+[[models]]
+id = "plan-mini"
+max_output_tokens = 200
+
+  [[models.routes]]
+  id = "plan-mini/subscription"
+  kind = "subscription"
+  bucket = "plan"
+  input_price_per_mtok = "0.06"
+  output_price_per_mtok = "0.24"
+  channels = [{ channel = "relay-a", upstream_model = "up-plan" }]
+  on_failure = "charge_delivered"
+"""
+
+
+async def test_browser_story_on_a_subscription_plan(
+        dsn: str, mock_upstream: Mock, tmp_path: Path, chromium: Browser) -> None:
+    """A key on a subscription plan: the quote names the subscription route and its pool, Send, and
+    the receipt, ledger row, chart and the pool's remaining allowance all move by the one charge."""
+    await mock_upstream.reset()
+    path = write_catalog(tmp_path / "catalog.toml", mock_upstream.url)
+    path.write_text(path.read_text() + POOL_CATALOG + SUBSCRIPTION_ROUTE)
+    ctx, url, app = await start_gateway(gateway_settings(path), dsn)
+    if not any(getattr(r.resource, "canonical", None) == "/playground" for r in app.router.routes()):
+        app.add_routes(playground.routes)
+    async with ctx, aiohttp.ClientSession() as session:
+        gw = Gw(url, dsn, gateway_of(app), mock_upstream, session)
+        allowance = 30_000  # small enough that the readable "left" visibly moves with one small charge
+        account_id, key = await gw.account(routed=1_000_000_000, policy={"route_preference": ["subscription"]})
+        status, sub = await gw.admin("POST", f"/admin/accounts/{account_id}/subscriptions", {
+            "plan": "pro", "bucket": "plan", "allowance_nanos": allowance, "period": "month"})
+        assert status == 201, sub
+        before = (await gw.balances(key))["plan"]["pool"]
+        assert before["lapses_nanos"] == allowance and before["used_nanos"] == 0
+        assert before["lapses_at"] == sub["current_period_end"]
+        pool_left = '[data-pool="plan"] .big .money'
+        async with console(chromium, url) as tab:
+            await open_with_key(tab, url, key)
+            assert await tab.page.get_attribute(pool_left, "title") == exact_title(allowance)
+
+            # Before: the policy picks the subscription route, and the quote says the plan's pool pays.
+            await tab.set("model", "plan-mini")
+            await tab.set("max-tokens", "40")
+            await tab.until("document.getElementById('quote').innerText.includes('plan-mini/subscription')"
+                            " && document.getElementById('quote').dataset.state === 'allowed'"
+                            " && !document.getElementById('quote').classList.contains('stale')")
+            quote_text = await tab.text("quote")
+            status, quote, _ = await gw.post("/v1/quote", key, {
+                "model": "plan-mini", "max_tokens": 40, "stream": True,
+                "messages": [{"role": "user", "content": await tab.js("document.getElementById('message').value")}]})
+            assert status == 200 and quote["route"] == {"id": "plan-mini/subscription", "kind": "subscription"}
+            assert quote["bucket"] == "plan" and quote["bucket_kind"] == "pool"
+            assert "subscription pool" in quote_text and "Pro plan allowance" in quote_text
+            assert "chosen by policy" in quote_text
+            assert readable(quote["reserve_nanos"]) in quote_text and f"{quote['reserve_nanos']} nano-USD" in quote_text
+            quote_pool = await tab.page.inner_text('#quote [data-quote-pool="plan"]')
+            assert readable(allowance) in quote_pool and "(pro)" in quote_pool
+            await tab.shot("13-subscription-quote")
+
+            # Send: the receipt names the pool and its period, the ledger row is the charge.
+            await tab.click("#send")
+            await tab.until("document.getElementById('receipt-panel').dataset.state === 'done'")
+            assert (await tab.text("answer")).strip()
+            status, usage = await gw.get("/v1/usage?limit=1", key)
+            assert status == 200
+            record = usage["data"][0]
+            assert record["status"] == "succeeded" and record["route"]["id"] == "plan-mini/subscription"
+            assert record["bucket"] == "plan"
+            charge = record["charge_nanos"]
+            assert charge > 0
+            status, receipt = await gw.get(f"/v1/receipts/{record['request_id']}", key)
+            assert status == 200 and receipt["bucket_kind"] == "pool"
+            assert receipt["pool_period_end"] is not None
+            period_end = datetime.fromisoformat(sub["current_period_end"])
+            assert datetime.fromisoformat(receipt["pool_period_end"]) == period_end
+            assert await tab.js("document.getElementById('receipt').dataset.requestId") == record["request_id"]
+            rows = dict(await tab.page.locator("#receipt table").first.locator("tr").evaluate_all(
+                "trs => trs.filter(tr => tr.children.length === 2).map(tr => [tr.children[0].innerText.trim(),"
+                " tr.children[1].innerText.trim()])"))
+            assert rows["bucket"] == "plan" and rows["bucket_kind"] == "pool"
+            assert rows["pool_period_end"] == receipt["pool_period_end"]
+            assert readable(charge) in rows["charge_nanos"] and f"{charge} nano-USD" in rows["charge_nanos"]
+            assert "Succeeded on the primary channel relay-a" in await tab.text("banner")
+            assert "“plan”" in await tab.text("banner")
+            await tab.until(f"document.querySelector('[data-ledger={json.dumps(receipt['ledger_entry_id'])}]')")
+            ledger_text = await tab.text("ledger-row")
+            assert "plan" in ledger_text and readable(-charge) in ledger_text
+            assert ledger_text.count("✓") == 3 and "✗" not in ledger_text
+            async with gw.session.get(gw.url + "/v1/ledger?bucket=plan",
+                                      headers={"authorization": f"Bearer {key}"}) as r:
+                entries = (await r.json())["data"]
+            assert [(e["kind"], e["amount_nanos"]) for e in entries] == [("charge", -charge), ("grant", allowance)]
+            assert entries[0]["id"] == receipt["ledger_entry_id"]
+
+            # After: the chart has the plan's bar equal to the charge, the pool's "left" dropped by it,
+            # and the prepaid balance did not move.
+            await tab.until("document.querySelector('#spend-chart rect[data-bucket=plan]')")
+            bars = await tab.page.locator("#spend-chart rect").evaluate_all(
+                "els => els.map(e => [e.dataset.bucket, e.dataset.nanos])")
+            assert bars == [["plan", str(charge)]]
+            assert readable(charge) in await tab.page.inner_text("#spend-chart .legend")
+            balances = await gw.balances(key)
+            after = balances["plan"]["pool"]
+            assert after["lapses_nanos"] == before["lapses_nanos"] - charge and after["used_nanos"] == charge
+            assert balances["routed"]["available_nanos"] == 1_000_000_000
+            await tab.until(f"document.querySelector({json.dumps(pool_left)}).title === "
+                            f"{json.dumps(exact_title(after['lapses_nanos']))}")
+            card = tab.page.locator('[data-pool="plan"]')
+            shown_left = await tab.page.inner_text(pool_left)
+            assert shown_left == readable(after["lapses_nanos"]) and shown_left != readable(allowance)
+            assert await card.locator("[data-lapses]").get_attribute("data-lapses") == after["lapses_at"]
+            assert readable(after["lapses_nanos"]) in await card.locator("[data-lapses]").inner_text()
+            assert exact_title(charge) in await card.locator(".money").evaluate_all("els => els.map(e => e.title)")
+            await tab.shot("14-subscription-after")
