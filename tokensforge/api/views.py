@@ -86,22 +86,20 @@ def _decoder(dialect: str) -> Callable[[dict[str, Any]], Request]:
 
 @routes.post("/v1/quote")
 async def quote(request: web.Request) -> web.Response:
-    """What a chat request would do, without doing it."""
+    """What a request would do, without doing it: any dialect's shape (`?dialect=chat|responses|messages`)."""
     gw, identity, policy = await authenticate(request)
     body = await read_json(request)
     model = find_model(gw.catalog, body.get("model"))
-    messages = body.get("messages")
-    if model.type == "chat" and (
-            not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages)):
-        raise InvalidRequest("'messages' must be a non-empty array of message objects", param="messages")
+    pin = route_pin(request, body)
+    # the body is validated as its endpoint would (a 400 whatever the route), then priced on the route
+    req = None if model.type == "embedding" else _decoder(request.query.get("dialect", "chat"))(body)
     out: dict[str, Any] = {"object": "quote", "model": model.id}
     try:
-        route = select_route(model, policy, route_pin(request, body))
+        route = select_route(model, policy, pin)
     except PermissionDenied as exc:
         out.update(allowed=False, reason=exc.message, code=exc.code, route=None)
         return json_response(out)
-    sizing = size_reservation(body, model, route) if model.type == "embedding" else size_request(
-        _decoder(request.query.get("dialect", "chat"))(body), model, route)
+    sizing = size_reservation(body, model, route) if req is None else size_request(req, model, route)
     bucket_kind = gw.catalog.bucket_kind(route.bucket)
     pool = (await PoolStore(gw.ledger).pools(identity.account_id)).get(route.bucket) if bucket_kind == "pool" else None
     available = await gw.ledger.available(identity.account_id, route.bucket)
