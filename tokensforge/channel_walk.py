@@ -18,8 +18,9 @@ import aiohttp
 
 from . import metrics
 from .canonical import Frame, MalformedUpstream, Response, Usage
-from .catalog import Channel, ChannelRef, Route
+from .catalog import Channel, ChannelRef, Model, Route
 from .errors import InvalidRequest, NoHealthyChannel, RateLimited, TokensForgeError, UpstreamError, UpstreamTimeout
+from .pricing import Reservation
 from .receipts import Attempt, Trace
 from .upstream.client import AttemptFailure, UpstreamClient
 from .upstream.health import HALF_OPEN, STATE_VALUE, HealthRegistry
@@ -47,6 +48,9 @@ class Exchange(Protocol):
 
     def estimate(self, response: Response) -> Usage:
         """Usage of a non-streamed answer whose upstream reported none."""
+
+    def size(self, model: Model, route: Route) -> Reservation:
+        """What this request reserves on `route` (a cross-route fallback re-prices it)."""
 
 
 @dataclass(eq=False)

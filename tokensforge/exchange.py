@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 
 from .canonical import MalformedUpstream, Request, Response, Usage, token_count
-from .catalog import Channel
+from .catalog import Channel, Model, Route
 from .channel_walk import StreamDecoder
-from .pricing import embedding_input_tokens, typical_request_tokens
+from .pricing import Reservation, embedding_input_tokens, size_request, size_reservation, typical_request_tokens
 from .upstream import anthropic as anthropic_codec
 from .upstream import openai as openai_codec
 
@@ -50,6 +50,9 @@ class ModelExchange:
 
     def typical_input_tokens(self) -> int:
         return typical_request_tokens(self.request)
+
+    def size(self, model: Model, route: Route) -> Reservation:
+        return size_request(self.request, model, route)
 
     def estimate(self, response: Response) -> Usage:
         """Usage when the upstream reported none: typical input, ceil(bytes / 4) of the answer."""
@@ -101,6 +104,9 @@ class EmbeddingExchange:
 
     def typical_input_tokens(self) -> int:
         return embedding_input_tokens(self.body, upper=False)
+
+    def size(self, model: Model, route: Route) -> Reservation:
+        return size_reservation(self.body, model, route)
 
     def estimate(self, response: Response) -> Usage:
         return Usage(self.typical_input_tokens(), 0)

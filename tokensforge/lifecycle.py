@@ -89,7 +89,6 @@ class Lifecycle:
         self.started = time.perf_counter()
         self.model: Model | None = None
         self.pinned = False
-        self.sizing: Reservation | None = None
         self._walk = ChannelWalk(gw.upstream, gw.health, dict(gw.catalog.channels), self.trace)
         self._reservation_id: str | None = None
         self._renewal: asyncio.Task[None] | None = None
@@ -180,7 +179,6 @@ class Lifecycle:
 
     async def admit(self, sizing: Reservation) -> None:
         """Apply rate limits and hold the money (raises the refusal); keeps the hold alive while the request runs."""
-        self.sizing = sizing
         now = time.monotonic()
         for scope, rpm, tpm in self.policy.rate_limits:
             self.gw.limiter.admit(scope, rpm, tpm, sizing.input_tokens + sizing.output_tokens, now)
@@ -266,12 +264,8 @@ class Lifecycle:
 
     async def _move_to(self, route: Route) -> bool:
         """Void the current reservation and hold the fallback route's price in its bucket."""
-        assert self.model is not None and self._reservation_id is not None and self.sizing is not None
-        from .pricing import size_request  # the fallback's price, for the same request
-
-        request = getattr(self._exchange, "request", None)
-        amount = size_request(request, self.model, route).amount_nanos if request is not None else \
-            self.sizing.amount_nanos
+        assert self.model is not None and self._reservation_id is not None and self._exchange is not None
+        amount = self._exchange.size(self.model, route).amount_nanos  # the same request at the fallback's price
         await shielded(self.gw.ledger.finish(self._reservation_id, 0, None))
         metrics.RESERVATIONS_INFLIGHT.dec()
         self._reservation_id = None
