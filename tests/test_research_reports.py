@@ -22,7 +22,8 @@ from tokensforge.research import (
     section_body,
 )
 
-from tokensforge.research_store import ReportStore
+from tokensforge.receipts import Trace, build_receipt
+from tokensforge.research_store import NewReport, ReportStore, section_request_id
 
 from .harness import Gw
 
@@ -310,3 +311,34 @@ def test_markdown_keeps_tables_whole() -> None:
                      {"title": "w", "content": None, "receipt": None, "error": {"message": "upstream down"}}]})
     assert "| x\\|y z | req_1_s1 | 9 | 0.000000100 | le_7 |" in text
     assert "_(no content: upstream down)_" in text and text.rstrip().endswith(f"*{DISCLAIMER}*")
+
+
+async def test_a_run_whose_gateway_died_is_closed_as_interrupted_with_what_it_cost(gw: Gw) -> None:
+    """A gateway killed mid-report leaves the row "running": once no section holds money any more and the
+    row is older than a reservation lives, the sweeper closes it with the charged sections recovered."""
+    account_id, key = await gw.account(routed=10**9)
+    ledger, store = gw.gateway.ledger, ReportStore(gw.gateway.pool)
+    request_id = "req_" + "d" * 24
+    await store.create(NewReport(
+        "rep_crashed", account_id, None, None, request_id, TOPIC, "gpt-4o-mini", "gpt-4o-mini/routed", "routed",
+        "routed", None, ("Overview", "Risks", "Summary"), 10**8, 10**9))
+    # section 1 was settled (charged, with its usage record) but the gateway died before recording it
+    first = section_request_id(request_id, 0)
+    trace = Trace(first, account_id, None, "key_x", selected_model="gpt-4o-mini",
+                  route=gw.catalog.routes["gpt-4o-mini/routed"], endpoint="research.section", status="succeeded")
+    await ledger.reserve(first, account_id, "routed", 5_000, receipt=build_receipt(trace))
+    await ledger.finish(first, 1_234, build_receipt(trace))
+    # section 2 still holds its reservation (the dead gateway's, until the reservation sweeper voids it)
+    second = section_request_id(request_id, 1)
+    await ledger.reserve(second, account_id, "routed", 5_000)
+    async with gw.gateway.pool.acquire() as conn:
+        await conn.execute("UPDATE research_reports SET updated_at = now() - interval '1 hour' WHERE id = $1",
+                           "rep_crashed")
+    assert await store.interrupt_stale(idle_s=60) == 0, "a section still holds money: the run may be alive"
+    await ledger.finish(second, 0, None)  # what the reservation sweeper does after the TTL
+    assert await store.interrupt_stale(idle_s=60) == 1
+    status, report = await gw.get("/v1/research/reports/rep_crashed", key)
+    assert status == 200 and report["status"] == "interrupted", report
+    assert report["total_charge_nanos"] == 1_234 == (await _charges(gw, key))[first]
+    assert [s["title"] for s in report["sections"]] == ["Overview"]
+    assert await store.interrupt_stale(idle_s=60) == 0  # closed once

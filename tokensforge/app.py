@@ -17,6 +17,7 @@ from .catalog import Catalog
 from .db import create_pool, migrate
 from .ledger.store import LedgerStore
 from .ledger.pools import PoolStore
+from .research_store import ReportStore, interrupt_stale_forever
 from .ledger.sweeper import sweep_forever, tick_pools_forever
 from .notify import listen_forever
 from .settings import Settings
@@ -81,7 +82,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 
 
 def _background(dsn: str) -> CleanupCtx:
-    """The sweeper, the pools' tick, the database probe and the NOTIFY listener, in every process."""
+    """The sweepers (reservations, dead runs' reports), the pools' tick, the database probe and the NOTIFY
+    listener, in every process."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         gw = app[GATEWAY]
         await probe_database(gw)  # /readyz has an answer before the first request
@@ -89,6 +91,9 @@ def _background(dsn: str) -> CleanupCtx:
         tasks = [asyncio.create_task(sweep_forever(gw.ledger, interval_s=gw.settings.sweep_interval_s)),
                  asyncio.create_task(tick_pools_forever(pools, lambda: gw.catalog.research_free_daily_nanos,
                                                         interval_s=gw.settings.sweep_interval_s)),
+                 asyncio.create_task(interrupt_stale_forever(
+                     ReportStore(gw.pool), idle_s=gw.settings.reservation_ttl_s,
+                     interval_s=max(gw.settings.sweep_interval_s, 1.0) * 6)),
                  asyncio.create_task(_probe_database(gw)),
                  asyncio.create_task(listen_forever(gw, dsn))]
         yield

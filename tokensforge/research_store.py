@@ -11,13 +11,18 @@ No money moves here.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
+from .errors import LedgerUnavailable
 from .ledger.model import clean_record
 from .ledger.store import translated
+
+log = logging.getLogger("tokensforge.research")
 
 #: the error a section gets when it was charged but its answer was lost with the client
 LOST_SECTION_ERROR = {"code": "client_cancelled",
@@ -90,6 +95,15 @@ RETURNING r.*"""
 
 _SECTIONS_SQL = "SELECT * FROM research_sections WHERE report_id = $1 ORDER BY position"
 
+# runs whose gateway died: still "running", untouched for longer than a reservation lives, and no section
+# holding money any more (a live run's section always has an open, renewed reservation)
+_STALE_SQL = """
+SELECT r.id, r.request_id, r.outline FROM research_reports r
+WHERE r.status = 'running' AND r.updated_at < now() - make_interval(secs => $1)
+  AND NOT EXISTS (SELECT 1 FROM reservations v WHERE v.status = 'open'
+                  AND v.request_id LIKE replace(replace(r.request_id, '\\', '\\\\'), '_', '\\_') || '\\_s%')
+ORDER BY r.updated_at LIMIT $2"""
+
 
 class ReportStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -130,6 +144,16 @@ class ReportStore:
             sections: list[asyncpg.Record] = await conn.fetch(_SECTIONS_SQL, report_id)
             return row, sections
 
+    async def interrupt_stale(self, idle_s: float, limit: int = 100) -> int:
+        """Close the runs of gateways that died mid-report: status "interrupted", with every section that
+        was charged (recovered from its usage record) and the totals the ledger agrees with."""
+        async with translated("research"):
+            stale = await self.pool.fetch(_STALE_SQL, idle_s, limit)
+        for row in stale:
+            started = [(i, title, section_request_id(row["request_id"], i)) for i, title in enumerate(row["outline"])]
+            await self.finish(row["id"], "interrupted", started)
+        return len(stale)
+
     async def page(self, account_id: str, *, limit: int, after: int | None) -> list[asyncpg.Record]:
         """The account's reports, newest first (cursor: `seq`)."""
         async with translated("research"):
@@ -145,3 +169,16 @@ class ReportStore:
                 return None
             sections: list[asyncpg.Record] = await conn.fetch(_SECTIONS_SQL, report_id)
             return row, sections
+
+
+async def interrupt_stale_forever(store: ReportStore, *, idle_s: float, interval_s: float) -> None:
+    """In every process, like the reservation sweeper: runs left "running" by a dead gateway are closed."""
+    while True:
+        try:
+            if (count := await store.interrupt_stale(idle_s)) > 0:
+                log.warning("closed %d research report(s) whose gateway stopped mid-run", count)
+        except LedgerUnavailable:
+            log.debug("report sweeper: database unavailable, will retry")
+        except Exception:  # keep sweeping whatever one pass hit
+            log.exception("report sweep failed")
+        await asyncio.sleep(interval_s)
