@@ -253,7 +253,8 @@ def test_error_message() -> None:
 STREAM: list[tuple[str, dict[str, Any], tuple[StreamEvent, ...]]] = [
     ("message_start", {"type": "message_start", "message": {**message(content=[], stop_reason=None),
                                                             "usage": {"input_tokens": 12, "output_tokens": 1,
-                                                                      "cache_read_input_tokens": 4}}}, ()),
+                                                                      "cache_read_input_tokens": 4}}},
+     (UsageReport(Usage(16, 0, cached_tokens=4), final=False),)),
     ("content_block_start", {"type": "content_block_start", "index": 0,
                              "content_block": {"type": "thinking", "thinking": ""}}, ()),
     ("content_block_delta", {"type": "content_block_delta", "index": 0,

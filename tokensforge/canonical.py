@@ -197,7 +197,11 @@ class Finish:
 
 @dataclass(frozen=True, slots=True)
 class UsageReport:
+    """The upstream's count. `final=False`: only the input is known yet (Anthropic's message_start), so a
+    stream cut before the end is still billed the upstream's real input, not an estimate."""
+
     usage: Usage
+    final: bool = True
 
 
 @dataclass(frozen=True, slots=True)

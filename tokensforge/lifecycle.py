@@ -103,6 +103,7 @@ class Lifecycle:
         self._pending = 0  # content events in the frame handed out, counted once the caller comes back
         self.delivered = 0
         self.upstream_usage: Usage | None = None
+        self._upstream_input: int | None = None  # the input count an upstream told before its final usage
         self.stream_error: str | None = None
         self._stream_done = False
         self._stream_ok = False
@@ -326,8 +327,10 @@ class Lifecycle:
                 self._pending = 0
                 self._end_stream(f"the upstream reported an error mid-stream: {event.message}"[:500])
                 return True
-            else:
+            elif event.final:
                 self.upstream_usage = event.usage
+            else:
+                self._upstream_input = event.usage.prompt_tokens
         return False
 
     def _end_stream(self, error: str | None) -> None:
@@ -345,7 +348,10 @@ class Lifecycle:
         self._client_gone = True
 
     def _delivered_usage(self) -> Usage:
-        prompt = self.upstream_usage.prompt_tokens if self.upstream_usage else self._typical_input()
+        if self.upstream_usage is not None:
+            prompt = self.upstream_usage.prompt_tokens
+        else:
+            prompt = self._upstream_input if self._upstream_input is not None else self._typical_input()
         return Usage(prompt, self.delivered)
 
     def _typical_input(self) -> int:

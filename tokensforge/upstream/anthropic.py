@@ -253,7 +253,8 @@ def error_message(raw: bytes) -> str:
 
 class StreamDecoder:
     """Anthropic SSE events → canonical frames. Tool calls are numbered among tool blocks only,
-    as OpenAI numbers them; usage is reported once, at message_delta, when both counts are known."""
+    as OpenAI numbers them; the input count is reported at message_start (not final), the whole usage at
+    message_delta, when both counts are known."""
 
     def __init__(self) -> None:
         self.start_usage: dict[str, Any] = {}
@@ -272,7 +273,8 @@ class StreamDecoder:
                 raise MalformedUpstream("message_start without a message")
             usage = message.get("usage")
             self.start_usage = usage if isinstance(usage, dict) else {}
-            return Frame(())
+            known = _usage({**self.start_usage, "output_tokens": 0})
+            return Frame((UsageReport(known, final=False),) if known is not None else ())
         if kind == "content_block_start":
             return Frame(self._block_start(data))
         if kind == "content_block_delta":
