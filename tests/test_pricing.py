@@ -13,10 +13,13 @@ from hypothesis import strategies as st
 from tokensforge.catalog import ChannelRef, Model, Route
 from tokensforge.errors import InvalidRequest
 from tokensforge.money import charge_nanos
+from tokensforge.canonical import Request
+from tokensforge.dialects import openai_chat
 from tokensforge.pricing import (
-    Reservation, Usage, charge_for, embedding_input_tokens, embedding_inputs, max_output_tokens,
-    reserve_input_tokens, size_reservation, typical_input_tokens, usage_from,
+    MEDIA_PART_TOKENS, Reservation, Usage, charge_for, embedding_input_tokens, embedding_inputs, output_allowance,
+    request_input_tokens, size_embedding, size_request, typical_request_tokens,
 )
+from tokensforge.upstream.openai import usage_of as usage_from
 
 ROUTE = Route(id="m/official", kind="official", bucket="credit", input_price=Decimal("0.15"),
               output_price=Decimal("0.60"), channels=(ChannelRef("c", "up"),), model_id="m")
@@ -28,6 +31,25 @@ EMB = Model(id="e", routes=(EMB_ROUTE,), type="embedding")
 
 def _user(content: Any) -> dict[str, Any]:
     return {"role": "user", "content": content}
+
+
+def _req(body: dict[str, Any]) -> Request:
+    """A chat body as the gateway sizes it: decoded to the canonical request (any dialect sizes alike)."""
+    return openai_chat.decode({"model": "m", **body})
+
+
+def reserve_input_tokens(body: dict[str, Any]) -> int:
+    return request_input_tokens(_req(body))
+
+
+def typical_input_tokens(body: dict[str, Any]) -> int:
+    return typical_request_tokens(_req(body))
+
+
+def max_output_tokens(body: dict[str, Any], model: Model) -> int:
+    req = _req({"messages": [_user("x")], **body})
+    return output_allowance(req.max_output_tokens, model, "max_completion_tokens"
+                            if body.get("max_completion_tokens") is not None else "max_tokens")
 
 
 # ---------------------------------------------------------------- input estimates
@@ -42,8 +64,8 @@ def _user(content: Any) -> dict[str, Any]:
     ("a" * 300, 3 + 100 + 4, 75 + 3),
     (None, 3 + 0 + 4, 0 + 3),
     ([{"type": "text", "text": "abc"}, {"type": "image_url", "image_url": {"url": "http://x"}}],
-     3 + 1 + 4, 1 + 3),
-    (["abcdef", "gh"], 3 + 3 + 4, 2 + 3),
+     3 + 1 + 4 + MEDIA_PART_TOKENS, 1 + 3),   # an image part reserves its allowance
+    ([{"type": "text", "text": "abcdef"}, {"type": "text", "text": "gh"}], 3 + 3 + 4, 2 + 3),
 ])
 def test_estimates_of_one_message(content: Any, reserve: int, typical: int) -> None:
     body = {"messages": [_user(content)]}
@@ -73,9 +95,10 @@ def test_tools_and_tool_calls_are_counted_in_the_reservation() -> None:
 
 
 @pytest.mark.parametrize("body", [{}, {"messages": None}, {"messages": []}, {"messages": ["not a dict", 5]}])
-def test_estimates_of_odd_bodies_do_not_crash(body: dict[str, Any]) -> None:
-    assert reserve_input_tokens(body) == 3
-    assert typical_input_tokens(body) == 0
+def test_odd_bodies_are_refused_before_they_are_sized(body: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        reserve_input_tokens(body)
+    assert info.value.param == "messages"
 
 
 text_parts = st.text(alphabet=st.characters(codec="utf-8"), max_size=200)
@@ -88,7 +111,7 @@ message = st.one_of(
 
 
 @settings(max_examples=200)
-@given(st.lists(message, max_size=8))
+@given(st.lists(message, min_size=1, max_size=8))
 def test_reservation_estimate_is_never_below_the_typical_estimate(messages: list[dict[str, Any]]) -> None:
     body = {"messages": messages}
     upper, typical = reserve_input_tokens(body), typical_input_tokens(body)
@@ -105,7 +128,7 @@ def test_reservation_estimate_is_never_below_the_typical_estimate(messages: list
 
 
 def test_default_output_allowance_is_the_model_maximum() -> None:
-    assert max_output_tokens({"messages": []}, CHAT) == 1000
+    assert max_output_tokens({}, CHAT) == 1000
     assert max_output_tokens({"max_tokens": None}, CHAT) == 1000
 
 
@@ -142,23 +165,23 @@ def test_non_positive_or_non_int_allowance_is_invalid(key: str, value: Any) -> N
 
 def test_chat_reservation_covers_input_upper_bound_and_output_allowance() -> None:
     body = {"messages": [_user("hello")], "max_tokens": 100}
-    res = size_reservation(body, CHAT, ROUTE)
+    res = size_request(_req(body), CHAT, ROUTE)
     assert res == Reservation(9, 100, 9 * 150 + 100 * 600)
     assert res.amount_nanos == 61_350
 
 
 def test_chat_reservation_without_max_tokens_uses_the_model_maximum() -> None:
-    res = size_reservation({"messages": [_user("hello")]}, CHAT, ROUTE)
+    res = size_request(_req({"messages": [_user("hello")]}), CHAT, ROUTE)
     assert res.output_tokens == 1000 and res.amount_nanos == 9 * 150 + 1000 * 600
 
 
 def test_chat_reservation_refuses_bad_max_tokens() -> None:
     with pytest.raises(InvalidRequest):
-        size_reservation({"messages": [_user("x")], "max_tokens": 5000}, CHAT, ROUTE)
+        size_request(_req({"messages": [_user("x")], "max_tokens": 5000}), CHAT, ROUTE)
 
 
 def test_embedding_reservation_has_no_output() -> None:
-    res = size_reservation({"input": ["abcdef", "abcdefg"], "max_tokens": 5000}, EMB, EMB_ROUTE)
+    res = size_embedding({"input": ["abcdef", "abcdefg"], "max_tokens": 5000}, EMB_ROUTE)
     assert res == Reservation(2 + 3, 0, 5 * 20)
 
 

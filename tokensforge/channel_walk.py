@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -75,7 +76,7 @@ class Served:
 
 
 class ChannelWalk:
-    def __init__(self, upstream: UpstreamClient, health: HealthRegistry, channels: dict[str, Channel],
+    def __init__(self, upstream: UpstreamClient, health: HealthRegistry, channels: Mapping[str, Channel],
                  trace: Trace) -> None:
         self.upstream, self.health, self.channels, self.trace = upstream, health, channels, trace
 

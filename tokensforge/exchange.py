@@ -15,7 +15,7 @@ import orjson
 from .canonical import MalformedUpstream, Request, Response, Usage, token_count
 from .catalog import Channel, Model, Route
 from .channel_walk import StreamDecoder
-from .pricing import Reservation, embedding_input_tokens, size_request, size_reservation, typical_request_tokens
+from .pricing import Reservation, embedding_input_tokens, size_request, size_embedding, typical_request_tokens
 from .upstream import anthropic as anthropic_codec
 from .upstream import openai as openai_codec
 
@@ -106,7 +106,7 @@ class EmbeddingExchange:
         return embedding_input_tokens(self.body, upper=False)
 
     def size(self, model: Model, route: Route) -> Reservation:
-        return size_reservation(self.body, model, route)
+        return size_embedding(self.body, route)
 
     def estimate(self, response: Response) -> Usage:
         return Usage(self.typical_input_tokens(), 0)

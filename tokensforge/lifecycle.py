@@ -89,7 +89,7 @@ class Lifecycle:
         self.started = time.perf_counter()
         self.model: Model | None = None
         self.pinned = False
-        self._walk = ChannelWalk(gw.upstream, gw.health, dict(gw.catalog.channels), self.trace)
+        self._walk = ChannelWalk(gw.upstream, gw.health, gw.catalog.channels, self.trace)
         self._reservation_id: str | None = None
         self._renewal: asyncio.Task[None] | None = None
         self._exchange: Exchange | None = None

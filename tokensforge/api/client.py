@@ -20,7 +20,7 @@ from ..errors import InvalidRequest, TokensForgeError, UpstreamError
 from ..exchange import EmbeddingExchange, ModelExchange
 from ..lifecycle import Lifecycle, StreamOutcome
 from ..policy import EffectivePolicy
-from ..pricing import embedding_inputs, output_allowance, size_request, size_reservation
+from ..pricing import embedding_inputs, output_allowance, size_request, size_embedding
 from ..receipts import answer_id
 from ..routing import find_model, select_route
 from ..state import Gateway
@@ -193,7 +193,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         model, route, pinned = choose(gw, policy, request, body, "embedding", "/v1/embeddings")
         life.begin(model, route, pinned=pinned)
         embedding_inputs(body)
-        await life.admit(size_reservation(body, model, route))
+        await life.admit(size_embedding(body, route))
         answer = await life.call(EmbeddingExchange(body))
         receipt = await life.succeed(answer)
         data = answer.raw or {}
@@ -204,8 +204,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         return json_response(data, headers=receipt_headers(life, receipt))
 
 
-async def complete(gw: Gateway, life: Lifecycle, model: Model, route: Route, req: Request) -> tuple[Response,
-                                                                                                 dict[str, Any]]:
+async def complete(life: Lifecycle, model: Model, route: Route, req: Request) -> tuple[Response, dict[str, Any]]:
     """Admit, serve and settle a non-streamed canonical request (the research assistant's sections)."""
     exchange = await admit_model_request(life, model, route, req)
     answer = await life.call(exchange)

@@ -168,7 +168,7 @@ class _Run:
         try:
             async with Lifecycle(self.gw, self.identity, self.policy, request_id, "research.section") as life:
                 life.begin(self.model, payer, pinned=self.pinned)
-                answer, receipt = await complete(self.gw, life, self.model, payer, body)
+                answer, receipt = await complete(life, self.model, payer, body)
             section.update(content=answer.output_text, receipt=receipt)
         except TokensForgeError as exc:  # refused or failed: recorded and voided by the lifecycle
             section["error"] = exc.body()["error"]

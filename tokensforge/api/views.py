@@ -17,7 +17,7 @@ from ..money import usd
 from ..policy import EffectivePolicy
 from ..canonical import Request
 from ..dialects import anthropic_messages, openai_chat, openai_responses
-from ..pricing import size_request, size_reservation
+from ..pricing import size_request, size_embedding
 from ..receipts import request_id_of
 from ..routing import allowed_routes, find_model, select_route
 from ..state import Gateway
@@ -99,7 +99,7 @@ async def quote(request: web.Request) -> web.Response:
     except PermissionDenied as exc:
         out.update(allowed=False, reason=exc.message, code=exc.code, route=None)
         return json_response(out)
-    sizing = size_reservation(body, model, route) if req is None else size_request(req, model, route)
+    sizing = size_embedding(body, route) if req is None else size_request(req, model, route)
     bucket_kind = gw.catalog.bucket_kind(route.bucket)
     pool = (await PoolStore(gw.ledger).pools(identity.account_id)).get(route.bucket) if bucket_kind == "pool" else None
     available = await gw.ledger.available(identity.account_id, route.bucket)
