@@ -37,19 +37,34 @@ async def assert_ledger_invariants(dsn_or_conn: str | asyncpg.Connection) -> Non
             SELECT l.id FROM ledger_entries l LEFT JOIN usage_records u ON u.request_id = l.request_id
             WHERE l.kind = 'charge' AND (u.request_id IS NULL OR u.ledger_entry_id <> l.id)""")
         assert not bad, f"invariant 2 broken (charge without usage record): {bad}"
-        # a reservation is settled exactly when its request has the charge entry (outcome() relies on it)
+        # a charge is posted by exactly one thing: the settlement of its request's reservation (outcome()
+        # relies on it) or a settlement against a lease (its usage record names the lease)
         bad = await conn.fetch("""
             SELECT coalesce(r.request_id, l.request_id) AS request_id, count(r.id) AS settled
-            FROM (SELECT id, request_id FROM reservations WHERE status = 'settled') r
+            FROM (SELECT id, request_id FROM reservations WHERE status = 'settled'
+                  UNION ALL SELECT lease_id, request_id FROM usage_records WHERE lease_id IS NOT NULL) r
             FULL JOIN (SELECT id, request_id FROM ledger_entries WHERE kind = 'charge') l USING (request_id)
             GROUP BY 1 HAVING count(r.id) <> 1 OR count(l.id) <> 1""")
-        assert not bad, f"settled reservations and charge entries disagree: {[dict(r) for r in bad]}"
+        assert not bad, f"settlements and charge entries disagree: {[dict(r) for r in bad]}"
+        # leases: never 'settled' (they end voided or expired); what one charged is its usage records' charges
+        bad = await conn.fetch("""
+            SELECT r.id, r.status, r.charged_nanos, coalesce(u.total, 0) AS records_total FROM reservations r
+            LEFT JOIN (SELECT lease_id, sum(charge_nanos) AS total FROM usage_records GROUP BY 1) u
+              ON u.lease_id = r.id
+            WHERE r.kind = 'lease' AND (r.status = 'settled' OR r.charged_nanos <> coalesce(u.total, 0))""")
+        assert not bad, f"leases disagree with their usage records: {[dict(r) for r in bad]}"
+        bad = await conn.fetch("""
+            SELECT u.request_id FROM usage_records u LEFT JOIN reservations r ON r.id = u.lease_id
+            WHERE u.lease_id IS NOT NULL AND (r.kind IS DISTINCT FROM 'lease' OR r.account_id <> u.account_id
+                                              OR r.bucket <> u.bucket)""")
+        assert not bad, f"usage records charged against another account's or bucket's lease: {bad}"
         # budgets: reserved = Σ open reservations in scope; spent = Σ settled charges in scope
         bad = await conn.fetch("""
             SELECT g.scope, g.period FROM budgets g
             LEFT JOIN LATERAL (
                 SELECT coalesce(sum(r.amount_nanos) FILTER (WHERE r.status = 'open'), 0) AS open_total,
-                       coalesce(sum(u.charge_nanos) FILTER (WHERE r.status = 'settled'), 0) AS spent
+                       coalesce(sum(u.charge_nanos) FILTER (WHERE r.status = 'settled'), 0)
+                       + coalesce(sum(r.charged_nanos) FILTER (WHERE r.kind = 'lease'), 0) AS spent
                 FROM reservations r LEFT JOIN usage_records u ON u.request_id = r.request_id
                      AND r.status = 'settled'
                 CROSS JOIN LATERAL unnest(r.budget_scopes, r.budget_periods) AS s(scope, period)

@@ -15,6 +15,7 @@ from .api import admin, client, messages, openapi, ops, playground, research, re
 from .api.middleware import error_middleware
 from .catalog import Catalog
 from .db import create_pool, migrate
+from .ledger.leases import LeaseConfig, Wallet
 from .ledger.store import LedgerStore
 from .ledger.pools import PoolStore
 from .research_store import ReportStore, interrupt_stale_forever
@@ -57,16 +58,19 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
         try:
             accounts = AccountStore(pool)
             await accounts.ensure_buckets(catalog.buckets)
+            ledger = LedgerStore(pool, reservation_ttl_s=settings.reservation_ttl_s,
+                                 acquire_timeout_s=settings.db_acquire_timeout_s)
             app[GATEWAY] = Gateway(
-                settings=settings, catalog=catalog, pool=pool,
-                ledger=LedgerStore(pool, reservation_ttl_s=settings.reservation_ttl_s,
-                                   acquire_timeout_s=settings.db_acquire_timeout_s),
+                settings=settings, catalog=catalog, pool=pool, ledger=ledger,
+                wallet=Wallet(ledger, LeaseConfig(enabled=settings.leases, ttl_s=settings.lease_ttl_s,
+                                                  fraction=settings.lease_fraction, idle_s=settings.lease_idle_s)),
                 accounts=accounts, keys=KeyCache(accounts, settings.key_cache_ttl_s,
                                                  unknown_ttl_s=settings.unknown_key_cache_ttl_s,
                                                  unknown_max=settings.unknown_key_cache_size),
                 health=HealthRegistry(BreakerConfig(failure_threshold=settings.breaker_failure_threshold,
                                                     cooldown_s=settings.breaker_cooldown_s)))
             yield
+            await app[GATEWAY].wallet.close()  # requests have ended: give the leases back now, not after their TTL
         finally:
             await pool.close()
     return ctx
@@ -95,6 +99,7 @@ def _background(dsn: str) -> CleanupCtx:
                      ReportStore(gw.pool), idle_s=gw.settings.reservation_ttl_s,
                      interval_s=max(gw.settings.sweep_interval_s, 1.0) * 6)),
                  asyncio.create_task(_probe_database(gw)),
+                 asyncio.create_task(gw.wallet.run()),
                  asyncio.create_task(listen_forever(gw, dsn))]
         yield
         tasks += list(gw.tasks)  # delayed settlements still waiting: their reservations expire

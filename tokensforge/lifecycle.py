@@ -48,6 +48,7 @@ from .errors import (
 )
 from .policy import EffectivePolicy
 from .pricing import Reservation, charge_for
+from .ledger.leases import Hold
 from .receipts import Attempt, Trace, build_receipt, finish_receipt
 from .routing import fallback_routes
 from .state import Gateway
@@ -90,7 +91,8 @@ class Lifecycle:
         self.model: Model | None = None
         self.pinned = False
         self._walk = ChannelWalk(gw.upstream, gw.health, gw.catalog.channels, self.trace)
-        self._reservation_id: str | None = None
+        self._hold: Hold | None = None
+        self._later = False  # a retry task owns the settlement (and the hold)
         self._renewal: asyncio.Task[None] | None = None
         self._exchange: Exchange | None = None
         self._served: Served | None = None
@@ -127,6 +129,8 @@ class Lifecycle:
             if not self._settled:
                 await self._settle_on_exit(exc)
         finally:
+            if self._hold is not None and not self._later:  # not settled, and nobody will: let the money go
+                self.gw.wallet.discard(self._hold)
             if renewal is not None:
                 await asyncio.wait([renewal])
 
@@ -146,7 +150,7 @@ class Lifecycle:
         elif t.error is None:
             t.error = {"code": "client_cancelled" if gone else "internal_error",
                        "message": "the client disconnected" if gone else "the request ended without an answer"}
-        if self._reservation_id is None:
+        if self._hold is None:
             if t.selected_model is not None:
                 await self._record_refusal("client_cancelled" if gone else "failed")
             return
@@ -184,7 +188,6 @@ class Lifecycle:
         for scope, rpm, tpm in self.policy.rate_limits:
             self.gw.limiter.admit(scope, rpm, tpm, sizing.input_tokens + sizing.output_tokens, now)
         await self._reserve(self.route, sizing.amount_nanos, self.trace.request_id)
-        self._renewal = asyncio.get_running_loop().create_task(self._keep_alive())
 
     async def _reserve(self, route: Route, amount_nanos: int, reservation_id: str) -> None:
         """Hold the money, shielded: a client that leaves mid-call still has its hold recorded, so the
@@ -193,13 +196,16 @@ class Lifecycle:
         self.trace.bucket_kind, self.trace.pool_period_end = self.gw.catalog.bucket_kind(route.bucket), None
 
         async def hold() -> None:
-            held = await self.gw.ledger.reserve(
-                reservation_id, self.identity.account_id, route.bucket, amount_nanos, self.policy.budgets,
-                receipt=build_receipt(self.trace), request_id=self.trace.request_id)
+            held = await self.gw.wallet.reserve(
+                reservation_id, self.trace.request_id, self.identity.account_id, route.bucket, amount_nanos,
+                self.policy.budgets, lambda: build_receipt(self.trace),
+                leasable=self.trace.bucket_kind == "prepaid")
             if held.pool_period_end is not None:  # the receipt names the period the charge is made in
                 self.trace.pool_period_end = held.pool_period_end.isoformat()
-            self._reservation_id = reservation_id
+            self._hold = held
             metrics.RESERVATIONS_INFLIGHT.inc()
+            if held.lease is None and self._renewal is None:  # a lease is renewed by its process
+                self._renewal = asyncio.get_running_loop().create_task(self._keep_alive())
 
         await shielded(hold())
 
@@ -209,10 +215,13 @@ class Lifecycle:
         interval = self.gw.settings.reservation_ttl_s / 3
         while True:
             await asyncio.sleep(interval)
-            if self._reservation_id is None:
+            hold = self._hold
+            if hold is None:
                 return
+            if hold.lease is not None:
+                continue
             try:
-                await self.gw.ledger.extend(self._reservation_id)
+                await self.gw.ledger.extend(hold.reservation_id)
             except LedgerUnavailable:
                 pass  # try again next round; settlement decides
 
@@ -246,7 +255,7 @@ class Lifecycle:
 
     async def _serve(self, exchange: Exchange) -> Served:
         """The route's chain, then (if the policy allows and nothing is pinned) other routes."""
-        assert self.model is not None and self._reservation_id is not None
+        assert self.model is not None and self._hold is not None
         self._exchange = exchange
         first = self.route
         result: Served | TokensForgeError
@@ -265,11 +274,11 @@ class Lifecycle:
 
     async def _move_to(self, route: Route) -> bool:
         """Void the current reservation and hold the fallback route's price in its bucket."""
-        assert self.model is not None and self._reservation_id is not None and self._exchange is not None
+        assert self.model is not None and self._hold is not None and self._exchange is not None
         amount = self._exchange.size(self.model, route).amount_nanos  # the same request at the fallback's price
-        await shielded(self.gw.ledger.finish(self._reservation_id, 0, None))
+        await shielded(self.gw.wallet.finish(self._hold, 0, None))
         metrics.RESERVATIONS_INFLIGHT.dec()
-        self._reservation_id = None
+        self._hold = None
         if self.trace.original_route is None:
             self.trace.original_route = self.trace.route
         self.trace.route = route
@@ -413,20 +422,21 @@ class Lifecycle:
         t = self.trace
         t.status, t.usage, t.usage_source = status, usage, source
         route = self.route
-        assert self._reservation_id is not None
+        hold = self._hold
+        assert hold is not None
         charged = billed if billed is not None else (usage if status == "succeeded" else None)
         if charged is not None:
             t.charge_nanos, t.price_nanos = charge_for(charged, route, t.reserved_nanos)
         receipt = self._receipt()
         try:
-            entry_id, balance = await shielded(self.gw.ledger.finish(self._reservation_id, t.charge_nanos, receipt))
+            entry_id, balance = await shielded(self.gw.wallet.finish(hold, t.charge_nanos, receipt))
         except LedgerRejected:  # the database refused this receipt's data: post the money with the bare facts
             log.error("request %s: the ledger refused its receipt; settling with a minimal one", t.request_id)
             t.attempts, t.error, t.notes = [], {"code": "receipt_rejected", "message": "receipt details dropped"}, []
             receipt = self._receipt()
-            entry_id, balance = await shielded(self.gw.ledger.finish(self._reservation_id, t.charge_nanos, receipt))
+            entry_id, balance = await shielded(self.gw.wallet.finish(hold, t.charge_nanos, receipt))
         self._settled = True
-        self._reservation_id = None
+        self._hold = None
         metrics.RESERVATIONS_INFLIGHT.dec()
         t.ledger_entry_id, t.balance_after_nanos = entry_id, balance
         finish_receipt(receipt, entry_id, balance)
@@ -459,8 +469,10 @@ class Lifecycle:
                 except ReservationResolved:
                     return
             log.error("could not post the charge of %s before its reservation expired", self.trace.request_id)
+            if self._hold is not None:
+                self.gw.wallet.discard(self._hold)
 
-        self._settled = True  # the retry task owns the settlement now
+        self._settled = self._later = True  # the retry task owns the settlement now
         self.gw.spawn(retry())
 
     def _receipt(self) -> dict[str, Any]:

@@ -29,6 +29,13 @@ CIRCUIT_STATE = Gauge(
     "tokensforge_circuit_state", "0 closed, 1 half-open, 2 open.", ["channel"], multiprocess_mode="livemax")
 RESERVATIONS_INFLIGHT = Gauge(
     "tokensforge_reservations_inflight", "Open reservations held by this process.", multiprocess_mode="livesum")
+HOLDS = Counter("tokensforge_holds", "Requests' money holds, by where they came from: carved from this process's"
+                " lease (no database round trip) or a per-request reservation.", ["kind"])
+LEASE_GRANTS = Counter("tokensforge_lease_grants", "Lease take/grow answers by outcome (ok, small, stale,"
+                       " insufficient_balance, budget_exceeded, pool).", ["outcome"])
+LEASED = Gauge("tokensforge_leased_nanos", "Nano-USD held in this process's leases.", multiprocess_mode="livesum")
+LEASE_REFUSALS = Counter("tokensforge_lease_refusals", "Requests refused for money or budget after this process"
+                         " returned its own lease and asked the database again.")
 LEDGER_OP_DURATION = Histogram(
     "tokensforge_ledger_op_duration_seconds", "Ledger database operation time.", ["op"], buckets=_LEDGER_BUCKETS)
 DATABASE_UP = Gauge(

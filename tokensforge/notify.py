@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from .catalog import CatalogError
+from .ledger.leases import PRESSURE_PREFIX
 from .state import Gateway
 
 log = logging.getLogger("tokensforge.notify")
@@ -22,7 +23,9 @@ CHANNEL = "tokensforge"
 
 
 async def handle(gw: Gateway, payload: str) -> None:
-    if payload == "keys":
+    if payload.startswith(PRESSURE_PREFIX):
+        await gw.wallet.on_pressure(payload[len(PRESSURE_PREFIX):])
+    elif payload == "keys":
         gw.keys.invalidate()
     elif payload == "catalog":
         try:

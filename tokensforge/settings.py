@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,10 @@ class Settings:
     db_acquire_timeout_s: float = 5.0  # a request waits at most this long for a pool connection, then 503
     http_keepalive_timeout_s: float = 75.0  # idle connection, and the time to send a request head
     body_read_timeout_s: float = 60.0  # the time a client may take to send a JSON request body
+    leases: bool = True  # hold money in per-process leases (ledger/leases.py); off = a reservation per request
+    lease_ttl_s: float = 60.0  # a crashed process's leases are voided this long after its last renewal
+    lease_fraction: float = 0.25  # a grant takes at most this share of the bucket's available balance
+    lease_idle_s: float = 5.0  # unused lease money goes back after this long without a request
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 5.0
     channel_env: Mapping[str, str] = field(default_factory=dict, repr=False)  # api_key_env → secret
@@ -47,13 +51,22 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
 
+def _flag(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
 # Operational knobs that ops may set through the environment (TOKENSFORGE_<NAME>).
-_TUNABLE = {
+_TUNABLE: dict[str, Callable[[str], object]] = {
     "reservation_ttl_s": float, "sweep_interval_s": float, "key_cache_ttl_s": float,
     "unknown_key_cache_ttl_s": float, "unknown_key_cache_size": int,
     "max_body_bytes": int, "max_upstream_body_bytes": int, "db_pool_size": int, "db_acquire_timeout_s": float,
     "http_keepalive_timeout_s": float, "body_read_timeout_s": float,
-    "breaker_failure_threshold": int, "breaker_cooldown_s": float,
+    "breaker_failure_threshold": int, "leases": _flag, "lease_ttl_s": float, "lease_fraction": float,
+    "lease_idle_s": float, "breaker_cooldown_s": float,
 }
 
 
@@ -65,5 +78,6 @@ def _tunables(env: Mapping[str, str]) -> dict[str, object]:
             try:
                 values[name] = kind(raw)
             except ValueError:
-                raise ValueError(f"TOKENSFORGE_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+                what = getattr(kind, "__name__", "value").lstrip("_")  # _flag → "flag"
+                raise ValueError(f"TOKENSFORGE_{name.upper()}={raw!r} is not a valid {what}") from None
     return values

@@ -17,6 +17,7 @@ from . import metrics
 from .accounts import AccountStore, KeyIdentity
 from .catalog import Catalog, CatalogError, load_catalog
 from .keys import hash_key
+from .ledger.leases import Wallet
 from .ledger.store import LedgerStore
 from .policy import EffectivePolicy, effective
 from .ratelimit import RateLimiter
@@ -113,6 +114,7 @@ class Gateway:
     catalog: Catalog
     pool: asyncpg.Pool
     ledger: LedgerStore
+    wallet: Wallet
     accounts: AccountStore
     keys: KeyCache
     upstream: UpstreamClient | None = None

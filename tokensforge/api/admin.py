@@ -75,7 +75,8 @@ async def account_buckets(gw: Gateway, account_id: str) -> list[dict[str, Any]]:
     views = []
     for bucket_id, name, kind in named:
         row = rows.get(bucket_id)
-        view = bucket_view(bucket_id, name, row["balance_nanos"] if row else 0, row["reserved_nanos"] if row else 0)
+        view = bucket_view(bucket_id, name, row["balance_nanos"] if row else 0, row["reserved_nanos"] if row else 0,
+                           row["leased_nanos"] if row else 0)
         view["kind"] = kind
         pool = pools.get(bucket_id)
         view["pool"] = pool_view(pool, view["available_nanos"]) if pool is not None and kind == "pool" else None

@@ -67,7 +67,10 @@ def entry_view(row: Any) -> dict[str, Any]:
     }
 
 
-def bucket_view(bucket: str, name: str, balance_nanos: int, reserved_nanos: int) -> dict[str, Any]:
+def bucket_view(bucket: str, name: str, balance_nanos: int, reserved_nanos: int,
+                leased_nanos: int = 0) -> dict[str, Any]:
+    """`reserved` is what requests hold; `leased` what gateway processes hold for this account in leases
+    (in-flight requests' money included): it is given back before any refusal, so it counts as available."""
     available = balance_nanos - reserved_nanos
     return {
         "bucket": bucket,
@@ -77,6 +80,7 @@ def bucket_view(bucket: str, name: str, balance_nanos: int, reserved_nanos: int)
         "available_nanos": available,
         "balance_usd": usd(balance_nanos),
         "reserved_usd": usd(reserved_nanos),
+        "leased_nanos": leased_nanos,
         "available_usd": usd(available),
     }
 

@@ -139,6 +139,15 @@ class _Batcher(Generic[Item, Result]):
 
 
 _Settlement = tuple[str, int, "dict[str, Any] | None"]
+_LeaseSettlement = tuple[str, str, int, "dict[str, Any] | None"]  # lease id, request id, charge, record
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    outcome: str  # ok | insufficient_balance | budget_exceeded | small | pool | stale
+    granted_nanos: int
+    available_nanos: int  # the bucket's available balance after the grant
+    lease_nanos: int  # what the lease holds now
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +178,8 @@ class LedgerStore:
         self._settles: _Batcher[_Settlement, tuple[str | None, int]] = _Batcher(
             self._finish_many, max_batch, max_inflight_batches)
         self._holds: _Batcher[_Hold, Held] = _Batcher(self._reserve_many, max_batch, max_inflight_batches)
+        self._lease_settles: _Batcher[_LeaseSettlement, tuple[str | None, int]] = _Batcher(
+            self._lease_finish_many, max_batch, max_inflight_batches)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -309,6 +320,87 @@ class LedgerStore:
                                    row["charge_nanos"], row["balance_after_nanos"], row["receipt"])
                 for row in rows}
 
+    # ------------------------------------------------------------------ leases (ledger/leases.py)
+
+    async def lease_grow(self, lease_id: str, holder: str, account_id: str, bucket: str, *, want_nanos: int,
+                         min_nanos: int, fraction_ppm: int, ttl_s: float,
+                         budgets: Sequence[BudgetLimit] = ()) -> LeaseGrant:
+        """Take (or grow) a lease in one round trip: up to `want_nanos`, at least `min_nanos`, at most
+        the fraction of the bucket's available balance and what every budget has left."""
+        rows = await self._call(
+            "lease", "SELECT * FROM tf_lease_grow($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            lease_id, holder, account_id, bucket, want_nanos, min_nanos, fraction_ppm, ttl_s,
+            [b.scope for b in budgets], [b.period for b in budgets], [b.limit_nanos for b in budgets])
+        row = rows[0]
+        return LeaseGrant(row["outcome"], row["granted"], row["available_nanos"], row["lease_nanos"])
+
+    async def lease_finish(self, lease_id: str, request_id: str, charge_nanos: int,
+                           record: dict[str, Any] | None) -> tuple[str | None, int]:
+        """Settle a request carved from a lease (group commit, like `finish`); a lost reply is
+        resolved through the request's usage record."""
+        return await self._lease_settles.submit((lease_id, request_id, charge_nanos, _cleaned(record)))
+
+    async def _lease_finish_many(self, items: list[_LeaseSettlement]) -> list[tuple[str | None, int] | Exception]:
+        try:
+            rows = await self._call(
+                "settle", "SELECT * FROM tf_lease_finish_many($1, $2, $3, $4) ORDER BY idx",
+                [i[0] for i in items], [i[1] for i in items], [i[2] for i in items], [i[3] for i in items])
+        except _NothingSent:
+            raise
+        except LedgerUnavailable:  # the transaction may have committed before the connection dropped
+            return await self._resolve_leased(items)
+        except Exception as exc:
+            if not _rejected(exc):
+                raise
+            return await _one_by_one("settlement", items, self._lease_finish_many, exc)
+        return [_lease_settle_result(item, row) for item, row in zip(items, rows, strict=True)]
+
+    async def _resolve_leased(self, items: list[_LeaseSettlement]) -> list[tuple[str | None, int] | Exception]:
+        deadline = time.monotonic() + self.resolve_window_s
+        delay_s = 0.05
+        while True:
+            try:
+                rows = await self._read(
+                    "SELECT request_id, charge_nanos, ledger_entry_id, (receipt ->> 'balance_after_nanos')::bigint AS"
+                    " balance FROM usage_records WHERE request_id = ANY($1::text[])", [i[1] for i in items])
+                found = {row["request_id"]: row for row in rows}
+                return [_leased_resolution(item, found.get(item[1])) for item in items]
+            except LedgerUnavailable as exc:
+                if time.monotonic() + delay_s > deadline:
+                    log.error("could not learn within %.1f s whether %d leased settlement(s) committed (%r)",
+                              self.resolve_window_s, len(items), exc.__cause__)
+                    return [LedgerOutcomeUnknown(
+                        "the ledger database went away while settling; whether the charge was posted is not "
+                        f"known yet (request {i[1]})") for i in items]
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.5)
+
+    async def lease_return(self, amounts: dict[str, int], *, close: bool) -> dict[str, int | None]:
+        """Give unused lease money back (each lease by its amount, clamped to what it holds); with
+        `close`, a lease that reaches zero ends. Answers each lease's amount left, None if it is gone."""
+        ids = sorted(amounts)
+        rows = await self._call("lease", "SELECT * FROM tf_lease_return($1, $2, $3)",
+                                ids, [amounts[i] for i in ids], close)
+        return {row["id"]: row["lease_nanos"] for row in rows}
+
+    async def lease_renew(self, lease_ids: list[str], ttl_s: float) -> dict[str, int]:
+        """Push open leases' expiry a TTL ahead; answers the ones still open with their amount."""
+        rows = await self._call(
+            "lease", "UPDATE reservations SET expires_at = now() + make_interval(secs => $2)"
+                     " WHERE id = ANY($1::text[]) AND status = 'open' AND kind = 'lease' RETURNING id, amount_nanos",
+            lease_ids, ttl_s)
+        return {row["id"]: row["amount_nanos"] for row in rows}
+
+    async def leased_by_others(self, account_id: str, bucket: str, holder: str) -> int:
+        rows = await self._read(
+            "SELECT coalesce(sum(amount_nanos), 0)::bigint AS n FROM reservations WHERE account_id = $1"
+            " AND bucket = $2 AND status = 'open' AND kind = 'lease' AND holder <> $3", account_id, bucket, holder)
+        return int(rows[0]["n"])
+
+    async def notify(self, payload: str) -> None:
+        """Tell every gateway process (LISTEN/NOTIFY, channel `tokensforge`)."""
+        await self._call("notify", "SELECT pg_notify('tokensforge', $1)", payload)
+
     async def extend(self, reservation_id: str) -> bool:
         """Push an open reservation's expiry a full TTL ahead (a long stream is still alive)."""
         rows = await self._call(
@@ -326,15 +418,15 @@ class LedgerStore:
         return count
 
     async def balances(self, account_id: str) -> list[asyncpg.Record]:
-        return await self._read(
-            "SELECT bucket, balance_nanos, reserved_nanos FROM buckets WHERE account_id = $1 ORDER BY bucket",
-            account_id)
+        """Each bucket's balance, what requests hold (`reserved_nanos`) and what gateway processes hold
+        in leases (`leased_nanos`): the account can spend leased money, since a process gives its lease
+        back before it refuses a request for money."""
+        return await self._read(_BALANCES_SQL + " ORDER BY b.bucket", account_id)
 
     async def available(self, account_id: str, bucket: str) -> int:
-        rows = await self._read(
-            "SELECT balance_nanos - reserved_nanos AS n FROM buckets WHERE account_id = $1 AND bucket = $2",
-            account_id, bucket)
-        return int(rows[0]["n"]) if rows else 0
+        """What the account can spend in the bucket: balance − requests' reservations (leases included)."""
+        rows = await self._read(_BALANCES_SQL + " AND b.bucket = $2", account_id, bucket)
+        return int(rows[0]["balance_nanos"] - rows[0]["reserved_nanos"]) if rows else 0
 
     async def balance(self, account_id: str, bucket: str) -> int:
         rows = await self._read(
@@ -385,6 +477,14 @@ class LedgerStore:
             typical = await conn.fetch(_TYPICAL_SQL, account_id, typical_of)
         return {"series": series, "models": models, "routes": routes, "typical": typical}
 
+
+_BALANCES_SQL = """
+SELECT b.bucket, b.balance_nanos, (b.reserved_nanos - coalesce(l.leased, 0))::bigint AS reserved_nanos,
+       coalesce(l.leased, 0)::bigint AS leased_nanos
+FROM buckets b
+LEFT JOIN (SELECT bucket, sum(amount_nanos) AS leased FROM reservations
+           WHERE account_id = $1 AND status = 'open' AND kind = 'lease' GROUP BY 1) l USING (bucket)
+WHERE b.account_id = $1"""
 
 # A settled reservation's charge entry is the one charge of its request (one per request id);
 # a void has none: its balance is the one its usage record saw (same bucket), else the current one.
@@ -498,3 +598,19 @@ def _settle_result(item: _Settlement, row: asyncpg.Record) -> tuple[str | None, 
     if row["outcome"] == "resolved":
         return ReservationResolved(f"reservation {item[0]} is not open")
     return LedgerError(f"charge {item[1]} outside reservation {item[0]}; nothing moved")
+
+
+def _lease_settle_result(item: _LeaseSettlement, row: asyncpg.Record) -> tuple[str | None, int] | Exception:
+    if row["outcome"] == "ok":
+        return row["ledger_entry_id"], row["balance_after_nanos"]
+    if row["outcome"] == "resolved":
+        return ReservationResolved(f"request {item[1]} is already settled, or its lease {item[0]} is gone")
+    return LedgerError(f"charge {item[2]} outside lease {item[0]}; nothing moved")
+
+
+def _leased_resolution(item: _LeaseSettlement, found: asyncpg.Record | None) -> tuple[str | None, int] | Exception:
+    if found is None:
+        return LedgerUnavailable(_UNAVAILABLE_MESSAGE)  # it did not commit: the carve still holds the money
+    if found["charge_nanos"] != item[2]:
+        return ReservationResolved(f"request {item[1]} is already settled")
+    return found["ledger_entry_id"], found["balance"]
