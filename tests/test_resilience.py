@@ -117,7 +117,7 @@ async def test_gateway_killed_mid_stream_leaves_a_reservation_the_sweeper_voids(
     _, key = await gw.account(credit=10**9)
     await gw.mock.faults(**{"up-official": {"chunk_delay_ms": 200}})
     catalog = write_catalog(tmp_path / "c.toml", gw.mock.url)
-    victim = GatewayProcess(catalog, dsn=dsn, env={"TOKENSFORGE_RESERVATION_TTL_S": "1"})
+    victim = GatewayProcess(catalog, dsn=dsn, env={"TOKENSFORGE_RESERVATION_TTL_S": "1", "TOKENSFORGE_LEASES": "0"})
     with victim:
         async with aiohttp.ClientSession() as session:
             response = await session.post(victim.url + "/v1/chat/completions", headers={

@@ -189,8 +189,9 @@ class Wallet:
             lease.growing = None
             future.set_result(None)
         metrics.child(metrics.LEASE_GRANTS, grant.outcome).inc()
-        if grant.outcome == "ok":
-            lease.held, lease.in_db = grant.lease_nanos, True
+        if grant.outcome == "ok":  # deltas only: settlements in flight subtract their own charges
+            lease.held += grant.granted_nanos
+            lease.in_db = True
             return True
         if grant.outcome == "stale":  # swept (we were away too long) or a budget period turned
             self._retire(lease)
@@ -312,16 +313,17 @@ class Wallet:
         if not amounts:
             return
         by_id = {lease.id: lease for lease in leases}
+        for lease_id, given in amounts.items():
+            by_id[lease_id].held -= given  # out of reach at once: holds carved meanwhile cannot use it
         try:
             left = await self.store.lease_return(amounts, close=False)
         except LedgerUnavailable:
+            for lease_id, given in amounts.items():
+                by_id[lease_id].held += given  # nothing moved: the database still holds it for us
             return
-        for lease_id, given in amounts.items():
-            lease = by_id[lease_id]
+        for lease_id in amounts:
             if left.get(lease_id) is None:
-                self._retire(lease)
-            else:
-                lease.held -= given
+                self._retire(by_id[lease_id])
 
     # ------------------------------------------------------------------ upkeep
 
