@@ -29,6 +29,7 @@ import pytest
 
 from tokensforge.embedded_pg import PG_ACCOUNT, EmbeddedPostgres
 from tokensforge.mock_upstream import reply_text
+from tokensforge.settings import Settings
 
 from .harness import ADMIN_TOKEN, Gw, free_port, write_catalog
 from .invariants import assert_ledger_invariants
@@ -142,6 +143,19 @@ def pgbouncer(dsn: str, pg: EmbeddedPostgres) -> Iterator[PgBouncer]:
         yield bouncer
     finally:
         bouncer.stop()
+
+
+def test_the_direct_url_defaults_to_the_pooled_one_and_needs_it() -> None:
+    pooled, direct = "postgresql://u@pgbouncer:6432/db", "postgresql://u@postgres:5432/db"
+    settings = Settings.from_env({"TOKENSFORGE_DATABASE_URL": pooled, "TOKENSFORGE_DIRECT_DATABASE_URL": direct,
+                                  "TOKENSFORGE_DB_STATEMENT_CACHE_SIZE": "0"})
+    assert settings.direct_dsn(pooled) == direct and settings.db_statement_cache_size == 0
+    plain = Settings.from_env({"TOKENSFORGE_DATABASE_URL": direct})
+    assert plain.direct_dsn(direct) == direct and plain.db_statement_cache_size == 100  # asyncpg's default
+    assert Settings().direct_dsn("postgresql://embedded") == "postgresql://embedded"
+    with pytest.raises(ValueError, match="TOKENSFORGE_DIRECT_DATABASE_URL"):  # an embedded cluster has no pooler
+        Settings.from_env({"TOKENSFORGE_DIRECT_DATABASE_URL": direct})
+    assert "postgres:5432" not in repr(settings)  # it may hold a password
 
 
 async def test_named_statements_break_through_transaction_pooling_unnamed_ones_work(pgbouncer: PgBouncer) -> None:
