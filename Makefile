@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: run test venv venv-test postgres promtool chromium bench bench-peer chaos check clean fuzz
+.PHONY: run test venv venv-test postgres promtool chromium pgbouncer bench bench-peer chaos check clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,14 @@ promtool:
 chromium:
 	@bash deploy/ensure-chromium.sh >/dev/null
 
+# PgBouncer (transaction mode) in front of the test database: tests/test_pgbouncer.py (Debian's package).
+pgbouncer:
+	@bash deploy/ensure-pgbouncer.sh >/dev/null
+
 run: venv postgres
 	$(BIN)/tokensforge demo --port $(PORT)
 
-test: venv-test postgres promtool chromium
+test: venv-test postgres promtool chromium pgbouncer
 	$(BIN)/pytest
 
 bench: venv-test postgres

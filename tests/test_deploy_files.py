@@ -35,7 +35,8 @@ CONTAINER_PORT = 8080
 GATEWAYS = {"gateway-1": 8081, "gateway-2": 8082}
 
 # Every TOKENSFORGE_* variable the code reads (SPEC §4 plus the tunables in settings.py).
-KNOWN_TOKENSFORGE_ENV = {"TOKENSFORGE_DATABASE_URL", "TOKENSFORGE_ADMIN_TOKEN", "TOKENSFORGE_CONFIG"} | {
+KNOWN_TOKENSFORGE_ENV = {"TOKENSFORGE_DATABASE_URL", "TOKENSFORGE_DIRECT_DATABASE_URL", "TOKENSFORGE_ADMIN_TOKEN",
+                         "TOKENSFORGE_CONFIG"} | {
     f"TOKENSFORGE_{name.upper()}" for name in _TUNABLE
 }
 
@@ -272,10 +273,10 @@ def bind_mounts(name: str) -> dict[str, str]:
     return mounts
 
 
-def test_compose_runs_postgres_migrate_two_gateways_prometheus_and_grafana() -> None:
+def test_compose_runs_postgres_pgbouncer_migrate_two_gateways_prometheus_and_grafana() -> None:
     top = compose()
     assert "version" not in top, "compose spec v2: no `version:` key"
-    assert set(services()) == {"postgres", "migrate", *GATEWAYS, "prometheus", "grafana"}
+    assert set(services()) == {"postgres", "pgbouncer", "migrate", *GATEWAYS, "prometheus", "grafana"}
     declared_volumes = set(mapping(top["volumes"]))
     for name in services():
         for volume in compose_list(name, "volumes") if "volumes" in service(name) else []:
@@ -292,12 +293,35 @@ def test_compose_postgres_is_16_with_a_pg_isready_healthcheck_and_a_volume() -> 
     assert any(v.endswith(":/var/lib/postgresql/data") for v in compose_list("postgres", "volumes"))
 
 
-def _database_url_points_at_compose_postgres(url: str) -> None:
+def _database_url_points_at_compose_postgres(url: str, host: str = "postgres", port: int = 5432) -> None:
+    """`url` reaches the compose database (through `host:port`) as its user, with its password variable."""
     pg_env = compose_env("postgres")
-    parsed = urlparse(url.replace("${POSTGRES_PASSWORD:-tokensforge}", "pw"))
+    parsed = urlparse(url.replace(pg_env["POSTGRES_PASSWORD"], "pw"))
     assert parsed.scheme in {"postgres", "postgresql"}
-    assert (parsed.hostname, parsed.port) == ("postgres", 5432)
-    assert parsed.username == pg_env["POSTGRES_USER"] and parsed.path == "/" + pg_env["POSTGRES_DB"]
+    assert (parsed.hostname, parsed.port) == (host, port)
+    assert parsed.username == pg_env["POSTGRES_USER"] and parsed.password == "pw"
+    assert parsed.path == "/" + pg_env["POSTGRES_DB"]
+
+
+def pgbouncer_port() -> int:
+    return int(compose_env("pgbouncer")["LISTEN_PORT"])
+
+
+def test_compose_pgbouncer_pools_transactions_in_front_of_postgres() -> None:
+    pgbouncer, env, pg_env = service("pgbouncer"), compose_env("pgbouncer"), compose_env("postgres")
+    assert env["POOL_MODE"] == "transaction"
+    assert (env["DB_HOST"], int(env["DB_PORT"])) == ("postgres", 5432)
+    assert (env["DB_USER"], env["DB_PASSWORD"], env["DB_NAME"]) == (
+        pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"])
+    # postgres:16 stores SCRAM verifiers: PgBouncer can only log in for its clients with the plain password
+    assert env["AUTH_TYPE"] == "scram-sha-256"
+    test = flow_list(mapping(pgbouncer["healthcheck"])["test"])
+    assert "pg_isready" in test and test[test.index("-p") + 1] == str(pgbouncer_port())
+    assert scalar(mapping(mapping(pgbouncer["depends_on"])["postgres"])["condition"]) == "service_healthy"
+    # every gateway worker's pool fits in the client limit
+    pool_size = Settings.from_env({"TOKENSFORGE_DB_POOL_SIZE": compose_env("gateway-1")["TOKENSFORGE_DB_POOL_SIZE"]})
+    workers = parse(flow_list(service("gateway-1")["command"])).workers
+    assert int(env["MAX_CLIENT_CONN"]) >= len(GATEWAYS) * workers * pool_size.db_pool_size
 
 
 def test_compose_image_is_built_from_the_repo_root_with_deploy_dockerfile() -> None:
@@ -338,8 +362,13 @@ def test_compose_gateway_serves_the_mounted_catalog_and_is_ready_on_readyz(name:
 
     depends = mapping(gateway["depends_on"])
     assert scalar(mapping(depends["migrate"])["condition"]) == "service_completed_successfully"
+    assert scalar(mapping(depends["pgbouncer"])["condition"]) == "service_healthy"
 
-    _database_url_points_at_compose_postgres(env["TOKENSFORGE_DATABASE_URL"])
+    # the pool through PgBouncer, with unnamed statements only; migrations and LISTEN straight to postgres
+    _database_url_points_at_compose_postgres(env["TOKENSFORGE_DATABASE_URL"], "pgbouncer", pgbouncer_port())
+    _database_url_points_at_compose_postgres(env["TOKENSFORGE_DIRECT_DATABASE_URL"])
+    pooled = Settings.from_env({k: v for k, v in env.items() if k.startswith("TOKENSFORGE_DB_")})
+    assert pooled.db_statement_cache_size == 0
     assert re.fullmatch(r"\$\{TOKENSFORGE_ADMIN_TOKEN(:\?[^}]*)?\}", env["TOKENSFORGE_ADMIN_TOKEN"])
 
 

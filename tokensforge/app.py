@@ -42,7 +42,7 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     app.add_routes(openapi.routes)
     app.cleanup_ctx.append(_database(settings, catalog, dsn))
     app.cleanup_ctx.append(_upstream)
-    app.cleanup_ctx.append(_background(dsn))
+    app.cleanup_ctx.append(_background(settings.direct_dsn(dsn)))  # its LISTEN needs a session of its own
     if not settings.admin_token:
         log.warning("TOKENSFORGE_ADMIN_TOKEN is not set: the admin API is disabled")
     return app
@@ -53,8 +53,9 @@ CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
 def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        await migrate(dsn)
-        pool = await create_pool(dsn, max_size=settings.db_pool_size, acquire_timeout_s=settings.db_acquire_timeout_s)
+        await migrate(settings.direct_dsn(dsn))
+        pool = await create_pool(dsn, max_size=settings.db_pool_size, acquire_timeout_s=settings.db_acquire_timeout_s,
+                                 statement_cache_size=settings.db_statement_cache_size)
         try:
             accounts = AccountStore(pool)
             await accounts.ensure_buckets(catalog.buckets)

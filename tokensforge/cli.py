@@ -80,7 +80,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         catalog = load_catalog(settings.config_path)
         with database(settings) as db:
             if settings.workers > 1:
-                asyncio.run(migrate(db.dsn))  # once, before the workers race for the lock
+                asyncio.run(migrate(settings.direct_dsn(db.dsn)))  # once, before the workers race for the lock
                 return serve_workers(settings, db.dsn)
             uvloop.run(serve_forever(settings, catalog, db.dsn))
         return 0
@@ -92,7 +92,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         settings = Settings.from_env(data_dir=args.data_dir)
         with database(settings) as db:
-            applied = asyncio.run(migrate(db.dsn))
+            applied = asyncio.run(migrate(settings.direct_dsn(db.dsn)))
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
         return 0
     raise AssertionError(args.command)

@@ -54,11 +54,16 @@ class BoundedPool(asyncpg.Pool):  # type: ignore[misc]  # asyncpg ships no types
 
 
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20,
-                      acquire_timeout_s: float | None = 5.0) -> asyncpg.Pool:
+                      acquire_timeout_s: float | None = 5.0, statement_cache_size: int = 100) -> asyncpg.Pool:
+    """`statement_cache_size=0` makes asyncpg use only the unnamed prepared statement (Parse, Describe,
+    Flush, then Bind, Execute, Sync: no ReadyForQuery in between, so PgBouncer keeps both on one server
+    connection), which PgBouncer < 1.21 in transaction mode can carry; a named, cached statement lives on
+    one server connection and is missing on the next (asyncpg issues #198, #339)."""
     pool = BoundedPool(
         dsn, acquire_timeout_s=acquire_timeout_s, min_size=min(min_size, max_size), max_size=max_size,
         init=_init_connection, reset=_keep_session, command_timeout=30, max_inactive_connection_lifetime=60,
         max_queries=50_000, loop=None, connection_class=asyncpg.Connection, record_class=asyncpg.Record,
+        statement_cache_size=statement_cache_size,
     )
     await pool
     return pool
@@ -75,7 +80,8 @@ def migration_files() -> list[tuple[int, str, str]]:
 
 
 async def migrate(dsn_or_conn: str | asyncpg.Connection) -> list[str]:
-    """Apply pending migrations; returns the names applied by this call."""
+    """Apply pending migrations; returns the names applied by this call. The advisory lock is a session
+    lock: give a direct URL (Settings.direct_dsn), never one through a transaction-mode pooler."""
     conn = await asyncpg.connect(dsn_or_conn) if isinstance(dsn_or_conn, str) else dsn_or_conn
     applied: list[str] = []
     try:

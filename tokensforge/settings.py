@@ -12,6 +12,9 @@ from pathlib import Path
 class Settings:
     config_path: Path | None = None
     database_url: str | None = field(default=None, repr=False)  # may hold a password
+    # Migrations (a session advisory lock) and the LISTEN connection need a session of their own, which a
+    # transaction-mode pooler (PgBouncer) in TOKENSFORGE_DATABASE_URL does not give: they use this URL.
+    direct_database_url: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 8080
@@ -26,6 +29,10 @@ class Settings:
     max_upstream_body_bytes: int = 16 * 1024 * 1024  # a larger non-streamed upstream answer is a failure
     db_pool_size: int = 20
     db_acquire_timeout_s: float = 5.0  # a request waits at most this long for a pool connection, then 503
+    # asyncpg's per-connection cache of named prepared statements (its default, 100). 0 = unnamed statements
+    # only, needed behind PgBouncer < 1.21 in transaction mode, where a named statement prepared on one server
+    # connection is missing (or already exists) on the next one.
+    db_statement_cache_size: int = 100
     http_keepalive_timeout_s: float = 75.0  # idle connection, and the time to send a request head
     body_read_timeout_s: float = 60.0  # the time a client may take to send a JSON request body
     leases: bool = True  # hold money in per-process leases (ledger/leases.py); off = a reservation per request
@@ -44,11 +51,20 @@ class Settings:
             **_tunables(env),
             "config_path": Path(str(config)) if config else None,
             "database_url": env.get("TOKENSFORGE_DATABASE_URL") or None,
+            "direct_database_url": env.get("TOKENSFORGE_DIRECT_DATABASE_URL") or None,
             "admin_token": env.get("TOKENSFORGE_ADMIN_TOKEN") or None,
             "channel_env": dict(env),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["direct_database_url"] and not values["database_url"]:
+            raise ValueError("TOKENSFORGE_DIRECT_DATABASE_URL is set but TOKENSFORGE_DATABASE_URL is not: "
+                             "the direct URL only makes sense next to a pooled one")
         return cls(**values)  # type: ignore[arg-type]
+
+    def direct_dsn(self, pool_dsn: str) -> str:
+        """The database URL for sessions a transaction-mode pooler would break (migrations, LISTEN):
+        TOKENSFORGE_DIRECT_DATABASE_URL, else the pool's own `pool_dsn`."""
+        return self.direct_database_url or pool_dsn
 
 
 def _flag(raw: str) -> bool:
@@ -64,6 +80,7 @@ _TUNABLE: dict[str, Callable[[str], object]] = {
     "reservation_ttl_s": float, "sweep_interval_s": float, "key_cache_ttl_s": float,
     "unknown_key_cache_ttl_s": float, "unknown_key_cache_size": int,
     "max_body_bytes": int, "max_upstream_body_bytes": int, "db_pool_size": int, "db_acquire_timeout_s": float,
+    "db_statement_cache_size": int,
     "http_keepalive_timeout_s": float, "body_read_timeout_s": float,
     "breaker_failure_threshold": int, "leases": _flag, "lease_ttl_s": float, "lease_fraction": float,
     "lease_idle_s": float, "breaker_cooldown_s": float,
