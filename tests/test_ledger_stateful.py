@@ -65,6 +65,17 @@ class Res:
 
 
 @dataclass
+class LeaseRow:
+    account: str
+    bucket: str
+    scopes: tuple[str, ...]
+    short_ttl: bool
+    amount: int = 0
+    charged: int = 0
+    status: str = "open"
+
+
+@dataclass
 class Model:
     balance: dict[tuple[str, str], int] = field(default_factory=lambda: {(a, b): 0 for a in ACCOUNTS for b in BUCKETS})
     reserved: dict[tuple[str, str], int] = field(default_factory=lambda: {(a, b): 0 for a in ACCOUNTS for b in BUCKETS})
@@ -72,11 +83,32 @@ class Model:
     budget_reserved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BUDGET_LIMITS, 0))
     topups: dict[tuple[str, str], tuple[str, int, str]] = field(default_factory=dict)  # → (bucket, amount, entry id)
     reservations: dict[str, Res] = field(default_factory=dict)
+    leases: dict[str, LeaseRow] = field(default_factory=dict)
     entries: int = 0
     usage_records: int = 0
 
     def available(self, account: str, bucket: str) -> int:
         return self.balance[account, bucket] - self.reserved[account, bucket]
+
+    def leased(self, account: str, bucket: str) -> int:
+        return sum(x.amount for x in self.leases.values() if x.status == "open" and (x.account, x.bucket) == (
+            account, bucket))
+
+    def open_leases(self) -> list[str]:
+        return sorted(i for i, x in self.leases.items() if x.status == "open")
+
+    def move_lease(self, lease_id: str, taken: int, charged: int) -> None:
+        """A lease grows by `taken` (negative: gives back) and pays `charged` out of what it holds."""
+        x = self.leases[lease_id]
+        x.amount += taken - charged
+        x.charged += charged
+        self.reserved[x.account, x.bucket] += taken - charged
+        self.balance[x.account, x.bucket] -= charged
+        for scope in x.scopes:
+            self.budget_reserved[scope] += taken - charged
+            self.budget_spent[scope] += charged
+        if charged:
+            self.entries += 1
 
     def open(self) -> list[str]:
         return sorted(rid for rid, r in self.reservations.items() if r.status == "open")
@@ -172,9 +204,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def snapshot(self) -> tuple[Any, ...]:
         return self.run(_snapshot(self.conn))
 
-    def record(self, rid: str, account: str, status: str) -> dict[str, Any]:
+    def record(self, rid: str, account: str, status: str, bucket: str = "credit") -> dict[str, Any]:
         return {"request_id": rid, "account_id": account, "status": status, "selected_model": "m",
-                "route": {"id": "m/official", "kind": "official"}, "bucket": "credit"}
+                "route": {"id": "m/official", "kind": "official"}, "bucket": bucket}
 
     def new_rid(self) -> str:
         self.counter += 1
@@ -392,17 +424,101 @@ class LedgerMachine(RuleBasedStateMachine):
             self.run(self.ledger.finish("req_never_reserved", 0, None))
         assert self.snapshot() == before
 
-    @precondition(lambda self: any(self.model.reservations[rid].short_ttl for rid in self.model.open()))
+    @precondition(lambda self: any(self.model.reservations[rid].short_ttl for rid in self.model.open())
+                  or any(self.model.leases[i].short_ttl for i in self.model.open_leases()))
     @rule()
     def expire(self) -> None:
-        """The sweeper voids exactly the reservations past their TTL (the 0 s ones), never the others."""
+        """The sweeper voids exactly the reservations and leases past their TTL (the 0 s ones), never others."""
         due = [rid for rid in self.model.open() if self.model.reservations[rid].short_ttl]
+        due_leases = [i for i in self.model.open_leases() if self.model.leases[i].short_ttl]
         count = self.run(self.ledger.expire())
-        assert count == len(due)
+        assert count == len(due) + len(due_leases)
         for rid in due:
             self.model.release(rid, 0, "expired")
             if self.model.reservations[rid].receipt:
                 self.model.usage_records += 1
+        for lease_id in due_leases:
+            self.model.move_lease(lease_id, -self.model.leases[lease_id].amount, 0)
+            self.model.leases[lease_id].status = "expired"
+
+    # ------------------------------------------------------------ leases
+
+    @rule(data=st.data(), account=st.sampled_from(ACCOUNTS), bucket=st.sampled_from(BUCKETS),
+          want=st.integers(0, 120_000), need=st.integers(0, 40_000), ppm=st.sampled_from([0, 250_000, 1_000_000]),
+          scopes=st.sampled_from(BUDGET_CHOICES), short_ttl=st.booleans(), reuse=st.booleans())
+    def take_lease(self, data: st.DataObject, account: str, bucket: str, want: int, need: int, ppm: int,
+                   scopes: tuple[str, ...], short_ttl: bool, reuse: bool) -> None:
+        """Take a new lease or grow one (open or not): the grant is what the rule says, or nothing moves."""
+        same = sorted(i for i, x in self.model.leases.items() if (x.account, x.bucket, x.scopes) == (
+            account, bucket, scopes))
+        lease_id = data.draw(st.sampled_from(same)) if reuse and same else f"lease_{self.new_rid()}"
+        prior = self.model.leases.get(lease_id)
+        available = self.model.available(account, bucket)
+        room = min([BUDGET_LIMITS[s] - self.model.budget_spent[s] - self.model.budget_reserved[s] for s in scopes],
+                   default=2**63 - 1)
+        grant = min(want, available * ppm // 1_000_000, room)
+        expected = ("stale" if prior is not None and prior.status != "open" else
+                    "insufficient_balance" if available < need else
+                    "budget_exceeded" if room < need else "small" if grant < need else "ok")
+        before = self.snapshot()
+        got = self.run(self.ledger.lease_grow(
+            lease_id, "holder-1", account, bucket, want_nanos=want, min_nanos=need, fraction_ppm=ppm,
+            ttl_s=0.0 if short_ttl else 600.0,
+            budgets=[BudgetLimit(s, "total", BUDGET_LIMITS[s]) for s in scopes]))
+        assert got.outcome == expected, (got, available, room, grant)
+        if expected != "ok":
+            assert self.snapshot() == before
+            return
+        if prior is None:
+            self.model.leases[lease_id] = LeaseRow(account, bucket, scopes, short_ttl)
+        else:
+            prior.short_ttl = short_ttl  # a grow renews the lease for its TTL
+        self.model.move_lease(lease_id, grant, 0)
+        assert got.granted_nanos == grant and got.lease_nanos == self.model.leases[lease_id].amount
+        assert got.available_nanos == self.model.available(account, bucket)
+
+    @precondition(lambda self: bool(self.model.leases))
+    @rule(data=st.data(), over=st.integers(0, 3), with_record=st.booleans())
+    def settle_against_lease(self, data: st.DataObject, over: int, with_record: bool) -> None:
+        """A request carved from a lease settles against it; a charge beyond the lease, or on a lease no
+        longer open, moves nothing (a zero charge only needs its record)."""
+        lease_id = data.draw(st.sampled_from(sorted(self.model.leases)))
+        x = self.model.leases[lease_id]
+        charge = data.draw(st.integers(0, x.amount)) + (over if over > 2 else 0)
+        rid = self.new_rid()
+        record = self.record(rid, x.account, "succeeded", x.bucket) if with_record or charge > 0 else None
+        before = self.snapshot()
+        if charge > 0 and (x.status != "open" or charge > x.amount):
+            error = ReservationResolved if x.status != "open" else LedgerError
+            with pytest.raises(error):
+                self.run(self.ledger.lease_finish(lease_id, rid, charge, record))
+            assert self.snapshot() == before
+            return
+        entry_id, balance_after = self.run(self.ledger.lease_finish(lease_id, rid, charge, record))
+        self.model.move_lease(lease_id, 0, charge)
+        self.model.usage_records += record is not None
+        assert balance_after == self.model.balance[x.account, x.bucket]
+        assert (entry_id is None) == (charge == 0)
+        if record is not None:  # a replay of the same settlement moves nothing
+            replay_before = self.snapshot()
+            with pytest.raises(ReservationResolved):
+                self.run(self.ledger.lease_finish(lease_id, rid, charge, record))
+            assert self.snapshot() == replay_before
+
+    @precondition(lambda self: bool(self.model.leases))
+    @rule(data=st.data(), amount=st.integers(-5, 150_000), close=st.booleans())
+    def return_lease(self, data: st.DataObject, amount: int, close: bool) -> None:
+        lease_id = data.draw(st.sampled_from(sorted(self.model.leases)))
+        x = self.model.leases[lease_id]
+        left = self.run(self.ledger.lease_return({lease_id: amount}, close=close))
+        if x.status != "open":
+            assert left == {lease_id: None}
+            return
+        give = min(max(amount, 0), x.amount)
+        self.model.move_lease(lease_id, -give, 0)
+        if close and x.amount == 0:
+            x.status = "voided"
+        assert left == {lease_id: x.amount}
 
     # ------------------------------------------------------------ after every step
 
@@ -414,13 +530,16 @@ class LedgerMachine(RuleBasedStateMachine):
         assert got == want
         for (a, b), (bal, res) in got.items():
             assert bal - res >= 0, (a, b)
-            assert self.run(self.ledger.available(a, b)) == bal - res
+            assert self.run(self.ledger.available(a, b)) == bal - res + self.model.leased(a, b)
         want_budgets = sorted(
             (s, "total", self.model.budget_spent[s], self.model.budget_reserved[s]) for s in BUDGET_LIMITS
             if self.model.budget_spent[s] or self.model.budget_reserved[s])
         assert budgets == want_budgets
         assert [(rid, status) for rid, status, _ in reservations] == sorted(
-            (rid, r.status) for rid, r in self.model.reservations.items())
+            [(rid, r.status) for rid, r in self.model.reservations.items()]
+            + [(i, x.status) for i, x in self.model.leases.items()])
+        amounts = {rid: amount for rid, _, amount in reservations}
+        assert all(amounts[i] == x.amount for i, x in self.model.leases.items())
         entries, _, usage, topups = counts
         assert (entries, usage, topups) == (self.model.entries, self.model.usage_records, len(self.model.topups))
 

@@ -96,7 +96,7 @@ BEGIN
         RETURN QUERY SELECT 'budget_exceeded'::text, 0::bigint, v_available, coalesce(v_lease.amount_nanos, 0);
         RETURN;
     END IF;
-    v_grant := least(p_want, (v_available::numeric * p_fraction_ppm / 1000000)::bigint, v_budget_room);
+    v_grant := least(p_want, floor(v_available::numeric * p_fraction_ppm / 1000000)::bigint, v_budget_room);
     IF v_grant < p_min THEN
         RETURN QUERY SELECT 'small'::text, 0::bigint, v_available, coalesce(v_lease.amount_nanos, 0);
         RETURN;
