@@ -48,6 +48,7 @@ from .errors import (
 )
 from .policy import EffectivePolicy
 from .pricing import Reservation, charge_for
+from .ratelimit_store import shared_rates
 from .receipts import Attempt, Trace, build_receipt, finish_receipt
 from .routing import fallback_routes
 from .state import Gateway
@@ -180,9 +181,8 @@ class Lifecycle:
 
     async def admit(self, sizing: Reservation) -> None:
         """Apply rate limits and hold the money (raises the refusal); keeps the hold alive while the request runs."""
-        now = time.monotonic()
-        for scope, rpm, tpm in self.policy.rate_limits:
-            self.gw.limiter.admit(scope, rpm, tpm, sizing.input_tokens + sizing.output_tokens, now)
+        if self.policy.rate_limits:  # keys without rpm/tpm cost nothing here
+            await shared_rates(self.gw).admit(self.policy.rate_limits, sizing.input_tokens + sizing.output_tokens)
         await self._reserve(self.route, sizing.amount_nanos, self.trace.request_id)
         self._renewal = asyncio.get_running_loop().create_task(self._keep_alive())
 
