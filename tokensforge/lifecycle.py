@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from . import metrics
+from . import circuit_share, metrics
 from .accounts import KeyIdentity
 from .canonical import Finish, Frame, MalformedUpstream, Response, TextDelta, ToolCallDelta, UpstreamFailure, Usage
 from .catalog import Model, Route
@@ -181,6 +181,7 @@ class Lifecycle:
 
     async def admit(self, sizing: Reservation) -> None:
         """Apply rate limits and hold the money (raises the refusal); keeps the hold alive while the request runs."""
+        circuit_share.attach(self.gw)  # lead: move to app.py once (see limits10's report)
         if self.policy.rate_limits:  # keys without rpm/tpm cost nothing here
             await shared_rates(self.gw).admit(self.policy.rate_limits, sizing.input_tokens + sizing.output_tokens)
         await self._reserve(self.route, sizing.amount_nanos, self.trace.request_id)
