@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from tokensforge.upstream.health import CLOSED, HALF_OPEN, OPEN, BreakerConfig, 
 
 from .harness import ADMIN_TOKEN, Gw, write_catalog
 from .procs import GatewayProcess
+from .test_limits_shared import started
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
@@ -58,8 +60,9 @@ async def _channel_health(session: aiohttp.ClientSession, url: str, channel: str
 async def test_one_gateways_failures_make_another_skip_the_channel(dsn: str, gw: Gw, tmp_path: Path) -> None:
     _, key = await gw.account(credit=10**10)
     catalog = write_catalog(tmp_path / "c.toml", gw.mock.url)
-    with GatewayProcess(catalog, dsn=dsn) as a, \
-            GatewayProcess(catalog, dsn=dsn, env={"TOKENSFORGE_BREAKER_COOLDOWN_S": "1"}) as b:
+    with contextlib.ExitStack() as stack:
+        a, b = started(stack, [GatewayProcess(catalog, dsn=dsn),
+                               GatewayProcess(catalog, dsn=dsn, env={"TOKENSFORGE_BREAKER_COOLDOWN_S": "1"})])
         async with aiohttp.ClientSession() as session:
             await _share(gw, key, a, b, session)
 

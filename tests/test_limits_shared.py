@@ -4,6 +4,8 @@ leases, and circuit openings shared over NOTIFY. Real PostgreSQL, real gateway p
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +20,27 @@ from .procs import GatewayProcess
 MESSAGES = [{"role": "user", "content": "hello from many processes"}]
 MAX_TOKENS = 10
 BODY = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+
+
+def started(stack: contextlib.ExitStack, procs: list[GatewayProcess]) -> list[GatewayProcess]:
+    """Gateways that start side by side, not one after the other; each is stopped when `stack` closes,
+    also when another one failed to start."""
+    for proc in procs:
+        stack.callback(proc.stop)
+    for proc in procs:
+        proc.wait_ready()
+    return procs
+
+
+async def _both_workers_answer(url: str, timeout_s: float = 30) -> None:
+    pids: set[int] = set()
+    deadline = time.monotonic() + timeout_s  # the second worker may still be starting
+    while len(pids) < 2:
+        assert time.monotonic() < deadline, "the second worker did not start"
+        async with aiohttp.ClientSession() as session:  # a new connection each time
+            async with session.get(url + "/healthz") as r:
+                pids.add((await r.json())["pid"])
+        await asyncio.sleep(0.02)
 
 
 async def _burst(urls: list[str], key: str, n: int, concurrency: int = 48) -> dict[int, int]:
@@ -46,8 +69,10 @@ async def test_rpm_and_tpm_hold_across_two_instances_of_two_workers(dsn: str, gw
     _, rpm_key = await gw.account(credit=10**10, policy={"rpm": rpm})
     _, tpm_key = await gw.account(credit=10**10, policy={"tpm": tpm_requests * per_request})
     catalog = write_catalog(tmp_path / "c.toml", gw.mock.url)
-    with GatewayProcess(catalog, dsn=dsn, workers=2) as a, GatewayProcess(catalog, dsn=dsn, workers=2) as b:
-        urls = [a.url, b.url]
+    with contextlib.ExitStack() as stack:
+        urls = [u.url for u in started(stack, [GatewayProcess(catalog, dsn=dsn, workers=2) for _ in range(2)])]
+        for url in urls:
+            await _both_workers_answer(url)
         statuses = await _burst(urls, rpm_key, rpm * 8 // 5)
         assert set(statuses) <= {200, 429}, statuses
         admitted_rpm = statuses[200]
@@ -57,13 +82,20 @@ async def test_rpm_and_tpm_hold_across_two_instances_of_two_workers(dsn: str, gw
         assert set(statuses) <= {200, 429}, statuses
         assert 0.95 * tpm_requests <= statuses[200] <= tpm_requests, statuses
 
-        await asyncio.sleep(1.5)  # idle leases go back to the window they came from
-        conn = await asyncpg.connect(dsn)
-        try:
-            rpm_row, tpm_row = await conn.fetch(
-                "SELECT * FROM rate_windows WHERE scope LIKE 'key:%' ORDER BY requests_granted DESC")
-        finally:
-            await conn.close()
-        # what the database handed out is what was admitted: nothing stranded in an idle process
-        assert rpm_row["requests_granted"] == admitted_rpm
-        assert tpm_row["tokens_granted"] == statuses[200] * per_request
+        # idle leases go back to the window they came from: what the database handed out is then what
+        # was admitted, nothing stranded in an idle process
+        expected = [admitted_rpm, statuses[200] * per_request]
+        deadline = time.monotonic() + 5
+        while (granted := await _granted(dsn)) != expected:
+            assert time.monotonic() < deadline, (granted, expected)
+            await asyncio.sleep(0.1)
+
+
+async def _granted(dsn: str) -> list[int]:
+    """[requests granted to the rpm key, tokens granted to the tpm key] in their current windows."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT * FROM rate_windows WHERE scope LIKE 'key:%' ORDER BY requests_granted DESC")
+    finally:
+        await conn.close()
+    return [rows[0]["requests_granted"], rows[1]["tokens_granted"]]

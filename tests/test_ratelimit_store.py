@@ -49,6 +49,8 @@ async def test_permits_given_back_count_again_in_their_window_only(dsn: str) -> 
         assert fresh.window_id != again.window_id and fresh.requests_left == 95
         await store.give([("key:k", again.window_id, 5, 50)])  # permits of the old window: worth nothing
         assert await pool.fetchval("SELECT requests_granted FROM rate_windows") == 5
+        huge = await store.take("key:huge", 10**15, 10**30, 1, 5)  # any positive limit a policy accepts
+        assert huge.requests == 10**15 // 20 and huge.tokens == 2**62 // 20
     finally:
         await pool.close()
 

@@ -33,6 +33,7 @@ log = logging.getLogger("tokensforge.ratelimit")
 TAKE_TIMEOUT_S = 2.0  # a take slower than this counts as the database being away
 OFFLINE_RECHECK_S = 1.0  # after a failed take, the local window decides alone this long
 MAX_TAKES = 64  # per request: a safety net; each take either grants or makes spend() refuse
+_UNLIMITED = 2**62  # policies take any positive integer; beyond this a limit can never bind (bigint columns)
 
 
 class RateStore:
@@ -44,8 +45,8 @@ class RateStore:
     async def take(self, scope: str, rpm: int | None, tpm: int | None, need_requests: int,
                    need_tokens: int) -> Grant:
         async with translated("rate_take"), asyncio.timeout(TAKE_TIMEOUT_S):
-            row = await self.pool.fetchrow("SELECT * FROM tf_rate_take($1, $2, $3, $4, $5)",
-                                           scope, rpm, tpm, need_requests, need_tokens)
+            row = await self.pool.fetchrow("SELECT * FROM tf_rate_take($1, $2, $3, $4, $5)", scope,
+                                           _capped(rpm), _capped(tpm), need_requests, min(need_tokens, _UNLIMITED))
         return Grant(window_id=row["window_id"], window_left_s=row["window_left_ms"] / 1000,
                      requests=row["requests"], tokens=row["tokens"],
                      requests_left=row["requests_left"], tokens_left=row["tokens_left"])
@@ -56,6 +57,10 @@ class RateStore:
         scopes, windows, requests, tokens = (list(column) for column in zip(*leases, strict=True))
         async with translated("rate_give"), asyncio.timeout(TAKE_TIMEOUT_S):
             await self.pool.execute("SELECT tf_rate_give($1, $2, $3, $4)", scopes, windows, requests, tokens)
+
+
+def _capped(limit: int | None) -> int | None:
+    return None if limit is None else min(limit, _UNLIMITED)
 
 
 def shared_rates(gw: Gateway) -> SharedRates:

@@ -10,7 +10,7 @@
 CREATE TABLE rate_windows (
     scope             text PRIMARY KEY,
     window_start      timestamptz NOT NULL,
-    requests_granted  integer NOT NULL DEFAULT 0 CHECK (requests_granted >= 0),
+    requests_granted  bigint NOT NULL DEFAULT 0 CHECK (requests_granted >= 0),
     tokens_granted    bigint NOT NULL DEFAULT 0 CHECK (tokens_granted >= 0)
 );
 
@@ -20,16 +20,16 @@ CREATE TABLE rate_windows (
 -- A NULL limit is not counted (its permits come back as 0 and are not checked).
 -- Returns the window's id (its start, in ms since the epoch), the ms left in it, what was
 -- granted and what is left for others after this grant.
-CREATE FUNCTION tf_rate_take(p_scope text, p_rpm integer, p_tpm bigint, p_need_requests integer,
+CREATE FUNCTION tf_rate_take(p_scope text, p_rpm bigint, p_tpm bigint, p_need_requests bigint,
                              p_need_tokens bigint,
                              OUT window_id bigint, OUT window_left_ms integer,
-                             OUT requests integer, OUT tokens bigint,
-                             OUT requests_left integer, OUT tokens_left bigint)
+                             OUT requests bigint, OUT tokens bigint,
+                             OUT requests_left bigint, OUT tokens_left bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now     timestamptz := clock_timestamp();
     v_row     rate_windows%ROWTYPE;
-    v_left_r  integer;
+    v_left_r  bigint;
     v_left_t  bigint;
 BEGIN
     INSERT INTO rate_windows AS w (scope, window_start) VALUES (p_scope, v_now)
@@ -65,7 +65,7 @@ $$;
 
 -- Give back unused permits of a window (a process idle on the scope, or shutting down).
 -- Permits of a window that has since ended are worth nothing and are dropped.
-CREATE FUNCTION tf_rate_give(p_scopes text[], p_window_ids bigint[], p_requests integer[], p_tokens bigint[])
+CREATE FUNCTION tf_rate_give(p_scopes text[], p_window_ids bigint[], p_requests bigint[], p_tokens bigint[])
 RETURNS void LANGUAGE sql AS $$
     SELECT 1 FROM rate_windows WHERE scope = ANY (p_scopes) ORDER BY scope FOR UPDATE;  -- one lock order
     UPDATE rate_windows w
