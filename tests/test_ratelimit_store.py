@@ -6,6 +6,7 @@ import asyncio
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from tokensforge.db import create_pool
 from tokensforge.errors import RateLimited
@@ -60,11 +61,17 @@ async def test_with_the_database_away_the_process_window_decides_alone(dsn: str,
     await pool.close()  # every take fails as if the database were unreachable
     limiter = RateLimiter()
     shared = SharedRates(RateStore(pool), limiter, gw.gateway)
+    local = _local_admissions()
     for _ in range(3):
         await shared.admit([("key:k", 3, None)], 10)
     with pytest.raises(RateLimited) as info:
         await shared.admit([("key:k", 3, None)], 10)
     assert 1 <= int(info.value.headers["retry-after"]) <= 60
+    assert _local_admissions() == local + 3  # the refusal is not an admission
+
+
+def _local_admissions() -> float:
+    return REGISTRY.get_sample_value("tokensforge_rate_local_admissions_total") or 0.0
 
 
 async def test_the_gateway_admits_from_leases_and_refuses_with_the_windows_end(gw: Gw) -> None:

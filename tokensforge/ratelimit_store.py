@@ -95,8 +95,8 @@ class SharedRates:
                     continue
                 except LedgerUnavailable:
                     self._offline_until = time.monotonic() + OFFLINE_RECHECK_S
-            metrics.RATE_LOCAL_ADMISSIONS.inc()
             self.limiter.admit(scope, rpm, tpm, tokens, time.monotonic())  # the database is away
+            metrics.RATE_LOCAL_ADMISSIONS.inc()
             return
         log.warning("rate scope %s: no permit after %d takes", scope.split(":", 1)[0], MAX_TAKES)
         raise RateLimited("rate limit reached; try again shortly", retry_after_s=1,
