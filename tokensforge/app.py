@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from . import metrics
+from . import circuit_share, metrics
 from .accounts import AccountStore
 from .api import admin, client, messages, openapi, ops, playground, research, responses, views
 from .api.middleware import error_middleware
@@ -70,6 +70,7 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
                                                  unknown_max=settings.unknown_key_cache_size),
                 health=HealthRegistry(BreakerConfig(failure_threshold=settings.breaker_failure_threshold,
                                                     cooldown_s=settings.breaker_cooldown_s)))
+            circuit_share.attach(app[GATEWAY])  # breakers opened here are announced to the other processes
             yield
             await app[GATEWAY].wallet.close()  # requests have ended: give the leases back now, not after their TTL
         finally:

@@ -162,7 +162,8 @@ class ChannelWalk:
 
 def record_health(registry: HealthRegistry, channel: str, ok: bool, elapsed_s: float, error: str | None) -> None:
     health = registry.get(channel)
-    health.record(ok, elapsed_s * 1000, time.monotonic(), error)
+    if health.record(ok, elapsed_s * 1000, time.monotonic(), error) and registry.announce is not None:
+        registry.announce(channel, health.config.cooldown_s)  # other processes skip it too
     metrics.child(metrics.CIRCUIT_STATE, channel).set(STATE_VALUE[health.state])
     metrics.child(metrics.CHANNEL_UP, channel).set(0 if health.state == "open" else 1)
 

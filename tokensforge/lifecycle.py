@@ -49,6 +49,7 @@ from .errors import (
 from .policy import EffectivePolicy
 from .pricing import Reservation, charge_for
 from .ledger.leases import Hold
+from .ratelimit_store import shared_rates
 from .receipts import Attempt, Trace, build_receipt, finish_receipt
 from .routing import fallback_routes
 from .state import Gateway
@@ -184,9 +185,8 @@ class Lifecycle:
 
     async def admit(self, sizing: Reservation) -> None:
         """Apply rate limits and hold the money (raises the refusal); keeps the hold alive while the request runs."""
-        now = time.monotonic()
-        for scope, rpm, tpm in self.policy.rate_limits:
-            self.gw.limiter.admit(scope, rpm, tpm, sizing.input_tokens + sizing.output_tokens, now)
+        if self.policy.rate_limits:  # keys without rpm/tpm cost nothing here
+            await shared_rates(self.gw).admit(self.policy.rate_limits, sizing.input_tokens + sizing.output_tokens)
         await self._reserve(self.route, sizing.amount_nanos, self.trace.request_id)
 
     async def _reserve(self, route: Route, amount_nanos: int, reservation_id: str) -> None:

@@ -44,6 +44,16 @@ KEY_LOOKUPS = Counter(
     "tokensforge_key_lookups", "API key lookups that missed the in-memory cache, by who answered: the database"
     " or the unknown-key cache (a flood of bad keys shows here).", ["source"])
 
+RATE_LEASES = Counter(
+    "tokensforge_rate_leases", "Rate-permit takes from the shared budget, by result: granted, exhausted (the"
+    " window is used up) or unavailable (the database did not answer).", ["result"])
+RATE_LOCAL_ADMISSIONS = Counter(
+    "tokensforge_rate_local_admissions", "Rate-limited requests decided by this process's own window alone,"
+    " because the shared budget's database was unreachable.")
+CIRCUIT_NOTICES = Counter(
+    "tokensforge_circuit_notices", "Circuit openings shared between processes: sent (this process's breaker"
+    " opened) and applied (a peer's opening opened this process's breaker).", ["direction"])
+
 
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 

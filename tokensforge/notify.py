@@ -1,8 +1,8 @@
 """Cross-process invalidation: PostgreSQL LISTEN/NOTIFY on channel `tokensforge`.
 
 Admin changes made through any gateway process (key revocation, catalog
-reload) reach every other process sharing the database within milliseconds;
-the key cache's short TTL is the fallback if a notification is missed while
+reload) and circuit openings (`circuit_share.py`) reach every other process
+sharing the database within milliseconds; the key cache's short TTL is the fallback if a notification is missed while
 the listener reconnects.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from .catalog import CatalogError
+from .circuit_share import opened_elsewhere
 from .ledger.leases import PRESSURE_PREFIX
 from .state import Gateway
 
@@ -25,6 +26,8 @@ CHANNEL = "tokensforge"
 async def handle(gw: Gateway, payload: str) -> None:
     if payload.startswith(PRESSURE_PREFIX):
         await gw.wallet.on_pressure(payload[len(PRESSURE_PREFIX):])
+    elif payload.startswith("circuit:"):
+        opened_elsewhere(gw, payload)
     elif payload == "keys":
         gw.keys.invalidate()
     elif payload == "catalog":

@@ -4,11 +4,17 @@ closed → open after `failure_threshold` consecutive failures, or when the erro
 rate over the last `window` outcomes passes `error_rate_threshold`; open →
 half_open after `cooldown_s`, where one probe request is let through; the
 probe's success closes the circuit, its failure opens it again.
+
+A breaker that opened from this process's own failures is announced to the other
+processes (`HealthRegistry.announce`, set by the I/O side); a peer's announcement opens
+the breaker here too (`open_from_peer`) for this process's own cooldown, then the usual
+half-open probe decides. Announcements are not passed on, so they cannot echo.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +68,8 @@ class ChannelHealth:
         if self.state == HALF_OPEN:
             self.probe_in_flight = False
 
-    def record(self, ok: bool, latency_ms: float, now: float, error: str | None = None) -> None:
+    def record(self, ok: bool, latency_ms: float, now: float, error: str | None = None) -> bool:
+        """Count one outcome; True when it opened the circuit (it was not open before)."""
         self.outcomes.append(ok)
         if ok:
             self.latencies_ms.append(latency_ms)
@@ -70,13 +77,29 @@ class ChannelHealth:
             if self.state != CLOSED:
                 self.state = CLOSED
             self.probe_in_flight = False
-            return
+            return False
         self.consecutive_failures += 1
         self.last_error = error
         if self.state == HALF_OPEN or self._should_open():
+            # a request let through before the circuit opened may fail into an open one: the cooldown
+            # restarts, but nothing new opened
+            opened = self.state != OPEN
             self.state = OPEN
             self.opened_at = now
             self.probe_in_flight = False
+            return opened
+        return False
+
+    def open_from_peer(self, now: float) -> bool:
+        """Another process's breaker for this channel opened: skip it here too, for this breaker's own
+        cooldown. A circuit already open keeps its time; a half-open one whose probe is out lets the
+        probe decide. True when this opened the circuit."""
+        if self.state == OPEN or (self.state == HALF_OPEN and self.probe_in_flight):
+            return False
+        self.state = OPEN
+        self.opened_at = now
+        self.last_error = "opened by another gateway process"
+        return True
 
     def _should_open(self) -> bool:
         if self.consecutive_failures >= self.config.failure_threshold:
@@ -113,6 +136,8 @@ class HealthRegistry:
     def __init__(self, config: BreakerConfig | None = None) -> None:
         self.config = config or BreakerConfig()
         self.channels: dict[str, ChannelHealth] = {}
+        #: told (channel, cooldown_s) when a breaker opens from this process's own failures; must not block
+        self.announce: Callable[[str, float], None] | None = None
 
     def get(self, channel: str) -> ChannelHealth:
         health = self.channels.get(channel)
