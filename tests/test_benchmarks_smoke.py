@@ -72,7 +72,7 @@ def test_quick_benchmark_runs_and_reports_every_target(tmp_path: Path) -> None:
         for needle in ("throughput, non-streamed c=32", "first content byte", "hot account", "commits",
                        "PostgreSQL CPU", "ledger settles"):
             assert any(needle in n for n in measured), (needle, measured)
-        assert targets["gateway / LiteLLM throughput, non-streamed c=32"]["note"].startswith("not run")
+        assert targets["gateway / LiteLLM throughput, non-streamed c=32"]["verdict"] == "not run"
         md = (out / "latest.md").read_text()
         assert "| chat-c32 | gateway |" in md and "CPUs" in md and "wrk" in md
         assert md.rindex("## Targets") > md.rindex("## PostgreSQL per proxied request"), "targets table last"
