@@ -145,6 +145,18 @@ def cpu_seconds(pid: int, *, tree: bool = False) -> float:
     return total / CLK_TCK
 
 
+def tcp_ext_counter(name: str) -> int | None:
+    """A system-wide TcpExt counter from /proc/net/netstat (e.g. ListenOverflows), None if absent."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    except OSError:
+        return None
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head and head[0] == "TcpExt:" and name in head:
+            return int(values[head.index(name)])
+    return None
+
+
 def status_kb(pid: int, field: str) -> int:
     """A `kB` field of /proc/<pid>/status (VmHWM = peak RSS, VmRSS = current)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -19,6 +19,7 @@ and writes benchmarks/results/<timestamp>.json, <timestamp>.md and latest.md. Se
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import math
@@ -63,6 +64,7 @@ from .common import (
     run_capture_probed,
     set_affinity_tree,
     status_kb,
+    tcp_ext_counter,
     wrk_version,
 )
 
@@ -511,7 +513,7 @@ class Harness:
         # the gateway holds two sockets per stream (client and upstream) plus its pool and listeners
         fd_needed = 2 * n + STREAM_FD_MARGIN
         if self.nofile < fd_needed:
-            return {"n": n, "errors": n, "error": f"the open-file limit is {self.nofile} (hard limit included), "
+            return {"n": n, "errors": n, "error": f"the open-file limit is {self.nofile} (soft raised to hard), "
                     f"{n} streams need ~{fd_needed} in the gateway: at most {(self.nofile - STREAM_FD_MARGIN) // 2}"
                     " streams fit; raise `ulimit -Hn` or lower --streams"}
         mock, base = self.start_mock("mock-slow", self.pins["load"], "--chunk-delay-ms", str(delay),
@@ -524,9 +526,9 @@ class Harness:
             timeout = ramp_s + per_stream_s + 180
             cmd = [self.python, "-m", "benchmarks.streams_bench", "--url", url, "--key", self.key, "--n", str(n),
                    "--ramp-s", str(ramp_s), "--stream-timeout-s", str(per_stream_s + 120)]
-            cpu0 = cpu_seconds(gw.pid)
+            cpu0, overflows0 = cpu_seconds(gw.pid), tcp_ext_counter("ListenOverflows")
             proc = run_capture(cmd, timeout_s=timeout, cpus=self.pins["load"], nofile=self.nofile, cwd=REPO)
-            cpu1 = cpu_seconds(gw.pid)
+            cpu1, overflows1 = cpu_seconds(gw.pid), tcp_ext_counter("ListenOverflows")
             result: dict[str, Any] = {"chunk_delay_ms": delay, "completion_tokens": 20, "ramp_s": ramp_s,
                                       "nofile_limit": self.nofile}
             for line in proc.stdout.splitlines():
@@ -540,7 +542,10 @@ class Harness:
             result.update(gateway_rss_before_mb=round(rss_before / 1024, 1),
                           gateway_peak_rss_mb=round(peak_kb / 1024, 1),
                           kb_per_open_stream=round((peak_kb - rss_before) / held, 1),
-                          gateway_cpu_s=round(cpu1 - cpu0, 2), gateway_alive=gw.alive())
+                          gateway_cpu_s=round(cpu1 - cpu0, 2), gateway_alive=gw.alive(),
+                          # system-wide: connections dropped because a listen backlog was full
+                          listen_overflows=(overflows1 - overflows0
+                                            if overflows0 is not None and overflows1 is not None else None))
             return result
         finally:
             gw.stop()
@@ -548,8 +553,6 @@ class Harness:
 
     def ledger_check(self, gateway_requests: int) -> dict[str, Any]:
         """Did every gateway request reach the ledger? (wrk's cut-off in-flight requests add a few.)"""
-        import asyncio
-
         assert self.pg is not None
 
         async def q() -> dict[str, Any]:
@@ -969,6 +972,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"at once {s['peak_open']:,}; errors {s['errors']} {s.get('error_kinds') or ''}; "
             f"gateway RSS {s['gateway_rss_before_mb']} MB before, peak (VmHWM) {s['gateway_peak_rss_mb']} MB "
             f"({s.get('kb_per_open_stream')} kB per stream held); open-file limit {s.get('nofile_limit')}; "
+            f"listen-backlog overflows meanwhile (system-wide `ListenOverflows`) {s.get('listen_overflows')}; "
             f"gateway CPU {s['gateway_cpu_s']} s; first byte p50 {s['first_byte_ms']['p50']} ms / "
             f"p99 {s['first_byte_ms']['p99']} ms; whole stream p50 {s['stream_ms']['p50']} ms / "
             f"p99 {s['stream_ms']['p99']} ms; took {s['elapsed_s']} s.")

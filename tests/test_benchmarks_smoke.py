@@ -66,6 +66,7 @@ def test_quick_benchmark_runs_and_reports_every_target(tmp_path: Path) -> None:
         assert data["ledger"]["settled"] == 200 and data["ledger"]["errors"] == 0, data["ledger"]
         assert data["streams"]["completed"] == 50 and data["streams"]["errors"] == 0, data["streams"]
         assert data["streams"]["gateway_peak_rss_mb"] > 0 and data["streams"]["kb_per_open_stream"] > 0
+        assert data["streams"]["listen_overflows"] >= 0, data["streams"]
         targets = {t["name"]: t for t in data["targets"]}
         assert len(targets) == 11, list(targets)
         measured = [n for n, t in targets.items() if t["value"] is not None]
