@@ -24,13 +24,14 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 _PR_SET_PDEATHSIG = 1
+T = TypeVar("T")
 
 
 class BenchError(RuntimeError):
@@ -144,6 +145,18 @@ def cpu_seconds(pid: int, *, tree: bool = False) -> float:
     return total / CLK_TCK
 
 
+def tcp_ext_counter(name: str) -> int | None:
+    """A system-wide TcpExt counter from /proc/net/netstat (e.g. ListenOverflows), None if absent."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    except OSError:
+        return None
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head and head[0] == "TcpExt:" and name in head:
+            return int(values[head.index(name)])
+    return None
+
+
 def status_kb(pid: int, field: str) -> int:
     """A `kB` field of /proc/<pid>/status (VmHWM = peak RSS, VmRSS = current)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -248,12 +261,30 @@ def run_capture(args: Sequence[str], *, timeout_s: float, cpus: set[int] | None 
                 env: Mapping[str, str] | None = None, nofile: int | None = None,
                 cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run a short-lived helper to completion in its own group; the group is killed on timeout."""
+    proc, _ = run_capture_probed(args, timeout_s=timeout_s, cpus=cpus, env=env, nofile=nofile, cwd=cwd)
+    return proc
+
+
+def run_capture_probed(args: Sequence[str], *, timeout_s: float, cpus: set[int] | None = None,
+                       env: Mapping[str, str] | None = None, nofile: int | None = None,
+                       cwd: Path | None = None, probe_at_s: Sequence[float] = (),
+                       probe: Callable[[], T] | None = None) -> tuple[subprocess.CompletedProcess[str], list[T]]:
+    """run_capture, calling `probe()` at each of `probe_at_s` seconds after the start while the helper
+    runs (in this thread: the harness starts no threads); returns the helper's result and the samples.
+    The helpers probed (wrk) write little until they exit, so their pipes cannot fill meanwhile."""
+    started = time.monotonic()
     proc = subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True,
                             env=dict(env) if env is not None else None, cwd=cwd,
                             preexec_fn=_preexec(cpus, nofile))  # noqa: PLW1509 - no threads here
+    samples: list[T] = []
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        for at_s in probe_at_s:
+            time.sleep(max(0.0, started + at_s - time.monotonic()))
+            if probe is None or proc.poll() is not None:
+                break
+            samples.append(probe())
+        out, err = proc.communicate(timeout=max(1.0, timeout_s - (time.monotonic() - started)))
     except subprocess.TimeoutExpired:
         _killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
@@ -262,7 +293,7 @@ def run_capture(args: Sequence[str], *, timeout_s: float, cpus: set[int] | None 
         _killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), samples
 
 
 def http_json(method: str, url: str, body: Any = None, *, headers: Mapping[str, str] | None = None,

@@ -50,10 +50,10 @@ def ensure_litellm(log: Path) -> str:
                     raise BenchError(f"`{' '.join(step)}` failed with exit {proc.returncode} (see {log})")
         if not _ok():
             raise BenchError(f"litellm installed but `import litellm.proxy.proxy_server` fails (see {log})")
-    proc = subprocess.run([str(PEER_VENV / "bin" / "python"), "-c",
-                           "from importlib.metadata import version; print(version('litellm'))"],
-                          capture_output=True, text=True, timeout=120, check=False)
-    return proc.stdout.strip() or "unknown"
+    found = subprocess.run([str(PEER_VENV / "bin" / "python"), "-c",
+                            "from importlib.metadata import version; print(version('litellm'))"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    return found.stdout.strip() or "unknown"
 
 
 def peer_env(base: os._Environ[str] | dict[str, str]) -> dict[str, str]:

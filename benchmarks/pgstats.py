@@ -1,0 +1,93 @@
+"""PostgreSQL's cost per proxied request: commits (`pg_stat_database.xact_commit`) and CPU.
+
+Commits are read while the load runs, not before and after it, because PostgreSQL 15 publishes
+them lazily: a busy backend flushes its counters at most once a second (at a transaction end),
+and one that goes idle less than a second after its last flush keeps the rest pending for
+PGSTAT_IDLE_INTERVAL (10 s); `pg_stat_force_next_flush()` only flushes the backend that calls it.
+Measured here (PostgreSQL 15.18): right after 3 s of inserts on four connections the counter
+showed 65 % of the commits, unchanged for 8 s, then all of them ~10 s after the load stopped.
+So a before/after pair would count the warm-up's tail and miss the run's own. During steady load
+every backend lags by at most about a second's work at both ends of a window, so
+(commits at t_b - commits at t_a) / (requests completed between t_a and t_b) is unbiased; its
+spread is roughly one backend-second of commits over the window length (reported with it).
+
+The counter is read over a connection to the `postgres` database, so the reads never count
+themselves. CPU is exact and not lazy: utime + stime of the postmaster and all its children
+from /proc (`common.cpu_seconds(pid, tree=True)`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from typing import Any
+
+import asyncpg
+
+_COMMITS_SQL = "SELECT xact_commit FROM pg_stat_database WHERE datname = $1"
+
+
+class CommitCounter:
+    """A synchronous reader of one database's `xact_commit` (the harness has no event loop)."""
+
+    def __init__(self, admin_dsn: str, dbname: str) -> None:
+        self.dbname = dbname
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._conn: asyncpg.Connection[Any] = self._loop.run_until_complete(
+                asyncpg.connect(admin_dsn, timeout=30))
+            # no executor threads may linger: the harness forks children with a preexec_fn
+            self._loop.run_until_complete(self._loop.shutdown_default_executor())
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def read(self) -> int:
+        value = self._loop.run_until_complete(self._conn.fetchval(_COMMITS_SQL, self.dbname, timeout=10))
+        return int(value or 0)
+
+    def close(self) -> None:
+        try:
+            self._loop.run_until_complete(self._conn.close(timeout=5))
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            pass
+        finally:
+            self._loop.close()
+
+
+def requests_completed(metrics_text: str) -> int:
+    """Sum of `tokensforge_requests_total` over all its label sets (the gateway's own count)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("tokensforge_requests_total{") or line.startswith("tokensforge_requests_total "):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+def gateway_requests(base_url: str) -> int:
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+        return requests_completed(r.read().decode())
+
+
+def probe_times(seconds: float) -> tuple[float, float]:
+    """When to read the counters inside a run of `seconds`: after the ramp-up, before the end."""
+    first = min(1.5, max(0.3, 0.15 * seconds))
+    last = seconds - min(0.8, max(0.2, 0.08 * seconds))
+    return first, max(first + 0.1, last)
+
+
+def commits_per_request(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """From two probe samples {t, commits, requests}: commits per request in the window between."""
+    failed = [x["error"] for x in samples if "error" in x]
+    if failed:
+        return {"error": failed[0]}
+    if len(samples) < 2:
+        return {"error": "fewer than two samples (the run ended early)"}
+    a, b = samples[0], samples[-1]
+    requests = int(b["requests"] - a["requests"])
+    commits = int(b["commits"] - a["commits"])
+    out: dict[str, Any] = {"window_s": round(b["t"] - a["t"], 2), "window_requests": requests,
+                           "window_commits": commits}
+    if requests > 0:
+        out["commits_per_request"] = round(commits / requests, 3)
+    return out
