@@ -239,3 +239,28 @@ async def test_concurrent_wallets_never_overspend_a_tight_account(ledger) -> Non
     assert row == {"balance_nanos": funded - spent, "reserved_nanos": 0}
     assert funded - spent < 5_000 + 4 * 5_000, "refusals while money was still spendable"
     await assert_ledger_invariants(dsn)
+
+
+async def test_a_lease_given_up_while_its_grant_is_on_the_way_is_still_handed_back(ledger) -> None:
+    """A grant slower than the idle time (a loaded database) must not leave a lease nobody holds."""
+    store, accounts, dsn = ledger
+    account = await _funded(store, accounts, 1_000_000)
+    wallet = Wallet(store, LeaseConfig(idle_s=0.0, tick_s=0.01))
+    real_grow = store.lease_grow
+
+    async def slow_grow(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.05)
+        return await real_grow(*args, **kwargs)
+
+    store.lease_grow = slow_grow  # type: ignore[method-assign]
+    holding = asyncio.create_task(_hold(wallet, account, 1_000))
+    await asyncio.sleep(0.01)
+    await wallet._tick()  # the upkeep runs while the first grant is on its way
+    hold = await holding
+    await _settle(wallet, hold, 1_000, account)
+    for _ in range(5):  # idle now: every tick may give back
+        await wallet._tick()
+        await asyncio.sleep(0.06)
+    assert not wallet.leases()
+    assert await _row(store, account) == {"balance_nanos": 999_000, "reserved_nanos": 0}
+    await assert_ledger_invariants(dsn)

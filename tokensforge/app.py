@@ -70,7 +70,9 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
                                                  unknown_max=settings.unknown_key_cache_size),
                 health=HealthRegistry(BreakerConfig(failure_threshold=settings.breaker_failure_threshold,
                                                     cooldown_s=settings.breaker_cooldown_s)))
-            circuit_share.attach(app[GATEWAY])  # breakers opened here are announced to the other processes
+            gw = app[GATEWAY]
+            circuit_share.attach(gw)  # breakers opened here are announced to the other processes
+            gw.wallet.database_up = lambda: gw.database_up
             yield
             await app[GATEWAY].wallet.close()  # requests have ended: give the leases back now, not after their TTL
         finally:

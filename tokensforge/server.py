@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -155,7 +157,24 @@ def serve_workers(settings: Settings, dsn: str) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """A worker whose supervisor dies (SIGKILL, OOM) is told to stop (SIGTERM: it drains and returns its
+    leases) instead of serving on as an orphan. Linux only; elsewhere the supervisor's shutdown does it."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _worker_main(settings: Settings, dsn: str) -> None:
+    _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     assert settings.config_path is not None
     catalog = load_catalog(settings.config_path)

@@ -107,6 +107,9 @@ class Wallet:
         self._retired: dict[str, Lease] = {}  # lease id → retired lease still holding requests' money
         self._pressure: dict[tuple[str, str], float] = {}  # (account, bucket) → monotonic time it ends
         self._tasks: set[asyncio.Task[None]] = set()
+        #: whether the database answered lately (the gateway's probe): while it does not, nothing is
+        #: carved from leases, so no upstream is called for a request that could not be settled
+        self.database_up: Callable[[], bool] = lambda: True
 
     # ------------------------------------------------------------------ holding
 
@@ -114,7 +117,8 @@ class Wallet:
                       budgets: Sequence[BudgetLimit], receipt: Callable[[], dict[str, Any]], *,
                       leasable: bool) -> Hold:
         """Hold `amount_nanos` for a request (raises InsufficientBalance / BudgetExceeded per the rule above)."""
-        if leasable and self.config.enabled and amount_nanos > 0 and not self._pressed(account_id, bucket):
+        if leasable and self.config.enabled and amount_nanos > 0 and not self._pressed(account_id, bucket) \
+                and self.database_up():
             lease = await self._carve((account_id, bucket, tuple(budgets)), amount_nanos)
             if lease is not None:
                 return Hold(reservation_id, request_id, amount_nanos, lease)
@@ -192,6 +196,10 @@ class Wallet:
         if grant.outcome == "ok":  # deltas only: settlements in flight subtract their own charges
             lease.held += grant.granted_nanos
             lease.in_db = True
+            if lease.retired:  # given up while the grant was on its way: hand it straight back
+                self._retired[lease.id] = lease
+                if lease.carved == lease.stuck:
+                    self._spawn_close(lease)
             return True
         if grant.outcome == "stale":  # swept (we were away too long) or a budget period turned
             self._retire(lease)
@@ -298,18 +306,17 @@ class Wallet:
         except LedgerUnavailable:
             return  # the tick tries again; else the sweeper ends it after its TTL
         self._retired.pop(lease.id, None)
+        lease.held = lease.carved  # nothing free: it is closed
         if left.get(lease.id) not in (None, 0):
             log.warning("lease %s did not close (%s nano-USD left)", lease.id, left.get(lease.id))
 
     async def _return_unused(self, leases: list[Lease]) -> None:
         """Shrink leases to what their requests in flight hold."""
-        amounts = {lease.id: lease.free for lease in leases if lease.free > 0 and not lease.retired}
-        closing = [lease for lease in leases if lease.retired]
-        for lease in closing:
-            if lease.carved == lease.stuck:
+        for lease in leases:
+            if lease.retired and lease.carved == lease.stuck:
                 await self._close(lease)
-            elif lease.free > 0:
-                amounts[lease.id] = lease.free
+        # computed after the awaits above, and taken out of reach before the next one
+        amounts = {lease.id: lease.free for lease in leases if lease.free > 0}
         if not amounts:
             return
         by_id = {lease.id: lease for lease in leases}
@@ -351,6 +358,8 @@ class Wallet:
             lease.rate = 0.5 * lease.rate + 0.5 * lease.window_nanos / cfg.tick_s
             lease.window_nanos = 0
             idle = now - lease.last_used >= cfg.idle_s
+            if lease.growing is not None:
+                continue  # a grant on its way is not idleness
             if idle and lease.carved == 0:
                 self._retire(lease)  # closes it
             elif lease.free > 0 and (idle or lease.free > 4 * max(lease.rate * cfg.horizon_s, 1)):
