@@ -629,7 +629,7 @@ class Books:
     buckets: list[asyncpg.Record]
     open_reservations: int
     other_kinds: list[asyncpg.Record]
-    reserved_requests: set[str]  # request ids that held a reservation row of their own (not a lease)
+    reserved_requests: set[str] = field(default_factory=set)  # requests that held a reservation row of their own
 
     @classmethod
     async def load(cls, conn: asyncpg.Connection) -> Books:

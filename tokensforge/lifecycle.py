@@ -159,12 +159,13 @@ class Lifecycle:
         delivered = self._delivered_usage() if self.delivered else None
         billed = delivered if delivered is not None and (
             gone or self.route.on_failure == "charge_delivered") else Usage(0, 0)
-        usage, source = self._stream_usage()
+        usage, source = self._stream_usage() if self.delivered else (None, None)
         try:
-            await self._settle(status, usage if self.delivered else None, source if self.delivered else None,
-                               billed)
+            await self._settle(status, usage, source, billed)
         except LedgerUnavailable:
-            if billed.total_tokens:
+            # a charge to post, or the usage record of a request carved from a lease (no row of its own
+            # would let the sweeper write it): retry until the ledger is back
+            if billed.total_tokens or (self._hold is not None and self._hold.lease is not None):
                 self._settle_later(status, usage, source, billed)
             # else: nothing to post; the sweeper voids the reservation after its TTL
         except ReservationResolved:
@@ -452,7 +453,7 @@ class Lifecycle:
             metrics.child(metrics.TOKENS, "output", route.kind).inc(charged.completion_tokens)
         return receipt
 
-    def _settle_later(self, status: str, usage: Usage, source: str, billed: Usage | None) -> None:
+    def _settle_later(self, status: str, usage: Usage | None, source: str | None, billed: Usage | None) -> None:
         """A delivered answer whose charge could not be posted: keep trying until the reservation would
         expire (then the sweeper voids it and the request goes unbilled, which the log says)."""
         deadline = time.monotonic() + self.gw.settings.reservation_ttl_s * 0.9
