@@ -1,9 +1,11 @@
-"""Ledger-only benchmark: settled requests per second of `LedgerStore` against a real PostgreSQL.
+"""Ledger-only benchmark: settled requests per second of the gateway's money path on a real PostgreSQL.
 
-Many concurrent tasks each do `reserve` then `finish` (a settle with a small usage record, as the
-gateway does per request) across many accounts, through the gateway's own pool settings
-(`create_pool`, 20 connections by default). Nothing HTTP is involved: this is the ceiling the
-ledger puts on the gateway's request rate.
+Many concurrent tasks each hold money for a request and settle it (a charge with a small usage
+record), across many accounts, through the gateway's own `Wallet` and pool settings (`create_pool`,
+20 connections by default) — so holds are carved from per-process leases and only the settlement
+goes to the database, as in the gateway. The same is measured with leases off (a reservation round
+trip before every settlement), and the rate at which one process can take leases (`tf_lease_grow`).
+Nothing HTTP is involved: this is the ceiling the ledger puts on the gateway's request rate.
 
     python -m benchmarks.ledger_bench --admin-dsn postgresql://postgres@127.0.0.1:PORT/postgres
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import resource
@@ -28,6 +31,7 @@ import uvloop
 from benchmarks.common import cpu_seconds
 from tokensforge.accounts import AccountStore
 from tokensforge.db import create_pool, migrate
+from tokensforge.ledger.leases import LeaseConfig, Wallet
 from tokensforge.ledger.store import LedgerStore
 
 BUCKETS = ("credit", "routed")
@@ -50,10 +54,11 @@ def _pct(sorted_values: list[float], p: float) -> float:
 
 
 async def bench(dsn: str, *, ops: int, concurrency: int, accounts: int, pool_size: int,
-                warmup: int, pg_pid: int | None = None) -> dict[str, Any]:
+                warmup: int, pg_pid: int | None = None, leases: bool = True) -> dict[str, Any]:
     pool = await create_pool(dsn, max_size=pool_size, min_size=pool_size)
     try:
         ledger = LedgerStore(pool, reservation_ttl_s=600)
+        wallet = Wallet(ledger, LeaseConfig(enabled=leases))
         store = AccountStore(pool)
         ids = []
         for i in range(accounts):
@@ -72,8 +77,10 @@ async def bench(dsn: str, *, ops: int, concurrency: int, accounts: int, pool_siz
                     acct = ids[i % len(ids)]
                     started = time.perf_counter()
                     try:
-                        await ledger.reserve(rid, acct, "credit", RESERVE_NANOS)
-                        await ledger.finish(rid, CHARGE_NANOS, _record(rid, acct))
+                        record = _record(rid, acct)
+                        hold = await wallet.reserve(rid, rid, acct, "credit", RESERVE_NANOS, (),
+                                                    functools.partial(dict, record), leasable=True)
+                        await wallet.finish(hold, CHARGE_NANOS, record)
                     except Exception as exc:  # noqa: BLE001 - counted and reported, never hidden
                         errors.append(f"{type(exc).__name__}: {exc}")
                         continue
@@ -91,6 +98,7 @@ async def bench(dsn: str, *, ops: int, concurrency: int, accounts: int, pool_siz
         elapsed = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         pg1 = cpu_seconds(pg_pid, tree=True) if pg_pid else 0.0
+        await wallet.close()
         # the books must balance: every settle moved exactly CHARGE_NANOS
         spent = await pool.fetchval(
             "SELECT sum($1::bigint - balance_nanos) FROM buckets WHERE bucket = 'credit'", FUND_NANOS)
@@ -98,6 +106,7 @@ async def bench(dsn: str, *, ops: int, concurrency: int, accounts: int, pool_siz
         latencies.sort()
         settled = len(latencies)
         return {
+            "mode": "leases" if leases else "reservation per request",
             "ops": ops, "settled": settled, "errors": len(errors), "error_samples": errors[:5],
             "concurrency": concurrency, "accounts": accounts, "pool_size": pool_size,
             "elapsed_s": round(elapsed, 3),
@@ -111,6 +120,37 @@ async def bench(dsn: str, *, ops: int, concurrency: int, accounts: int, pool_siz
             "books_balance": int(spent or 0) == (settled + warmup) * CHARGE_NANOS if not errors else None,
             "open_reservations_left": int(open_left or 0),
         }
+    finally:
+        await pool.close()
+
+
+async def lease_grants(dsn: str, *, grants: int, concurrency: int, accounts: int, pool_size: int) -> dict[str, Any]:
+    """How many leases one process can take per second: each call a new lease on one of `accounts`
+    accounts (`tf_lease_grow`: lock the bucket, insert the lease row, one commit)."""
+    pool = await create_pool(dsn, max_size=pool_size, min_size=pool_size)
+    try:
+        ledger = LedgerStore(pool, reservation_ttl_s=600)
+        store = AccountStore(pool)
+        ids = []
+        for i in range(accounts):
+            acct = (await store.create_account(f"lease-{i}", BUCKETS))["id"]
+            await ledger.topup(acct, "credit", FUND_NANOS, "fund", "bench")
+            ids.append(acct)
+        counter = itertools.count()
+        refused: list[str] = []
+
+        async def worker() -> None:
+            while (i := next(counter)) < grants:
+                grant = await ledger.lease_grow(f"lg_{i}", "bench", ids[i % len(ids)], "credit", want_nanos=10**6,
+                                                min_nanos=1, fraction_ppm=250_000, ttl_s=600)
+                if grant.outcome != "ok":
+                    refused.append(grant.outcome)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+        return {"grants": grants, "refused": len(refused), "elapsed_s": round(elapsed, 3),
+                "grants_per_s": round(grants / elapsed, 1)}
     finally:
         await pool.close()
 
@@ -142,6 +182,11 @@ async def bench_fresh_database(admin_dsn: str, **kwargs: Any) -> dict[str, Any]:
             await migrate(dsn)
             result = await bench(dsn, **kwargs)
             result["functions"] = await _function_stats(dsn)
+            per_request = {**kwargs, "ops": max(kwargs["ops"] // 4, 100), "leases": False, "pg_pid": None}
+            result["per_request_reservations"] = await bench(dsn, **per_request)
+            result["lease_grants"] = await lease_grants(dsn, grants=max(kwargs["ops"] // 4, 100),
+                                                        concurrency=kwargs["concurrency"],
+                                                        accounts=kwargs["accounts"], pool_size=kwargs["pool_size"])
             return result
         finally:
             await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

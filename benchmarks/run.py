@@ -949,13 +949,22 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["", "## Ledger only", ""]
     if "settles_per_s" in led:
         lines.append(
-            f"{_fmt(led['settles_per_s'])} settles/s: {led['settled']:,} × (`LedgerStore.reserve` + "
-            f"`LedgerStore.finish` with a usage record) by {led['concurrency']} tasks over "
+            f"{_fmt(led['settles_per_s'])} settles/s: {led['settled']:,} × (`Wallet.reserve` — carved from a "
+            f"lease — + `Wallet.finish` with a usage record, as the gateway does) by {led['concurrency']} tasks over "
             f"{led['accounts']} accounts through a {led['pool_size']}-connection pool in {led['elapsed_s']} s; "
             f"per settle p50 {led['latency_ms']['p50']} ms, p99 {led['latency_ms']['p99']} ms; "
             f"errors {led['errors']}; books balance: {led['books_balance']}; client CPU "
             f"{led['client_cpu_s']} s, PostgreSQL CPU {led.get('postgres_cpu_ms_per_settle')} ms per settle. "
             "PostgreSQL and the client unpinned (both cores) for this part.")
+        per = led.get("per_request_reservations") or {}
+        if "settles_per_s" in per:
+            lines.append(f"With leases off (a reservation round trip before each settlement): "
+                         f"{_fmt(per['settles_per_s'])} settles/s, p50 {per['latency_ms']['p50']} ms, "
+                         f"errors {per['errors']}.")
+        grants = led.get("lease_grants") or {}
+        if "grants_per_s" in grants:
+            lines.append(f"Leases taken (`tf_lease_grow`, each a new lease): {_fmt(grants['grants_per_s'])} per second "
+                         f"({grants['grants']:,} in {grants['elapsed_s']} s, {grants['refused']} refused).")
         funcs = led.get("functions") or {}
         if funcs:
             lines.append("Server-side mean time per call: " + ", ".join(
