@@ -11,7 +11,7 @@ import pytest
 
 from tokensforge.accounts import AccountStore
 from tokensforge.db import create_pool
-from tokensforge.errors import BudgetExceeded, InsufficientBalance
+from tokensforge.errors import BudgetExceeded, InsufficientBalance, ReservationResolved
 from tokensforge.ledger.leases import PRESSURE_PREFIX, Hold, LeaseConfig, Wallet
 from tokensforge.ledger.model import BudgetLimit
 from tokensforge.ledger.store import LedgerStore
@@ -263,4 +263,35 @@ async def test_a_lease_given_up_while_its_grant_is_on_the_way_is_still_handed_ba
         await asyncio.sleep(0.06)
     assert not wallet.leases()
     assert await _row(store, account) == {"balance_nanos": 999_000, "reserved_nanos": 0}
+    await assert_ledger_invariants(dsn)
+
+
+async def test_a_charge_whose_lease_was_swept_is_posted_from_what_is_left_or_recorded_unbilled(ledger) -> None:
+    """A process cut off from the database for longer than the lease TTL finds its lease voided: the
+    charge comes from the bucket's available balance if it is still there; else the request is recorded
+    with no charge (never lost, never charged twice)."""
+    store, accounts, dsn = ledger
+    account = await _funded(store, accounts, 100_000)
+    wallet = Wallet(store, LeaseConfig(ttl_s=0.2, fraction=1.0, min_requests=2))
+    first, second = await _hold(wallet, account, 20_000), await _hold(wallet, account, 20_000)
+    assert first.lease is second.lease is not None
+    await asyncio.sleep(0.3)
+    assert await store.expire() == 1  # the sweeper voids the lease: its 40,000 are available again
+    entry, balance = await _settle(wallet, first, 15_000, account)
+    assert entry is not None and balance == 85_000
+    lease_row = await store.pool.fetchrow("SELECT status, charged_nanos FROM reservations WHERE id = $1",
+                                          first.lease.id)
+    assert (lease_row["status"], lease_row["charged_nanos"]) == ("expired", 15_000)
+    # the account spends the rest elsewhere; the second request can no longer be charged
+    await store.reserve("elsewhere", account, "credit", 80_000)
+    with pytest.raises(ReservationResolved):
+        await _settle(wallet, second, 10_000, account)
+    record = await store.pool.fetchrow("SELECT charge_nanos, ledger_entry_id FROM usage_records"
+                                       " WHERE request_id = $1", second.request_id)
+    assert record["charge_nanos"] == 0 and record["ledger_entry_id"] is None
+    with pytest.raises(ReservationResolved):  # a replay moves nothing
+        await store.lease_charge_late(first.lease.id, first.request_id, 15_000, _record(first.request_id, account), ())
+    await store.finish("elsewhere", 0, None)
+    await wallet.close()
+    assert await _row(store, account) == {"balance_nanos": 85_000, "reserved_nanos": 0}
     await assert_ledger_invariants(dsn)

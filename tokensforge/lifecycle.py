@@ -454,9 +454,19 @@ class Lifecycle:
         return receipt
 
     def _settle_later(self, status: str, usage: Usage | None, source: str | None, billed: Usage | None) -> None:
-        """A delivered answer whose charge could not be posted: keep trying until the reservation would
-        expire (then the sweeper voids it and the request goes unbilled, which the log says)."""
-        deadline = time.monotonic() + self.gw.settings.reservation_ttl_s * 0.9
+        """A delivered answer whose charge could not be posted: keep trying until its hold would expire
+        (then the sweeper voids it and the request goes unbilled, which the log says). A request carved
+        from a lease with nothing to charge gives its hold back at once and keeps trying only to write
+        its usage record, for up to a minute: no row of its own would let the sweeper write it."""
+        hold = self._hold
+        settings = self.gw.settings
+        if hold is not None and hold.lease is not None and billed is not None and not billed.total_tokens:
+            self.gw.wallet.discard(hold)
+            window_s = max(settings.lease_ttl_s, 60.0)
+        else:
+            window_s = (settings.lease_ttl_s if hold is not None and hold.lease is not None
+                        else settings.reservation_ttl_s) * 0.9
+        deadline = time.monotonic() + window_s
 
         async def retry() -> None:
             while time.monotonic() < deadline:

@@ -227,9 +227,12 @@ class Wallet:
             result = await self.store.lease_finish(lease.id, hold.request_id, charge_nanos, record)
         except ReservationResolved:
             self._release(hold, 0)
-            if hold.lease is not None and self._leases.get(lease.key) is lease:
+            if self._leases.get(lease.key) is lease:
                 self._retire(lease)  # the lease is gone from the database
-            raise
+            if charge_nanos <= 0:
+                raise
+            # voided under us (this process was away longer than its TTL): charge what is still there
+            return await self.store.lease_charge_late(lease.id, hold.request_id, charge_nanos, record, lease.key[2])
         except LedgerOutcomeUnknown:
             lease.stuck += hold.amount_nanos  # maybe posted: keep it held until the lease closes
             hold.open = False
