@@ -76,6 +76,7 @@ class Lease:
     in_db: bool = False  # its row exists (a grant was made)
     last_used: float = field(default_factory=time.monotonic)
     window_nanos: int = 0  # carved since the last tick
+    waiting: int = 0  # holds waiting for a grant on its way
     rate: float = 0.0  # nano-USD carved per second (smoothed)
     growing: asyncio.Future[None] | None = None
 
@@ -160,7 +161,7 @@ class Wallet:
     async def _carve(self, key: LeaseKey, amount: int) -> Lease | None:
         """Carve `amount` from this process's lease on `key`, growing it if needed; None if the bucket
         cannot be leased now (small, a pool, budgets short): the caller reserves per request."""
-        for _ in range(4):
+        for _ in range(8):
             lease = self._leases.get(key)
             if lease is None:
                 lease = self._leases[key] = Lease(key, f"lease_{secrets.token_hex(8)}")
@@ -171,7 +172,11 @@ class Wallet:
                 metrics.child(metrics.HOLDS, "lease").inc()
                 return lease
             if lease.growing is not None:  # someone is already asking: wait for that answer
-                await asyncio.shield(lease.growing)
+                lease.waiting += amount  # and tell the next grant it is needed
+                try:
+                    await asyncio.shield(lease.growing)
+                finally:
+                    lease.waiting -= amount
                 continue
             if not await self._grow(lease, amount):
                 return None
@@ -180,7 +185,9 @@ class Wallet:
     async def _grow(self, lease: Lease, amount: int) -> bool:
         cfg = self.config
         need = amount - lease.free
-        want = max(int(lease.rate * cfg.horizon_s), amount * cfg.min_requests) - lease.free
+        # recent demand, at least a few holds, and twice what is in flight or waiting right now (a burst)
+        want = max(int(lease.rate * cfg.horizon_s), amount * cfg.min_requests,
+                   2 * (lease.carved + lease.waiting + amount)) - lease.free
         want = max(want, need)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lease.growing = future
