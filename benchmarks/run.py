@@ -559,17 +559,22 @@ class Harness:
             conn = await asyncpg.connect(self.pg.dsn)  # type: ignore[union-attr]
             try:
                 for _ in range(50):  # requests cut when wrk stopped are still being resolved
-                    if not await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'"):
+                    if not await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'"
+                                               " AND kind = 'request'"):
                         break
                     await asyncio.sleep(0.1)
                 rows = await conn.fetch("SELECT status, count(*) AS n, sum(charge_nanos) AS charged"
                                         " FROM usage_records GROUP BY status ORDER BY status")
-                open_left = await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'")
+                open_left = await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'"
+                                                " AND kind = 'request'")
+                leased = await conn.fetchrow("SELECT count(*) AS n, coalesce(sum(amount_nanos), 0) AS held"
+                                             " FROM reservations WHERE status = 'open' AND kind = 'lease'")
             finally:
                 await conn.close()
             return {"usage_records_by_status": {r["status"]: r["n"] for r in rows},
                     "charged_nanos": int(sum((r["charged"] or 0) for r in rows)),
-                    "open_reservations": int(open_left)}
+                    "open_reservations": int(open_left), "open_leases": int(leased["n"]),
+                    "leased_nanos": int(leased["held"])}
 
         out = asyncio.run(q())
         out["gateway_requests_counted_by_wrk"] = gateway_requests
@@ -993,7 +998,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                   (f"usage records by status {lc['usage_records_by_status']}, open reservations "
                   f"{lc['open_reservations']}, gateway requests counted by wrk "
                   f"{lc['gateway_requests_counted_by_wrk']:,} (records also include warm-up, preflight and "
-                  "requests in flight when wrk stopped).")]
+                  "requests in flight when wrk stopped). "
+                  f"Leases still held by the running gateway: {lc.get('open_leases', 0)} "
+                  f"({lc.get('leased_nanos', 0):,} nano-USD; given back after 5 s idle).")]
         if lc["open_reservations"]:
             lines.append(f"\n**{lc['open_reservations']} reservations were still open** at least 5 s after the "
                          "last gateway request: requests that wrk cut off when it stopped, whose reservation "
