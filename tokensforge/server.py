@@ -68,7 +68,7 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    sock.listen(4096)  # the kernel caps it at net.core.somaxconn; a burst of new streams must not overflow it
     sock.setblocking(False)
     return sock
 
