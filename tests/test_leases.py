@@ -119,6 +119,11 @@ async def test_a_refusal_comes_only_after_the_own_lease_is_returned(ledger) -> N
     with pytest.raises(InsufficientBalance) as refused:
         await _hold(wallet, account, 50_000)
     assert refused.value.extra["available_nanos"] < 50_000  # genuine: the database said so after the give-back
+    # while the bucket is under pressure, the next refusal is one query (no give-back round, no NOTIFY)
+    queries = store.pool.acquired
+    with pytest.raises(InsufficientBalance):
+        await _hold(wallet, account, 50_000)
+    assert store.pool.acquired - queries == 1
     await _settle(wallet, hold, 9_000, account)
     await _settle(wallet, big, 50_000, account)
     await asyncio.sleep(0)  # the drained, retired lease closes in the background

@@ -118,8 +118,8 @@ class Wallet:
                       budgets: Sequence[BudgetLimit], receipt: Callable[[], dict[str, Any]], *,
                       leasable: bool) -> Hold:
         """Hold `amount_nanos` for a request (raises InsufficientBalance / BudgetExceeded per the rule above)."""
-        if leasable and self.config.enabled and amount_nanos > 0 and not self._pressed(account_id, bucket) \
-                and self.database_up():
+        pressed = self._pressed(account_id, bucket)
+        if leasable and self.config.enabled and amount_nanos > 0 and not pressed and self.database_up():
             lease = await self._carve((account_id, bucket, tuple(budgets)), amount_nanos)
             if lease is not None:
                 return Hold(reservation_id, request_id, amount_nanos, lease)
@@ -127,7 +127,10 @@ class Wallet:
             return await self._reserve_row(reservation_id, request_id, account_id, bucket, amount_nanos, budgets,
                                            receipt)
         except (InsufficientBalance, BudgetExceeded):
-            if not (leasable and self.config.enabled):
+            # under pressure this process already gave its leases there back and told the others (and
+            # leases nothing there): the reservation just refused was the recheck, so a client hammering
+            # an empty account costs one query per request, not a give-back round each
+            if not (leasable and self.config.enabled) or pressed:
                 raise
         # refused: give back what this process holds there, tell the others, ask again
         self._press(account_id, bucket)
