@@ -17,7 +17,7 @@ from tokensforge.canonical import Request
 from tokensforge.dialects import openai_chat
 from tokensforge.pricing import (
     MEDIA_PART_TOKENS, Reservation, Usage, charge_for, embedding_input_tokens, embedding_inputs, output_allowance,
-    request_input_tokens, size_embedding, size_request, typical_request_tokens,
+    request_input_tokens, route_charge, size_embedding, size_request, typical_request_tokens,
 )
 from tokensforge.upstream.openai import usage_of as usage_from
 
@@ -206,6 +206,26 @@ def test_charge_for_never_passes_reserved_nor_price(pt: int, ct: int, reserved: 
     charge, price = charge_for(Usage(pt, ct), ROUTE, reserved)
     assert price == charge_nanos(pt, ct, ROUTE.input_price, ROUTE.output_price)
     assert charge == min(price, reserved) and 0 <= charge
+
+
+_PRICES = st.decimals(min_value=0, max_value=1000, places=6, allow_nan=False, allow_infinity=False)
+
+
+@given(_PRICES, _PRICES, st.integers(0, 10**7), st.integers(0, 10**7))
+def test_route_charge_is_money_charge_nanos_whatever_the_price(input_price: Decimal, output_price: Decimal,
+                                                               pt: int, ct: int) -> None:
+    """The integer fast path (whole nano-USD per token) and the Decimal path (finer prices, rounded
+    half up once) give the same amount."""
+    route = Route(id="p/x", kind="official", bucket="credit", input_price=input_price, output_price=output_price,
+                  channels=(ChannelRef("c", "up"),), model_id="p")
+    assert route_charge(pt, ct, route) == charge_nanos(pt, ct, input_price, output_price)
+
+
+def test_route_charge_rounds_a_sub_nano_price_half_up_once() -> None:
+    route = Route(id="p/x", kind="official", bucket="credit", input_price=Decimal("0.0005"),
+                  output_price=Decimal("0.0015"), channels=(ChannelRef("c", "up"),), model_id="p")
+    assert route_charge(1, 1, route) == 2  # 0.5 + 1.5 = 2.0 exactly, not 1 + 2 rounded per term
+    assert route_charge(1, 0, route) == 1  # 0.5 rounds half up
 
 
 def test_usage_totals() -> None:

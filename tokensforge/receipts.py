@@ -69,8 +69,26 @@ class Trace:
         return "channel" if self.served_by is not None and tried and tried[0] != self.served_by else "none"
 
 
+#: route id → (route, input price text, output price text, backup channel ids): what every receipt of a
+#: route repeats, formatted once (Decimal → str is not free); checked by identity, so a reloaded
+#: catalog's routes get their own entry
+_route_texts: dict[str, tuple[Route, str, str, tuple[str, ...]]] = {}
+
+
+def _texts(route: Route) -> tuple[Route, str, str, tuple[str, ...]]:
+    found = _route_texts.get(route.id)
+    if found is None or found[0] is not route:
+        if len(_route_texts) > 10_000:  # catalogs reloaded many times over: start again
+            _route_texts.clear()
+        found = _route_texts[route.id] = (route, str(route.input_price), str(route.output_price),
+                                          tuple(c.channel for c in route.backups))
+    return found
+
+
 def build_receipt(t: Trace) -> dict[str, Any]:
     route = t.route
+    texts = _texts(route) if route else None
+    fallback_kind = t.fallback_kind
     receipt: dict[str, Any] = {
         "object": "receipt",
         "request_id": t.request_id,
@@ -83,21 +101,21 @@ def build_receipt(t: Trace) -> dict[str, Any]:
         "bucket_kind": t.bucket_kind if route else None,
         "pool_period_end": t.pool_period_end,
         "price": {
-            "input_per_mtok": str(route.input_price),
-            "output_per_mtok": str(route.output_price),
+            "input_per_mtok": texts[1],
+            "output_per_mtok": texts[2],
             "rounding": ROUNDING,
-        } if route else None,
+        } if texts else None,
         "account_id": t.account_id,
         "project_id": t.project_id,
         "key_id": t.key_id,
         "channels": {
             "primary": route.primary.channel,
-            "backups": [c.channel for c in route.backups],
+            "backups": list(texts[3]),
             "served_by": t.served_by,
-        } if route else None,
+        } if route and texts else None,
         "attempts": [a.as_dict() for a in t.attempts],
         "fallback": {
-            "used": t.fallback_kind != "none",
+            "used": fallback_kind != "none",
             "cross_route": t.original_route is not None,
             "from_route": t.original_route.id if t.original_route else None,
         },

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -17,8 +18,23 @@ REQUEST_ID = web.RequestKey("request_id", str)
 STREAM = web.RequestKey("stream", web.StreamResponse)
 
 
+_ID_BYTES = 12
+_ID_BATCH = 256
+_random_ids: Iterator[str] = iter(())
+
+
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    """"req_" + 24 hex digits from the OS's CSPRNG, as `secrets.token_hex(12)` gives, but read 256 ids
+    at a time: one getrandom() call per request was a measurable share of the hot path. (Workers are
+    spawned, never forked, so no two processes share a batch.)"""
+    global _random_ids
+    chunk = next(_random_ids, None)
+    if chunk is None:
+        pool = os.urandom(_ID_BYTES * _ID_BATCH).hex()
+        step = _ID_BYTES * 2
+        _random_ids = iter([pool[i:i + step] for i in range(0, len(pool), step)])
+        chunk = next(_random_ids)
+    return "req_" + chunk
 
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -43,11 +59,14 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     then closes the connection once its lingering time has passed (server.py `running()`)."""
     gw = request.app.get(GATEWAY)
     timeout_s = gw.settings.body_read_timeout_s if gw is not None else _DEFAULT_BODY_READ_TIMEOUT_S
-    try:
-        async with asyncio.timeout(timeout_s):
-            raw = await request.read()
-    except TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    if request.content.is_eof():  # the whole body is already here (small bodies come with the head)
+        raw = await request.read()
+    else:
+        try:
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
