@@ -195,12 +195,18 @@ class Lifecycle:
         exit can void it at once instead of leaving it to the sweeper."""
         self.trace.reserved_nanos = amount_nanos
         self.trace.bucket_kind, self.trace.pool_period_end = self.gw.catalog.bucket_kind(route.bucket), None
+        leasable = self.trace.bucket_kind == "prepaid"
+        carved = self.gw.wallet.carve_now(reservation_id, self.trace.request_id, self.identity.account_id,
+                                          route.bucket, amount_nanos, self.policy.budgets, leasable=leasable)
+        if carved is not None:  # the common case: no await, so nothing to shield
+            self._hold = carved
+            metrics.RESERVATIONS_INFLIGHT.inc()
+            return
 
         async def hold() -> None:
             held = await self.gw.wallet.reserve(
                 reservation_id, self.trace.request_id, self.identity.account_id, route.bucket, amount_nanos,
-                self.policy.budgets, lambda: build_receipt(self.trace),
-                leasable=self.trace.bucket_kind == "prepaid")
+                self.policy.budgets, lambda: build_receipt(self.trace), leasable=leasable)
             if held.pool_period_end is not None:  # the receipt names the period the charge is made in
                 self.trace.pool_period_end = held.pool_period_end.isoformat()
             self._hold = held

@@ -114,6 +114,23 @@ class Wallet:
 
     # ------------------------------------------------------------------ holding
 
+    def carve_now(self, reservation_id: str, request_id: str, account_id: str, bucket: str, amount_nanos: int,
+                  budgets: Sequence[BudgetLimit], *, leasable: bool) -> Hold | None:
+        """The hold, carved at once from a lease with room for it; None when `reserve` must be awaited."""
+        if not (leasable and self.config.enabled and amount_nanos > 0):
+            return None
+        lease = self._leases.get((account_id, bucket, tuple(budgets)))
+        if lease is None or lease.free < amount_nanos or self._pressed(account_id, bucket) or not self.database_up():
+            return None
+        self._take(lease, amount_nanos)
+        return Hold(reservation_id, request_id, amount_nanos, lease)
+
+    def _take(self, lease: Lease, amount: int) -> None:
+        lease.carved += amount
+        lease.window_nanos += amount
+        lease.last_used = time.monotonic()
+        metrics.child(metrics.HOLDS, "lease").inc()
+
     async def reserve(self, reservation_id: str, request_id: str, account_id: str, bucket: str, amount_nanos: int,
                       budgets: Sequence[BudgetLimit], receipt: Callable[[], dict[str, Any]], *,
                       leasable: bool) -> Hold:
@@ -169,10 +186,7 @@ class Wallet:
             if lease is None:
                 lease = self._leases[key] = Lease(key, f"lease_{secrets.token_hex(8)}")
             if lease.free >= amount:
-                lease.carved += amount
-                lease.window_nanos += amount
-                lease.last_used = time.monotonic()
-                metrics.child(metrics.HOLDS, "lease").inc()
+                self._take(lease, amount)
                 return lease
             if lease.growing is not None:  # someone is already asking: wait for that answer
                 lease.waiting += amount  # and tell the next grant it is needed
