@@ -300,3 +300,43 @@ async def test_a_charge_whose_lease_was_swept_is_posted_from_what_is_left_or_rec
     await wallet.close()
     assert await _row(store, account) == {"balance_nanos": 85_000, "reserved_nanos": 0}
     await assert_ledger_invariants(dsn)
+
+
+async def test_small_and_large_settlement_batches_agree(ledger) -> None:
+    """Batches of up to 3 go item by item (tf_lease_finish_each), larger ones set-based
+    (tf_lease_finish_many): one mixed batch through each, on twin accounts, gives the same answers
+    and the same books."""
+    store, accounts, dsn = ledger
+    outcomes, books = [], []
+    for function in ("tf_lease_finish_each", "tf_lease_finish_many"):
+        account = await _funded(store, accounts, 1_000_000)
+        open_lease, closed_lease = f"lease_open_{function}", f"lease_closed_{function}"
+        for lease_id in (open_lease, closed_lease):
+            grant = await store.lease_grow(lease_id, "h", account, "credit", want_nanos=100_000, min_nanos=1,
+                                           fraction_ppm=1_000_000, ttl_s=60)
+            assert grant.outcome == "ok"
+        await store.lease_return({closed_lease: 100_000}, close=True)
+        done = f"{function}_done"
+        await store.lease_finish(open_lease, done, 1_000, _record(done, account))
+        items = [(open_lease, "a", 5_000, True), (open_lease, "b", 0, True), (open_lease, "c", 0, False),
+                 (open_lease, "a", 7_000, True), (open_lease, "done", 3_000, True),
+                 (closed_lease, "d", 2_000, True), (closed_lease, "e", 0, True), (open_lease, "f", 1_000, True),
+                 (open_lease, "g", 500_000, True)]
+        request_ids = [f"{function}_{r}" for _, r, _, _ in items]
+        rows = await store.pool.fetch(
+            f"SELECT * FROM {function}($1, $2, $3, $4) ORDER BY idx", [i[0] for i in items], request_ids,
+            [i[2] for i in items],
+            [_record(rid, account) if i[3] else None for rid, i in zip(request_ids, items, strict=True)])
+        outcomes.append([(r["outcome"], r["ledger_entry_id"] is not None, r["balance_after_nanos"]) for r in rows])
+        books.append((
+            tuple(await store.pool.fetchrow("SELECT balance_nanos, reserved_nanos FROM buckets"
+                                            " WHERE account_id = $1 AND bucket = 'credit'", account)),
+            tuple(await store.pool.fetchrow("SELECT amount_nanos, charged_nanos FROM reservations WHERE id = $1",
+                                            open_lease)),
+            await store.pool.fetchval("SELECT count(*) FROM usage_records WHERE account_id = $1", account),
+            await store.pool.fetchval("SELECT count(*) FROM ledger_entries WHERE account_id = $1", account)))
+    assert outcomes[0] == outcomes[1]
+    assert [o[0] for o in outcomes[0]] == ["ok", "ok", "ok", "resolved", "resolved", "resolved", "ok", "ok",
+                                           "charge_out_of_range"]
+    assert books[0] == books[1] == ((1_000_000 - 7_000, 100_000 - 7_000), (100_000 - 7_000, 7_000), 5, 4)
+    await assert_ledger_invariants(dsn)
