@@ -301,3 +301,31 @@ async def test_an_exhausted_pool_fails_closed_after_the_acquire_timeout(dsn: str
 
 def test_an_unknown_outcome_is_still_ledger_unavailable_to_callers() -> None:
     assert issubclass(LedgerRejected, LedgerError) and issubclass(LedgerOutcomeUnknown, LedgerUnavailable)
+
+
+async def test_a_leased_settlement_whose_reply_was_lost_is_resolved_through_its_usage_record(stores, proxy) -> None:
+    """A leased request has no reservation row: a lost reply is looked up by its usage record."""
+    ledger, accounts = stores
+    acct = await _funded(accounts, ledger)
+    grant = await ledger.lease_grow("lease_x", "h", acct, "credit", want_nanos=100_000, min_nanos=1,
+                                    fraction_ppm=1_000_000, ttl_s=60)
+    assert grant.outcome == "ok"
+    faulty = await _through(proxy)
+    try:
+        with pytest.raises(ReservationResolved):  # warm: the settle statement is prepared on the one connection
+            await faulty.lease_finish("lease_gone", "req_warm", 5, None)
+        proxy.drop_next_reply()
+        entry_id, balance = await faulty.lease_finish("lease_x", "req_l", 700, _record("req_l", acct))
+        assert proxy.drops == 1
+        charge = await ledger.entry(entry_id)
+        assert charge["amount_nanos"] == -700 and charge["balance_after_nanos"] == balance == 10**9 - 700
+        with pytest.raises(ReservationResolved):  # a replay moves nothing (and warms the connection again)
+            await faulty.lease_finish("lease_x", "req_l", 700, _record("req_l", acct))
+        proxy.drop_next_request()
+        with pytest.raises(LedgerUnavailable) as info:  # lost before the server: not posted, not unknown
+            await faulty.lease_finish("lease_x", "req_m", 300, _record("req_m", acct))
+        assert proxy.drops == 2 and not isinstance(info.value, LedgerOutcomeUnknown)
+        assert await ledger.balance(acct, "credit") == 10**9 - 700
+    finally:
+        await faulty.pool.close()
+    await ledger.lease_return({"lease_x": 10**9}, close=True)

@@ -74,7 +74,7 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
             circuit_share.attach(gw)  # breakers opened here are announced to the other processes
             gw.wallet.database_up = lambda: gw.database_up
             yield
-            await app[GATEWAY].wallet.close()  # requests have ended: give the leases back now, not after their TTL
+            await gw.wallet.close()  # requests have ended: give the leases back now, not after their TTL
         finally:
             await pool.close()
     return ctx

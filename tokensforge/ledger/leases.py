@@ -409,7 +409,11 @@ class Wallet:
                 self._retire(lease)
 
     async def close(self) -> None:
-        """At shutdown: return every lease's unused money (requests in flight have ended by now)."""
+        """At shutdown: return every lease's unused money (requests in flight have ended by now); closes
+        still under way are superseded by this one."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         leases = [*self._leases.values(), *self._retired.values()]
         if not leases:
             return

@@ -294,20 +294,30 @@ class LedgerStore:
         return [_settle_result(item, row) for item, row in zip(items, rows, strict=True)]
 
     async def _resolve(self, items: list[_Settlement]) -> list[tuple[str | None, int] | Exception]:
-        """Ask the database, patiently but within `resolve_window_s`, what became of each item."""
+        async def ask(batch: list[_Settlement]) -> list[tuple[str | None, int] | Exception]:
+            found = await self._outcomes([i[0] for i in batch])
+            return [_resolved_result(item, found.get(item[0])) for item in batch]
+
+        return await self._patiently(items, ask, lambda item: f"reservation {item[0]}")
+
+    async def _patiently(
+        self, items: list[Item], ask: Callable[[list[Item]], Awaitable[list[Result | Exception]]],
+        name: Callable[[Item], str],
+    ) -> list[Result | Exception]:
+        """Ask the database, patiently but within `resolve_window_s`, what became of settlements whose
+        connection dropped; if it cannot be asked in time, each is LedgerOutcomeUnknown."""
         deadline = time.monotonic() + self.resolve_window_s
         delay_s = 0.05
         while True:
             try:
-                found = await self._outcomes([i[0] for i in items])
-                return [_resolved_result(item, found.get(item[0])) for item in items]
+                return await ask(items)
             except LedgerUnavailable as exc:
                 if time.monotonic() + delay_s > deadline:
                     log.error("could not learn within %.1f s whether %d settlement(s) committed (%r)",
                               self.resolve_window_s, len(items), exc.__cause__)
                     return [LedgerOutcomeUnknown(
                         "the ledger database went away while settling; whether the charge was posted is not "
-                        f"known yet (reservation {i[0]})") for i in items]
+                        f"known yet ({name(item)})") for item in items]
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.5)
 
@@ -362,24 +372,15 @@ class LedgerStore:
         return [_lease_settle_result(item, row) for item, row in zip(items, rows, strict=True)]
 
     async def _resolve_leased(self, items: list[_LeaseSettlement]) -> list[tuple[str | None, int] | Exception]:
-        deadline = time.monotonic() + self.resolve_window_s
-        delay_s = 0.05
-        while True:
-            try:
-                rows = await self._read(
-                    "SELECT request_id, charge_nanos, ledger_entry_id, (receipt ->> 'balance_after_nanos')::bigint AS"
-                    " balance FROM usage_records WHERE request_id = ANY($1::text[])", [i[1] for i in items])
-                found = {row["request_id"]: row for row in rows}
-                return [_leased_resolution(item, found.get(item[1])) for item in items]
-            except LedgerUnavailable as exc:
-                if time.monotonic() + delay_s > deadline:
-                    log.error("could not learn within %.1f s whether %d leased settlement(s) committed (%r)",
-                              self.resolve_window_s, len(items), exc.__cause__)
-                    return [LedgerOutcomeUnknown(
-                        "the ledger database went away while settling; whether the charge was posted is not "
-                        f"known yet (request {i[1]})") for i in items]
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 0.5)
+        """A leased request has no reservation row: what it left is its usage record."""
+        async def ask(batch: list[_LeaseSettlement]) -> list[tuple[str | None, int] | Exception]:
+            rows = await self._read(
+                "SELECT request_id, charge_nanos, ledger_entry_id, (receipt ->> 'balance_after_nanos')::bigint AS"
+                " balance FROM usage_records WHERE request_id = ANY($1::text[])", [i[1] for i in batch])
+            found = {row["request_id"]: row for row in rows}
+            return [_leased_resolution(item, found.get(item[1])) for item in batch]
+
+        return await self._patiently(items, ask, lambda item: f"request {item[1]}")
 
     async def lease_charge_late(
         self, lease_id: str, request_id: str, charge_nanos: int, record: dict[str, Any] | None,
