@@ -222,7 +222,7 @@ ENCODE_CASES: list[tuple[str, Choice, list[dict[str, Any]], str]] = [
 def test_encode_response(name: str, choice: Choice, content: list[dict[str, Any]], stop_reason: str) -> None:
     request = am.decode(body(model="claude-client"))
     resp = Response(model="upstream-name", choices=[choice], usage=Usage(10, 5))
-    usage = Usage(prompt_tokens=10, completion_tokens=5, cached_tokens=4)
+    usage = Usage(prompt_tokens=10, completion_tokens=5, cache_read_tokens=4)
     out = am.encode_response(resp, message_id="msg_abc", request=request, usage=usage, receipt=RECEIPT)
     assert out["content"] == content
     assert out["stop_reason"] == stop_reason

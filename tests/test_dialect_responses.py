@@ -42,7 +42,7 @@ from tokensforge.dialects import openai_responses as codec
 from tokensforge.errors import InvalidRequest
 
 RECEIPT = {"request_id": "req_test", "charge_nanos": 42, "status": "succeeded"}
-USAGE = Usage(prompt_tokens=11, completion_tokens=7, cached_tokens=3, reasoning_tokens=2)
+USAGE = Usage(prompt_tokens=11, completion_tokens=7, cache_read_tokens=3, reasoning_tokens=2)
 WEATHER: dict[str, Any] = {"type": "function", "name": "get_weather", "description": "Weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)

@@ -231,7 +231,8 @@ def test_route_charge_rounds_a_sub_nano_price_half_up_once() -> None:
 def test_usage_totals() -> None:
     usage = Usage(12, 30)
     assert usage.total_tokens == 42
-    assert usage.as_dict() == {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
+    assert usage.as_dict() == {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42, "cache_read_tokens": 0,
+                               "cache_write_tokens": 0, "cache_write_1h_tokens": 0, "reasoning_tokens": 0}
 
 
 # ---------------------------------------------------------------- usage_from

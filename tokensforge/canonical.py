@@ -126,12 +126,30 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Tokens an upstream billed. `cached_tokens` ⊆ prompt_tokens, `reasoning_tokens` ⊆ completion_tokens."""
+    """Tokens an upstream billed, by class (SPEC §1 Money).
+
+    `prompt_tokens` is all input and `completion_tokens` all output (reasoning included), as every
+    dialect reports totals; the cache classes are parts of `prompt_tokens`, exclusive of each other,
+    so fresh input is what is left (`fresh_input_tokens`). Each upstream codec builds this exactly once
+    from its provider's own shape (`Usage.of`), which keeps the parts inside the totals."""
 
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0  # 5-minute cache writes (Anthropic's default; OpenAI bills none)
+    cache_write_1h_tokens: int = 0
+    reasoning_tokens: int = 0  # part of completion_tokens, priced as output
+
+    @classmethod
+    def of(cls, *, fresh_input: int, output: int, cache_read: int = 0, cache_write: int = 0,
+           cache_write_1h: int = 0, reasoning: int = 0) -> Usage:
+        """From exclusive classes (Anthropic's shape): the totals are their sums."""
+        return cls(fresh_input + cache_read + cache_write + cache_write_1h, output, cache_read, cache_write,
+                   cache_write_1h, min(reasoning, output))
+
+    @property
+    def fresh_input_tokens(self) -> int:
+        return self.prompt_tokens - self.cache_read_tokens - self.cache_write_tokens - self.cache_write_1h_tokens
 
     @property
     def total_tokens(self) -> int:
@@ -142,6 +160,10 @@ class Usage:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "cache_read_tokens": self.cache_read_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "cache_write_1h_tokens": self.cache_write_1h_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
         }
 
 

@@ -48,6 +48,12 @@ class Channel:
     first_byte_timeout_s: float | None = None
     max_concurrency: int = 256
     anthropic_version: str | None = None  # kind "anthropic" only
+    #: the client APIs this channel serves natively (SPEC §1 "native first"): "chat" and "responses" for
+    #: kind "openai", "messages" for kind "anthropic"; a request in another API is translated
+    apis: frozenset[str] = frozenset({"chat"})
+
+    def speaks(self, api: str) -> bool:
+        return api in self.apis
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +135,11 @@ _BUCKET_KEYS = {"id", "name", "kind"}
 _RESEARCH_KEYS = {"free_daily_allowance_usd"}
 _CHANNEL_KEYS = {
     "id", "kind", "base_url", "api_key_env", "timeout_s", "connect_timeout_s",
-    "first_byte_timeout_s", "max_concurrency", "anthropic_version",
+    "first_byte_timeout_s", "max_concurrency", "anthropic_version", "apis",
 }
+#: the client APIs a channel kind can serve natively, and what it serves when `apis` is not given
+CHANNEL_APIS = {"openai": frozenset({"chat", "responses"}), "anthropic": frozenset({"messages"})}
+DEFAULT_APIS = {"openai": frozenset({"chat"}), "anthropic": frozenset({"messages"})}
 CHANNEL_KINDS = frozenset({"openai", "anthropic"})
 _MODEL_KEYS = {"id", "max_output_tokens", "routes", "type", "owned_by"}
 _ROUTE_KEYS = {
@@ -268,7 +277,9 @@ def _parse_channels(check: _Checker, data: dict[str, Any]) -> dict[str, Channel]
         version = table.get("anthropic_version")
         if version is not None:
             version = check.text(table, "anthropic_version", entry)
+        apis = _channel_apis(check, table, kind, entry)
         channels[ident] = Channel(
+            apis=apis,
             id=ident,
             kind=kind,
             anthropic_version=version,
@@ -283,6 +294,19 @@ def _parse_channels(check: _Checker, data: dict[str, Any]) -> dict[str, Channel]
     if not channels:
         raise check.fail("channels", "the catalog defines no channel")
     return channels
+
+
+def _channel_apis(check: _Checker, table: dict[str, Any], kind: str, entry: str) -> frozenset[str]:
+    raw = table.get("apis")
+    if raw is None:
+        return DEFAULT_APIS[kind]
+    allowed = CHANNEL_APIS[kind]
+    if not isinstance(raw, list) or not raw or not all(isinstance(a, str) for a in raw):
+        raise check.fail(entry, f"'apis' must be a non-empty list of API names ({sorted(allowed)})")
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise check.fail(entry, f"'apis' names {unknown}: a {kind}-kind channel serves {sorted(allowed)}")
+    return frozenset(raw)
 
 
 def _parse_model(

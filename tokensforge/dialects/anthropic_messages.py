@@ -356,9 +356,9 @@ def tool_input(arguments: str) -> dict[str, Any]:
 def usage_json(usage: Usage) -> dict[str, int]:
     """Anthropic counts cache reads apart from `input_tokens`; canonical prompt_tokens include them."""
     return {
-        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "input_tokens": usage.prompt_tokens - usage.cache_read_tokens,
         "output_tokens": usage.completion_tokens,
-        "cache_read_input_tokens": usage.cached_tokens,
+        "cache_read_input_tokens": usage.cache_read_tokens,
         "cache_creation_input_tokens": 0,
     }
 

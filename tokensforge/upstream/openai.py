@@ -136,7 +136,8 @@ def usage_of(payload: Any) -> Usage | None:
     cached = token_count(details.get("cached_tokens", 0)) if isinstance(details, dict) else 0
     out_details = payload.get("completion_tokens_details")
     reasoning = token_count(out_details.get("reasoning_tokens", 0)) if isinstance(out_details, dict) else 0
-    return Usage(prompt, completion, min(cached or 0, prompt), min(reasoning or 0, completion))
+    return Usage(prompt, completion, cache_read_tokens=min(cached or 0, prompt),
+                 reasoning_tokens=min(reasoning or 0, completion))
 
 
 def parse_response(data: dict[str, Any]) -> Response:
