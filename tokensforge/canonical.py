@@ -178,12 +178,14 @@ class Choice:
 
 @dataclass(slots=True)
 class Response:
-    """A complete (non-streamed) answer. `raw` is the upstream's JSON when it was OpenAI chat."""
+    """A complete (non-streamed) answer. `raw` is the upstream's JSON when it was OpenAI chat; `wire` is the
+    upstream's JSON when it spoke the client's own API (a native relay hands it on)."""
 
     model: str
     choices: list[Choice]
     usage: Usage | None
     raw: dict[str, Any] | None = None
+    wire: dict[str, Any] | None = None
 
     @property
     def output_text(self) -> str:
@@ -212,6 +214,14 @@ class ToolCallDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """Thinking or reasoning text the upstream streamed (Anthropic thinking, Responses reasoning summaries).
+    No translated dialect shows it, but it reached a native client and is output it pays for."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     reason: FinishReason
     choice: int = 0
@@ -233,21 +243,33 @@ class UpstreamFailure:
     message: str
 
 
-StreamEvent = TextDelta | ToolCallDelta | Finish | UsageReport | UpstreamFailure
+StreamEvent = TextDelta | ReasoningDelta | ToolCallDelta | Finish | UsageReport | UpstreamFailure
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """One upstream SSE event as it arrived, for a client that speaks the upstream's API (native relay):
+    the event name, its data bytes and their parsed JSON (parsed once, by the decoder)."""
+
+    event: str | None
+    data: bytes
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """What one upstream SSE event meant: canonical events, and the upstream's own JSON when it is an
-    OpenAI chat chunk (so an OpenAI-chat client can receive it verbatim, id aside)."""
+    """What one upstream SSE event meant: canonical events, the upstream's own JSON when it is an
+    OpenAI chat chunk (so an OpenAI-chat client can receive it verbatim, id and model aside), and for a
+    native relay the event as it arrived (`wire`)."""
 
     events: tuple[StreamEvent, ...]
     raw: dict[str, Any] | None = None
+    wire: Wire | None = None
 
 
 def carries_content(event: StreamEvent) -> bool:
     """Content that a client is billed for once it reached it."""
-    return (isinstance(event, TextDelta) and bool(event.text)) or (
+    return (isinstance(event, (TextDelta, ReasoningDelta)) and bool(event.text)) or (
         isinstance(event, ToolCallDelta) and bool(event.arguments or event.name))
 
 

@@ -36,6 +36,9 @@ class Exchange(Protocol):
 
     stream: bool
 
+    def native(self, channel: Channel) -> bool:
+        """Whether this channel is sent the client's own body and its answer relayed as received."""
+
     def payload(self, channel: Channel, upstream_model: str) -> tuple[str, bytes, dict[str, str]]:
         """(path under the channel's base URL, body, extra headers)."""
 
@@ -129,6 +132,7 @@ class ChannelWalk:
         await slot.acquire()
         try:
             response = await self.upstream.open(channel, path, body, headers)
+            self.trace.upstream_began = True  # its first byte is here: it has read (and bills) the prompt
             answer = None
             if not exchange.stream:
                 data = await self.upstream.read_json(channel, response)

@@ -33,7 +33,8 @@ import aiohttp
 
 from . import metrics
 from .accounts import KeyIdentity
-from .canonical import Finish, Frame, MalformedUpstream, Response, TextDelta, ToolCallDelta, UpstreamFailure, Usage
+from .canonical import (Finish, Frame, MalformedUpstream, ReasoningDelta, Response, TextDelta, ToolCallDelta,
+                        UpstreamFailure, Usage)
 from .catalog import Model, Route
 from .channel_walk import ChannelWalk, Exchange, Served, StreamDecoder
 from .errors import (
@@ -56,6 +57,8 @@ from .state import Gateway
 from .upstream.streaming import SseReader
 
 log = logging.getLogger("tokensforge.lifecycle")
+#: notes that only a translation across dialects makes ("dropped: …" by an upstream codec)
+TRANSLATION_NOTE = "dropped:"
 T = TypeVar("T")
 
 MAX_SSE_LINE_BYTES = 1024 * 1024
@@ -91,6 +94,7 @@ class Lifecycle:
         self.started = time.perf_counter()
         self.model: Model | None = None
         self.pinned = False
+        self.native = False  # the serving channel speaks the client's API: its answer is relayed as received
         self._walk = ChannelWalk(gw.upstream, gw.health, gw.catalog.channels, self.trace)
         self._hold: Hold | None = None
         self._later = False  # a retry task owns the settlement (and the hold)
@@ -156,10 +160,15 @@ class Lifecycle:
                 await self._record_refusal("client_cancelled" if gone else "failed")
             return
         status = "client_cancelled" if gone else "failed"
-        delivered = self._delivered_usage() if self.delivered else None
-        billed = delivered if delivered is not None and (
-            gone or self.route.on_failure == "charge_delivered") else Usage(0, 0)
-        usage, source = self._stream_usage() if self.delivered else (None, None)
+        # SPEC §1: a client that leaves once the upstream began answering (it has read, and bills, the
+        # prompt) pays the input and what reached it, on every route; a broken upstream per on_failure
+        if gone and t.upstream_began:
+            billed = self._delivered_usage()
+        elif self.delivered and self.route.on_failure == "charge_delivered":
+            billed = self._delivered_usage()
+        else:
+            billed = Usage(0, 0)
+        usage, source = self._stream_usage() if self.delivered or billed.total_tokens else (None, None)
         try:
             await self._settle(status, usage, source, billed)
         except LedgerUnavailable:
@@ -268,16 +277,25 @@ class Lifecycle:
         result: Served | TokensForgeError
         result = await self._walk.walk(first, exchange, None)
         if isinstance(result, Served):
-            return result
+            return self._served_by(result)
         for fallback in [] if self.pinned else fallback_routes(self.model, self.policy, first):
             if not await self._move_to(fallback):
                 break
             moved = await self._walk.walk(fallback, exchange, fallback.id)
             if isinstance(moved, Served):
                 metrics.child(metrics.FALLBACKS, "route").inc()
-                return moved
+                return self._served_by(moved)
             result = moved
         raise result
+
+    def _served_by(self, served: Served) -> Served:
+        """Note whether the answer comes from a channel that speaks the client's API (relayed as received)."""
+        assert self._exchange is not None
+        self.native = self._exchange.native(served.channel)
+        self.trace.relay = "native" if self.native else "translated"
+        if self.native:
+            self.trace.notes = [n for n in self.trace.notes if not n.startswith(TRANSLATION_NOTE)]
+        return served
 
     async def _move_to(self, route: Route) -> bool:
         """Void the current reservation and hold the fallback route's price in its bucket."""
@@ -324,7 +342,7 @@ class Lifecycle:
                     return None
                 if self._absorb(frame):
                     return None
-                if frame.events or frame.raw is not None:
+                if frame.events or frame.raw is not None or frame.wire is not None:
                     return frame
         except MalformedUpstream as exc:
             self._end_stream(f"the upstream stream is malformed: {exc}")
@@ -335,7 +353,7 @@ class Lifecycle:
     def _absorb(self, frame: Frame) -> bool:
         """Account for a frame's events; True if it ended the stream (an upstream error)."""
         for event in frame.events:
-            if isinstance(event, (TextDelta, ToolCallDelta)):
+            if isinstance(event, (TextDelta, ToolCallDelta, ReasoningDelta)):
                 self._pending += 1
             elif isinstance(event, Finish):
                 self._stream_ok = True

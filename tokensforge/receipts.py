@@ -60,6 +60,8 @@ class Trace:
     notes: list[str] = field(default_factory=list)  # request fields the upstream could not take ("dropped: …")
     bucket_kind: str = "prepaid"  # "pool": funded by a schedule
     pool_period_end: str | None = None  # iso8601: the pool period the reservation was held in
+    upstream_began: bool = False  # an upstream answered (status line): a client leaving now pays the input
+    relay: str | None = None  # "native" (the channel speaks the client's API) | "translated"
 
     @property
     def fallback_kind(self) -> str:
@@ -120,6 +122,7 @@ def build_receipt(t: Trace) -> dict[str, Any]:
             "from_route": t.original_route.id if t.original_route else None,
         },
         "on_failure": route.on_failure if route else None,
+        "relay": t.relay,
         "usage": t.usage.as_dict() if t.usage else None,
         "usage_source": t.usage_source,
         "reserved_nanos": t.reserved_nanos,

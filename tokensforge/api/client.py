@@ -67,7 +67,15 @@ def proxy_headers(life: Lifecycle, *, answered: bool) -> dict[str, str]:
     if answered:
         headers["x-tokensforge-channel"] = t.served_by or ""
         headers["x-tokensforge-fallback"] = t.fallback_kind
+    if t.notes:  # what the serving channel could not take, named (the receipt's notes say why)
+        headers["x-tokensforge-dropped"] = dropped_header(t.notes)
     return headers
+
+
+def dropped_header(notes: list[str]) -> str:
+    """"dropped: web_search (hosted tool)" notes → "web_search, …" (header-safe)."""
+    names = (n.removeprefix("dropped:").strip().split(" (")[0] for n in notes if n.startswith("dropped:"))
+    return ", ".join(n for n in names if n).encode("ascii", "replace").decode()[:1000]
 
 
 def receipt_headers(life: Lifecycle, receipt: dict[str, Any]) -> dict[str, str]:
@@ -77,13 +85,14 @@ def receipt_headers(life: Lifecycle, receipt: dict[str, Any]) -> dict[str, str]:
     return headers
 
 
-async def admit_model_request(life: Lifecycle, model: Model, route: Route, req: Request,
-                              *, beta: str | None = None) -> ModelExchange:
-    """Size and hold a canonical request; the exchange forwards exactly the output cap reserved for."""
+async def admit_model_request(life: Lifecycle, model: Model, route: Route, req: Request, *, api: str = "chat",
+                              body: dict[str, Any] | None = None, beta: str | None = None) -> ModelExchange:
+    """Size and hold a request; the exchange forwards exactly the output cap reserved for, natively to a
+    channel that speaks `api` (the client's `body` as sent) and translated to any other."""
     sizing = size_request(req, model, route)
     life.trace.notes = req.notes  # the same list: upstream codecs add what they had to drop
     await life.admit(sizing)
-    return ModelExchange(req, output_allowance(req.max_output_tokens, model), beta=beta)
+    return ModelExchange(req, output_allowance(req.max_output_tokens, model), api=api, body=body, beta=beta)
 
 
 class StreamEncoder(Protocol):
@@ -98,12 +107,15 @@ class StreamEncoder(Protocol):
     def fail(self, error: TokensForgeError, receipt: dict[str, Any] | None) -> bytes: ...
 
 
-async def stream_answer(request: web.Request, life: Lifecycle, exchange: ModelExchange, encoder: StreamEncoder,
+async def stream_answer(request: web.Request, life: Lifecycle, exchange: ModelExchange, translated: StreamEncoder,
+                        native: StreamEncoder | None = None,
                         on_settled: Callable[[StreamOutcome], Awaitable[None]] | None = None,
                         ) -> web.StreamResponse:
-    """Open the upstream stream, relay it in the client's dialect, settle, and end with the receipt
-    (or the error event). A client that leaves is billed by the lifecycle for what reached it."""
+    """Open the upstream stream, relay it in the client's dialect (as received when the serving channel
+    speaks it: `native`), settle, and end with the receipt (or the error event). A client that leaves is
+    billed by the lifecycle for what reached it."""
     await life.open_stream(exchange)
+    encoder = native if native is not None and life.native else translated
     response = web.StreamResponse(headers={**SSE_HEADERS, **proxy_headers(life, answered=True)})
     try:
         await response.prepare(request)

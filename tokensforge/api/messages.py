@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import native
 from ..canonical import Frame, MalformedUpstream, Usage
 from ..dialects import anthropic_messages
 from ..errors import TokensForgeError, UpstreamError
@@ -54,13 +55,19 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         model, route, pinned = choose(gw, policy, request, body, "chat", "/v1/messages")
         life.begin(model, route, pinned=pinned)
         req = anthropic_messages.decode(body)
-        exchange = await admit_model_request(life, model, route, req, beta=request.headers.get("anthropic-beta"))
+        exchange = await admit_model_request(life, model, route, req, api="messages", body=body,
+                                             beta=request.headers.get("anthropic-beta"))
         message_id = answer_id(life.trace.request_id, "msg_")
         if req.stream:
             encoder = anthropic_messages.StreamEncoder(message_id=message_id, request=req)
             return await stream_answer(request, life, exchange,
-                                       _MessagesStream(encoder, exchange.typical_input_tokens()))
+                                       _MessagesStream(encoder, exchange.typical_input_tokens()),
+                                       native.MessagesRelay(message_id=message_id, model=req.model))
         answer = await life.call(exchange)
+        if answer.wire is not None:  # an Anthropic-kind channel answered: relayed as received
+            receipt = await life.succeed(answer)
+            data = native.relay_message(answer.wire, message_id=message_id, model=req.model, receipt=receipt)
+            return json_response(data, headers=receipt_headers(life, receipt))
         try:  # an answer Messages cannot express (tool arguments that are no JSON object) is not billed
             anthropic_messages.encode_response(answer, message_id=message_id, request=req, usage=Usage(0, 0),
                                                receipt={})

@@ -8,12 +8,14 @@ from typing import Any
 
 from aiohttp import web
 
-from ..canonical import Frame, Request, Response, Usage
+from .. import native
+from ..canonical import Frame, MalformedUpstream, Request, Response, Usage
 from ..conversations import ConversationStore
 from ..dialects import openai_responses
 from ..errors import LedgerUnavailable, TokensForgeError
 from ..lifecycle import Lifecycle, StreamOutcome
 from ..receipts import answer_id
+from ..upstream import openai_responses as responses_codec
 from .auth import authenticate
 from .client import admit_model_request, choose, receipt_headers, stream_answer
 from .common import REQUEST_ID, json_response, read_json
@@ -50,6 +52,16 @@ async def _save(store: ConversationStore, response_id: str, account_id: str, req
         log.warning("could not store response %s for a follow-up turn", response_id)
 
 
+def _relayed(response: dict[str, Any] | None) -> Response | None:
+    """The canonical form of a relayed response object (what a follow-up turn needs), None if unreadable."""
+    if response is None:
+        return None
+    try:
+        return responses_codec.parse_response(response)
+    except MalformedUpstream:
+        return None
+
+
 @routes.post("/v1/responses")
 async def create_response(request: web.Request) -> web.StreamResponse:
     gw, identity, policy = await authenticate(request)
@@ -59,24 +71,33 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         model, route, pinned = choose(gw, policy, request, body, "chat", "/v1/responses")
         life.begin(model, route, pinned=pinned)
         store = ConversationStore(gw.pool)
-        history = openai_responses.load_history(
-            await store.load(options.previous_response_id, identity.account_id)) \
+        stored = await store.load(options.previous_response_id, identity.account_id) \
             if options.previous_response_id else []
-        req = openai_responses.decode(body, history)
-        exchange = await admit_model_request(life, model, route, req)
+        req = openai_responses.decode(body, openai_responses.load_history(stored) if stored else [])
+        # a Responses-speaking channel gets the client's body; the turns before it were stored here, so they
+        # go in front of its input (the upstream cannot know the gateway's response ids)
+        forwarded = native.expand_previous(body, stored) if options.previous_response_id else body
+        exchange = await admit_model_request(life, model, route, req, api="responses", body=forwarded)
         response_id, created = answer_id(life.trace.request_id, "resp_"), int(time.time())
         if req.stream:
             encoder = openai_responses.StreamEncoder(response_id=response_id, request=req, created_at=created)
+            relay = native.ResponsesRelay(response_id=response_id, model=req.model)
 
             async def keep(outcome: StreamOutcome) -> None:
                 if options.store and outcome.status == "succeeded":
-                    await _save(store, response_id, identity.account_id, req, encoder.output())
+                    answer = _relayed(relay.output()) if life.native else encoder.output()
+                    if answer is not None:
+                        await _save(store, response_id, identity.account_id, req, answer)
 
-            return await stream_answer(request, life, exchange, _ResponsesStream(encoder), keep)
+            return await stream_answer(request, life, exchange, _ResponsesStream(encoder), relay, keep)
         answer = await life.call(exchange)
         receipt = await life.succeed(answer)
         if options.store:
             await _save(store, response_id, identity.account_id, req, answer)
-        data = openai_responses.encode_response(answer, response_id=response_id, request=req, created_at=created,
-                                                usage=life.trace.usage or Usage(0, 0), receipt=receipt)
+        if answer.wire is not None:  # a Responses-speaking channel answered: relayed as received
+            data = native.relay_message(answer.wire, message_id=response_id, model=req.model, receipt=receipt)
+        else:
+            data = openai_responses.encode_response(answer, response_id=response_id, request=req,
+                                                    created_at=created, usage=life.trace.usage or Usage(0, 0),
+                                                    receipt=receipt)
         return json_response(data, headers=receipt_headers(life, receipt))

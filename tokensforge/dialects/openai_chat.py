@@ -213,7 +213,7 @@ def encode_response(resp: Response, *, completion_id: str, request: Request, usa
     """A chat.completion: the upstream's own body when it spoke OpenAI chat (id replaced), else built."""
     if resp.raw is not None:
         data = resp.raw
-        data["id"] = completion_id
+        data["id"], data["model"] = completion_id, request.model  # relay names stay on the receipt
     else:
         data = {
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": request.model,
@@ -268,7 +268,7 @@ class StreamEncoder:
             if not chunk.get("choices") and chunk.get("usage") is not None:
                 self._usage_chunk = chunk
                 return b""
-            chunk["id"] = self.completion_id
+            chunk["id"], chunk["model"] = self.completion_id, self.request.model  # relay names stay on the receipt
             return sse(chunk)
         out = b""
         for event in frame.events:
@@ -301,7 +301,7 @@ class StreamEncoder:
         out = b""
         if self.include_usage:
             chunk = self._usage_chunk or self._chunk([])
-            chunk["id"] = self.completion_id
+            chunk["id"], chunk["model"] = self.completion_id, self.request.model
             chunk["usage"] = usage.as_dict()
             chunk["receipt"] = receipt
             out = sse(chunk)

@@ -189,7 +189,8 @@ def _usage(raw: Any) -> Usage | None:
     if fresh is None or output is None or cache_read is None or cache_write is None:
         return None
     prompt = token_count(fresh + cache_read + cache_write)
-    return None if prompt is None else Usage(prompt, output, cache_read_tokens=cache_read, cache_write_tokens=cache_write)
+    return None if prompt is None else Usage(prompt, output, cache_read_tokens=cache_read,
+                                             cache_write_tokens=cache_write)
 
 
 def _count(raw: dict[str, Any], key: str) -> int | None:
