@@ -16,6 +16,8 @@ wrong with it. Set TOKENSFORGE_AGENTS_RECORD=1 to (re)write tests/fixtures/agent
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
@@ -286,24 +288,27 @@ def check_session(checks: Checks, recorder: Recorder, run: AgentRun, final_text:
 
 async def agent_session(agw: AgentGw, tmp_path: Path, which: str, route_name: str) -> None:
     route = ROUTES[route_name]
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "notes.txt").write_text(f"the secret word is {SECRET_WORD}\n", encoding="utf-8")
-    home = tmp_path / "home"
-    home.mkdir()
-    recorder = Recorder(agw.gw.url)
-    ctx, proxy_url = recorder.start()
-    async with ctx:
-        if which == "claude":
-            # the upstream calls the tool the prompt names, with the prompt's text as its required arguments
-            prompt = f"{work}/notes.txt Read"
-            run = await run_agent(claude_argv(prompt), claude_env(home, proxy_url, agw.key, route["model"]), work)
-            final_text = claude_result(run)
-        else:
-            prompt = "cat notes.txt  # exec_command"
-            run = await run_agent(codex_argv(prompt, work), codex_env(home, proxy_url, agw.key, route["model"]),
-                                  work)
-            final_text = codex_result(run)
+    # The simulated upstream calls the tool the prompt names (else the first offered) and passes the prompt's
+    # first 64 characters as every required string argument: for Claude Code (only tool: Read) the prompt is
+    # the file's absolute path, so the work dir is a short one; for Codex it is a shell command naming its tool.
+    work = Path(tempfile.mkdtemp(prefix="tf-agent-"))
+    try:
+        (work / "notes.txt").write_text(f"the secret word is {SECRET_WORD}\n", encoding="utf-8")
+        home = tmp_path / "home"
+        home.mkdir()
+        recorder = Recorder(agw.gw.url)
+        ctx, proxy_url = recorder.start()
+        async with ctx:
+            if which == "claude":
+                env = claude_env(home, proxy_url, agw.key, route["model"])
+                run = await run_agent(claude_argv(str(work / "notes.txt"), tools="Read"), env, work)
+                final_text = claude_result(run)
+            else:
+                env = codex_env(home, proxy_url, agw.key, route["model"])
+                run = await run_agent(codex_argv("cat notes.txt  # exec_command", work), env, work)
+                final_text = codex_result(run)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if os.environ.get("TOKENSFORGE_AGENTS_RECORD"):
         write_fixtures(FIXTURES, f"{which}-{route_name}", recorder.exchanges)
     checks = Checks()
