@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: run test venv venv-test postgres promtool chromium pgbouncer bench bench-peer chaos check clean fuzz
+.PHONY: run test venv venv-test postgres promtool chromium pgbouncer agents bench bench-peer chaos check clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,14 @@ chromium:
 pgbouncer:
 	@bash deploy/ensure-pgbouncer.sh >/dev/null
 
+# Claude Code and OpenAI's Codex CLI at pinned versions, from npm into .agents/ (tests/test_agents_e2e.py).
+agents:
+	@bash deploy/ensure-agents.sh >/dev/null
+
 run: venv postgres
 	$(BIN)/tokensforge demo --port $(PORT)
 
-test: venv-test postgres promtool chromium pgbouncer
+test: venv-test postgres promtool chromium pgbouncer agents
 	$(BIN)/pytest
 
 bench: venv-test postgres
