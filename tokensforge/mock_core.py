@@ -154,6 +154,14 @@ class MockConfig:
     api_key: str | None = None
     embedding_dim: int = 8
     seed: int = 0
+    # prompt caches: the smallest cacheable prefix (both providers), OpenAI's read granularity and
+    # the lifetime of its automatic prefixes
+    cache_min_tokens: int = 1024
+    cache_quantum_tokens: int = 128
+    openai_cache_ttl_s: float = 300.0
+    # signs Anthropic thinking blocks and OpenAI encrypted reasoning; thinking length before the budget cap
+    thinking_secret: bytes = b"tokensforge-mock-thinking"
+    thinking_tokens: int = 32
 
 
 _FAULT_TYPES: dict[str, tuple[type, ...]] = {
@@ -445,7 +453,7 @@ def data_event(payload: dict[str, Any]) -> bytes:
 TOOL_ARGUMENT_CHARS = 64
 ARGUMENT_CHUNK_CHARS = 16
 TOOL_RESULT_PREFIX = "The tool said: "
-_WORD_RE = re.compile(r"\S+\s*|\s+")
+WORD_RE = re.compile(r"\S+\s*|\s+")
 
 
 @dataclass(frozen=True)
@@ -467,7 +475,7 @@ class Script:
         return [self.arguments[i : i + size] for i in range(0, len(self.arguments), size)]
 
     def text_chunks(self) -> list[str]:
-        return _WORD_RE.findall(self.text)
+        return WORD_RE.findall(self.text)
 
 
 def text_of(content: Any) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .mock_cache import CACHE_KEY, PromptCache
 from .mock_core import (
     ApiError,
     DEFAULT_COMPLETION_TOKENS,
@@ -58,12 +59,12 @@ from .mock_core import (
     require_model,
     require_object,
     send_events,
-    sse,
     text_of,
     token_json,
     tool_arguments,
     tool_call_script,
 )
+from .mock_messages import count_message_tokens, messages
 
 __all__ = [
     "MOCK_MODEL",
@@ -346,173 +347,6 @@ async def _send_chat_script(
     )
 
 
-def _messages_script(body: dict[str, Any], messages: list[Any]) -> Script | None:
-    """Messages: text quoting the results when the user's last turn returns tool results; a tool call
-    when tools are offered and the user spoke last."""
-    last = messages[-1] if messages else None
-    if not isinstance(last, dict) or last.get("role") != "user":
-        return None
-    content = last.get("content")
-    results = (
-        [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
-        if isinstance(content, list)
-        else []
-    )
-    if results:
-        return Script(
-            text=TOOL_RESULT_PREFIX + " ".join(text_of(b.get("content")) for b in results)
-        )
-    tools = body.get("tools")
-    choice = body.get("tool_choice")
-    if (
-        not tools
-        or not isinstance(tools, list)
-        or (isinstance(choice, dict) and choice.get("type") == "none")
-    ):
-        return None
-    named = [
-        (t["name"], t.get("input_schema"))
-        for t in tools
-        if isinstance(t, dict) and isinstance(t.get("name"), str)
-    ]
-    return tool_call_script(named, text_of(content))
-
-
-def _messages_request(body: Any) -> tuple[dict[str, Any], str, int, list[Any]]:
-    body = require_object(body)
-    model = require_model(body)
-    max_tokens = body.get("max_tokens")
-    if not is_int(max_tokens) or max_tokens < 1:
-        raise ApiError(400, "max_tokens: Field required (an integer >= 1)", param="max_tokens")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages: Field required (a non-empty array)", param="messages")
-    return body, model, max_tokens, messages
-
-
-async def messages(request: web.Request, state: MockState, body: Any) -> web.StreamResponse:
-    """POST /v1/messages (Anthropic): a reply of min(16, max_tokens) tokens, or a scripted tool turn."""
-    body, model, max_tokens, turns = _messages_request(body)
-    count_model(state.stats, model)
-    faults = state.faults_for(model)
-    script = _messages_script(body, turns)
-    if script is not None:
-        n = min(script.tokens, max_tokens)
-        stop_reason = "tool_use" if script.tool_name is not None else "end_turn"
-    elif faults.completion_tokens is not None:
-        n, stop_reason = min(max(faults.completion_tokens, 0), MAX_COMPLETION_TOKENS), "end_turn"
-    else:
-        n = min(DEFAULT_COMPLETION_TOKENS, max_tokens)
-        stop_reason = "max_tokens" if max_tokens < DEFAULT_COMPLETION_TOKENS else "end_turn"
-    replacement = await apply_faults(request, state, faults)
-    if replacement is not None:
-        return replacement
-    message_id = f"msg_mock_{next(state.ids)}"
-    usage = (
-        None
-        if faults.no_usage
-        else {"input_tokens": anthropic_prompt_tokens(body), "output_tokens": n}
-    )
-    script = script or Script(text=reply_text(n))
-    if body.get("stream") is True:
-        return await _send_messages_stream(
-            request, message_id, model, script, stop_reason, usage, faults
-        )
-    content: list[dict[str, Any]] = []
-    if script.tool_name is None:
-        content.append({"type": "text", "text": script.text})
-    else:
-        arguments = orjson.loads(script.arguments)
-        content.append(
-            {
-                "type": "tool_use",
-                "id": message_id.replace("msg", "toolu"),
-                "name": script.tool_name,
-                "input": arguments,
-            }
-        )
-    payload: dict[str, Any] = {
-        "id": message_id,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": content,
-        "stop_reason": stop_reason,
-        "stop_sequence": None,
-    }
-    if usage is not None:
-        payload["usage"] = usage
-    return json_response(payload)
-
-
-async def _send_messages_stream(
-    request: web.Request,
-    message_id: str,
-    model: str,
-    script: Script,
-    stop_reason: str,
-    usage: dict[str, int] | None,
-    faults: Faults,
-) -> web.StreamResponse:
-    """Stream as Anthropic does: message_start, one content block (text_delta or input_json_delta
-    pieces), message_delta with stop_reason and output tokens, message_stop."""
-    message: dict[str, Any] = {
-        "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "stop_sequence": None,
-    }  # fmt: skip
-    if usage is not None:
-        message["usage"] = {"input_tokens": usage["input_tokens"], "output_tokens": 1}
-    if script.tool_name is None:
-        block: dict[str, Any] = {"type": "text", "text": ""}
-        deltas = [{"type": "text_delta", "text": piece} for piece in script.text_chunks()]
-    else:
-        block = {
-            "type": "tool_use",
-            "id": message_id.replace("msg", "toolu"),
-            "name": script.tool_name,
-            "input": {},
-        }
-        deltas = [
-            {"type": "input_json_delta", "partial_json": piece}
-            for piece in script.argument_chunks()
-        ]
-    head = [
-        sse("message_start", {"type": "message_start", "message": message}),
-        sse(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": block},
-        ),
-        sse("ping", {"type": "ping"}),
-    ]
-    body = [
-        sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d})
-        for d in deltas
-    ]
-    delta: dict[str, Any] = {
-        "type": "message_delta",
-        "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-    }
-    if usage is not None:
-        delta["usage"] = {"output_tokens": usage["output_tokens"]}
-    tail = [
-        sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        sse("message_delta", delta),
-        sse("message_stop", {"type": "message_stop"}),
-    ]
-    return await send_events(request, head, body, tail, faults)
-
-
-async def count_message_tokens(
-    request: web.Request, state: MockState, body: Any
-) -> web.StreamResponse:
-    """POST /v1/messages/count_tokens (Anthropic)."""
-    body = require_object(body)
-    require_model(body)
-    if not isinstance(body.get("messages"), list):
-        raise ApiError(400, "messages: Field required", param="messages")
-    return json_response({"input_tokens": anthropic_prompt_tokens(body)})
-
-
 # --------------------------------------------------------------------------- embeddings
 
 
@@ -634,15 +468,35 @@ async def get_stats(request: web.Request) -> web.Response:
 
 
 async def reset_stats(request: web.Request) -> web.Response:
+    """POST /_mock/reset: zero the stats and forget every prompt cache (tests start clean)."""
     stats = request.app[STATE_KEY].stats
     stats.reset()
+    request.app[CACHE_KEY].clear()
     return json_response(stats.to_json())
+
+
+async def reset_cache(request: web.Request) -> web.Response:
+    """POST /_mock/cache/reset: forget every cached prompt prefix, keep the stats."""
+    request.app[CACHE_KEY].clear()
+    return json_response({"entries": 0})
+
+
+async def advance_cache_clock(request: web.Request) -> web.Response:
+    """POST /_mock/cache/advance {"seconds": N}: move the caches' clock forward so TTLs can expire."""
+    body = parse_body(await request.read())
+    seconds = body.get("seconds") if isinstance(body, dict) else None
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0:
+        return ApiError(400, "'seconds' must be a number >= 0.").response()
+    cache = request.app[CACHE_KEY]
+    cache.skew_s += seconds
+    return json_response({"entries": len(cache), "skew_s": cache.skew_s})
 
 
 def create_app(config: MockConfig | None = None) -> web.Application:
     """Build the mock upstream application; each app has its own state and seeded RNG."""
     app = web.Application()
     app[STATE_KEY] = MockState(config or MockConfig())
+    app[CACHE_KEY] = PromptCache()
     app.router.add_post("/v1/chat/completions", endpoint(chat_completions))
     app.router.add_post("/v1/embeddings", endpoint(embeddings))
     app.router.add_post("/v1/messages", endpoint(messages, anthropic=True))
@@ -654,6 +508,8 @@ def create_app(config: MockConfig | None = None) -> web.Application:
     app.router.add_post("/_mock/faults", set_faults)
     app.router.add_get("/_mock/stats", get_stats)
     app.router.add_post("/_mock/reset", reset_stats)
+    app.router.add_post("/_mock/cache/reset", reset_cache)
+    app.router.add_post("/_mock/cache/advance", advance_cache_clock)
     return app
 
 
