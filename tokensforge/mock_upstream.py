@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .mock_cache import CACHE_KEY, PromptCache
+from .mock_cache import CACHE_KEY, PromptCache, boundaries, chat_units, openai_scope, openai_ttl_s
 from .mock_core import (
     ApiError,
     DEFAULT_COMPLETION_TOKENS,
@@ -65,6 +65,7 @@ from .mock_core import (
     tool_call_script,
 )
 from .mock_messages import count_message_tokens, messages
+from .mock_responses import RESPONSES_KEY, ResponseStore, delete_response, get_response, responses
 
 __all__ = [
     "MOCK_MODEL",
@@ -102,12 +103,27 @@ def _completion_length(body: dict[str, Any], faults: Faults) -> tuple[int, str]:
     return DEFAULT_COMPLETION_TOKENS, "stop"
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """Chat usage as OpenAI reports it: cached tokens are part of prompt_tokens, named in its details."""
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
+
+
+def _chat_cached_tokens(
+    request: web.Request, state: MockState, body: dict[str, Any], messages: list[Any], prompt: int
+) -> int:
+    """Automatic prefix caching; a prompt below the minimum costs no hashing at all (the benchmarks' case)."""
+    config = state.config
+    if prompt < config.cache_min_tokens:
+        return 0
+    credential = request.headers.get("Authorization") or ""
+    bounds = boundaries(openai_scope("chat", str(body["model"]), credential, body), chat_units(messages))
+    ttl_s = openai_ttl_s(body, config.openai_cache_ttl_s)
+    return request.app[CACHE_KEY].openai(bounds, config.cache_min_tokens, config.cache_quantum_tokens, ttl_s)
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -136,7 +152,8 @@ async def chat_completions(request: web.Request, state: MockState, body: Any) ->
     script = _chat_script(body, messages)
     if script is not None:
         n = min(script.tokens, output_cap(body, ("max_completion_tokens", "max_tokens")))
-    usage = None if faults.no_usage else _usage(prompt_tokens(messages), n)
+    prompt = prompt_tokens(messages)
+    usage = None if faults.no_usage else _usage(prompt, n, _chat_cached_tokens(request, state, body, messages, prompt))
     if usage is not None and faults.absurd_usage:
         usage = _usage(2**60, n)
     if body.get("stream") is True:
@@ -180,7 +197,7 @@ async def _send_malformed_stream(
 
 
 def _chat_completion(
-    head: dict[str, Any], n: int, finish_reason: str, usage: dict[str, int] | None
+    head: dict[str, Any], n: int, finish_reason: str, usage: dict[str, Any] | None
 ) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "id": head["id"],
@@ -205,7 +222,7 @@ class _ChatStream:
     """Renders one streamed completion; content chunks are spliced from a prebuilt envelope."""
 
     def __init__(
-        self, head: dict[str, Any], n: int, finish_reason: str, usage: dict[str, int] | None
+        self, head: dict[str, Any], n: int, finish_reason: str, usage: dict[str, Any] | None
     ) -> None:
         self.base = {**head, "object": "chat.completion.chunk"}
         self.n = n
@@ -290,7 +307,7 @@ def _chat_tool_call(script: Script, call_id: str) -> dict[str, Any]:
 
 
 def _chat_script_completion(
-    head: dict[str, Any], script: Script, usage: dict[str, int] | None
+    head: dict[str, Any], script: Script, usage: dict[str, Any] | None
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": script.text or None, "refusal": None}
     finish_reason = "stop"
@@ -315,7 +332,7 @@ async def _send_chat_script(
     request: web.Request,
     head: dict[str, Any],
     script: Script,
-    usage: dict[str, int] | None,
+    usage: dict[str, Any] | None,
     faults: Faults,
 ) -> web.StreamResponse:
     """Stream a scripted reply as OpenAI does: text deltas, or one tool call whose first delta carries
@@ -468,10 +485,11 @@ async def get_stats(request: web.Request) -> web.Response:
 
 
 async def reset_stats(request: web.Request) -> web.Response:
-    """POST /_mock/reset: zero the stats and forget every prompt cache (tests start clean)."""
+    """POST /_mock/reset: zero the stats, forget every prompt cache and stored response (tests start clean)."""
     stats = request.app[STATE_KEY].stats
     stats.reset()
     request.app[CACHE_KEY].clear()
+    request.app[RESPONSES_KEY].clear()
     return json_response(stats.to_json())
 
 
@@ -497,8 +515,12 @@ def create_app(config: MockConfig | None = None) -> web.Application:
     app = web.Application()
     app[STATE_KEY] = MockState(config or MockConfig())
     app[CACHE_KEY] = PromptCache()
+    app[RESPONSES_KEY] = ResponseStore()
     app.router.add_post("/v1/chat/completions", endpoint(chat_completions))
     app.router.add_post("/v1/embeddings", endpoint(embeddings))
+    app.router.add_post("/v1/responses", endpoint(responses))
+    app.router.add_get("/v1/responses/{response_id}", endpoint(get_response))
+    app.router.add_delete("/v1/responses/{response_id}", endpoint(delete_response))
     app.router.add_post("/v1/messages", endpoint(messages, anthropic=True))
     app.router.add_post(
         "/v1/messages/count_tokens", endpoint(count_message_tokens, anthropic=True)
