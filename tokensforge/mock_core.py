@@ -339,6 +339,14 @@ def _check_auth(request: web.Request, state: MockState) -> None:
         raise ApiError(401)
 
 
+def credential_of(request: web.Request) -> str:
+    """The caller's key however it was sent (x-api-key or bearer token): caches are per credential."""
+    key = request.headers.get("x-api-key")
+    if key is not None:
+        return key
+    return (request.headers.get("Authorization") or "").removeprefix("Bearer ")
+
+
 def _check_api_key(request: web.Request, state: MockState) -> None:
     """Anthropic's auth: the key in `x-api-key`, or as a bearer token (recent anthropic SDKs)."""
     if state.config.api_key is None:

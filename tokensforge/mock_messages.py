@@ -18,6 +18,7 @@ from .mock_cache import (
     scope_of,
 )
 from .mock_core import (
+    credential_of,
     DEFAULT_COMPLETION_TOKENS,
     MAX_COMPLETION_TOKENS,
     TOOL_RESULT_PREFIX,
@@ -130,7 +131,7 @@ def _cache_use(request: web.Request, state: MockState, model: str, body: dict[st
         raise ApiError(400, str(exc)) from exc
     if all(u.marker_ttl_s is None for u in units):
         return CacheUse()
-    credential = request.headers.get("x-api-key") or request.headers.get("Authorization") or ""
+    credential = credential_of(request)
     bounds = boundaries(scope_of("messages", model, credential), units)
     return request.app[CACHE_KEY].anthropic(bounds, state.config.cache_min_tokens)
 

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from .mock_cache import CACHE_KEY, Unit, boundaries, openai_scope, openai_ttl_s
 from .mock_core import (
+    credential_of,
     DEFAULT_COMPLETION_TOKENS,
     MAX_COMPLETION_TOKENS,
     PER_MESSAGE_TOKENS,
@@ -255,7 +256,7 @@ def _cached_tokens(request: web.Request, state: MockState, body: dict[str, Any],
     config = state.config
     if prompt < config.cache_min_tokens:
         return 0
-    credential = request.headers.get("Authorization") or ""
+    credential = credential_of(request)
     bounds = boundaries(openai_scope("responses", str(body["model"]), credential, body), units)
     ttl_s = openai_ttl_s(body, config.openai_cache_ttl_s)
     return request.app[CACHE_KEY].openai(bounds, config.cache_min_tokens, config.cache_quantum_tokens, ttl_s)

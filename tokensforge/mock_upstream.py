@@ -24,6 +24,7 @@ from aiohttp import web
 
 from .mock_cache import CACHE_KEY, PromptCache, boundaries, chat_units, openai_scope, openai_ttl_s
 from .mock_core import (
+    credential_of,
     ApiError,
     DEFAULT_COMPLETION_TOKENS,
     DONE_EVENT,
@@ -120,7 +121,7 @@ def _chat_cached_tokens(
     config = state.config
     if prompt < config.cache_min_tokens:
         return 0
-    credential = request.headers.get("Authorization") or ""
+    credential = credential_of(request)
     bounds = boundaries(openai_scope("chat", str(body["model"]), credential, body), chat_units(messages))
     ttl_s = openai_ttl_s(body, config.openai_cache_ttl_s)
     return request.app[CACHE_KEY].openai(bounds, config.cache_min_tokens, config.cache_quantum_tokens, ttl_s)
