@@ -565,6 +565,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require this key (Bearer, or x-api-key)")
     parser.add_argument("--embedding-dim", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed for --error-rate sampling")
+    parser.add_argument("--cache-min-tokens", type=int, default=1024,
+                        help="smallest prompt prefix the simulated prompt caches keep")  # fmt: skip
     parser.add_argument("--model-faults", type=_model_faults_arg, default={}, metavar="JSON",
                         help='per-model faults, e.g. {"m": {"error_status": 500}}')  # fmt: skip
 
@@ -589,6 +591,7 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
         api_key=args.api_key,
         embedding_dim=getattr(args, "embedding_dim", 8),
         seed=getattr(args, "seed", 0),
+        cache_min_tokens=getattr(args, "cache_min_tokens", 1024),
     )
 
 
