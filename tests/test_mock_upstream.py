@@ -686,7 +686,7 @@ def test_cli_arguments_build_config() -> None:
     add_arguments(parser)
     args = parser.parse_args(
         ["--port", "0", "--latency-ms", "5", "--error-status", "429", "--retry-after", "2",
-         "--cut-after", "3", "--no-usage", "--api-key", "k",
+         "--cut-after", "3", "--no-usage", "--api-key", "k", "--cache-min-tokens", "256",
          "--model-faults", '{"slow": {"latency_ms": 50, "error_status": 500}}']
     )  # fmt: skip
     config = config_from_args(args)
@@ -694,7 +694,7 @@ def test_cli_arguments_build_config() -> None:
         latency_ms=5, error_status=429, retry_after_s=2, cut_after_chunks=3, no_usage=True
     )
     assert config.per_model == {"slow": Faults(latency_ms=50, error_status=500)}
-    assert config.api_key == "k"
+    assert config.api_key == "k" and config.cache_min_tokens == 256
     with pytest.raises(SystemExit):
         parser.parse_args(["--port", "0", "--model-faults", '{"m": {"nope": 1}}'])
 
