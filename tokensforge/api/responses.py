@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from ..canonical import Frame, Request, Response, Usage
-from ..conversations import ConversationStore
+from ..conversations import ConversationStore, input_items
 from ..dialects import openai_responses
 from ..errors import LedgerUnavailable, TokensForgeError
 from ..lifecycle import Lifecycle, StreamOutcome
@@ -42,10 +42,12 @@ class _ResponsesStream:
 
 
 async def _save(store: ConversationStore, response_id: str, account_id: str, request: Request,
-                answer: Response) -> None:
-    """Keep what a follow-up turn needs; a ledger outage costs the chain, never the answer."""
+                answer: Response, *, response: dict[str, Any], client_input: Any) -> None:
+    """Keep what a follow-up turn needs and what GET /v1/responses/{id} shows: `response` as the client
+    receives it and the client's `input` as items; a ledger outage costs the chain, never the answer."""
     try:
-        await store.save(response_id, account_id, openai_responses.history(request, answer))
+        await store.save(response_id, account_id, openai_responses.history(request, answer), response=response,
+                         input_items=input_items(client_input, response_id))
     except LedgerUnavailable:
         log.warning("could not store response %s for a follow-up turn", response_id)
 
@@ -69,14 +71,20 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             encoder = openai_responses.StreamEncoder(response_id=response_id, request=req, created_at=created)
 
             async def keep(outcome: StreamOutcome) -> None:
-                if options.store and outcome.status == "succeeded":
-                    await _save(store, response_id, identity.account_id, req, encoder.output())
+                if options.store and outcome.status == "succeeded" and outcome.receipt is not None:
+                    streamed = encoder.output()  # the terminal event's response, as finish() will send it
+                    final = openai_responses.encode_response(streamed, response_id=response_id, request=req,
+                                                             created_at=created, usage=outcome.usage,
+                                                             receipt=outcome.receipt)
+                    await _save(store, response_id, identity.account_id, req, streamed, response=final,
+                                client_input=body["input"])
 
             return await stream_answer(request, life, exchange, _ResponsesStream(encoder), keep)
         answer = await life.call(exchange)
         receipt = await life.succeed(answer)
-        if options.store:
-            await _save(store, response_id, identity.account_id, req, answer)
         data = openai_responses.encode_response(answer, response_id=response_id, request=req, created_at=created,
                                                 usage=life.trace.usage or Usage(0, 0), receipt=receipt)
+        if options.store:
+            await _save(store, response_id, identity.account_id, req, answer, response=data,
+                        client_input=body["input"])
         return json_response(data, headers=receipt_headers(life, receipt))
