@@ -243,6 +243,20 @@ async def test_a_follow_up_still_chains_and_its_own_input_items_are_listed(gw: G
     assert (await client.responses.retrieve(second.id)).previous_response_id == first.id
 
 
+async def test_what_postgresql_cannot_hold_is_answered_and_billed_but_not_stored(gw: Gw) -> None:
+    _, key = await gw.account(credit=FUNDS)
+    nul_text = b'{"model": "gpt-4o-mini", "input": "hi\\u0000there", "max_output_tokens": 4}'
+    status, answer, headers = await gw.post("/v1/responses", key, nul_text)
+    assert status == 200 and answer["receipt"]["charge_nanos"] > 0, answer  # not a 5xx after a charge
+    await gw.assert_billed(key, answer["receipt"], answer["id"])
+    assert (await gw.get(f"/v1/responses/{answer['id']}", key))[0] == 404  # a NUL cannot be in jsonb
+    nul_id = b'{"model": "gpt-4o-mini", "input": [{"role": "user", "content": "x", "id": "a\\u0000"}]}'
+    status, answer, _ = await gw.post("/v1/responses", key, nul_id)
+    assert status == 200, answer
+    status, page = await gw.get(f"/v1/responses/{answer['id']}/input_items", key)
+    assert status == 200 and [i["id"] for i in page["data"]] == ["msg_" + answer["id"][5:] + "_in0"]
+
+
 async def test_the_store_keeps_the_upstream_id_and_channel_for_a_native_follow_up(gw: Gw) -> None:
     account_id, _ = await gw.account()
     store = ConversationStore(gw.gateway.pool)

@@ -68,8 +68,8 @@ def input_items(value: Any, response_id: str) -> list[dict[str, Any]]:
 
     A string is one user message; a message's string content becomes one input_text (output_text for
     an assistant) part; an item keeps the id it came with unless an earlier item of the same request
-    already had it (cursors must name one item). The ids the gateway gives (`msg_<base>_in<n>`) cannot
-    collide with its output item ids (`msg_<base>_<n>`)."""
+    already had it (cursors must name one item) or it cannot be a text key (NUL). The ids the gateway
+    gives (`msg_<base>_in<n>`) cannot collide with its output item ids (`msg_<base>_<n>`)."""
     raw = [{"role": "user", "content": value}] if isinstance(value, str) else value
     if not isinstance(raw, list):
         return []
@@ -81,7 +81,7 @@ def input_items(value: Any, response_id: str) -> list[dict[str, Any]]:
             continue
         out = _normal_item(item)
         item_id = out.get("id")
-        if not isinstance(item_id, str) or not item_id or item_id in seen:
+        if not isinstance(item_id, str) or not item_id or "\x00" in item_id or item_id in seen:
             item_id = f"{_ID_PREFIX.get(str(out.get('type')), 'item')}_{base}_in{len(items)}"
         seen.add(item_id)
         items.append({"id": item_id, **{k: v for k, v in out.items() if k != "id"}})
@@ -161,15 +161,21 @@ class ConversationStore:
         """Keep one response for `RETENTION_DAYS`: `history` for follow-ups; `response` (the object as it
         was returned; None: follow-ups only, not viewable) and its `input_items` (see `input_items`) for
         the views; the upstream's id and channel when it was forwarded natively. Saving an id twice keeps
-        the first. A response or item list above `MAX_STORED_BYTES` is not kept at all (logged)."""
+        the first. What cannot be kept is not kept at all, logged, and the answer goes out regardless (it is
+        already paid for): a response or item list above `MAX_STORED_BYTES`, or text PostgreSQL refuses
+        (a NUL character cannot be in jsonb)."""
         response_text = None if response is None else _json_text(response)
         texts = [_json_text(item) for item in input_items]
         if len(response_text or "") + sum(map(len, texts)) > MAX_STORED_BYTES:
             log.warning("response %s is too large to store (over %d bytes)", response_id, MAX_STORED_BYTES)
             return
-        async with translated("conversation"):
-            await self.pool.execute(_SAVE, response_id, account_id, history, response_text, upstream_response_id,
-                                    channel_id, RETENTION_DAYS, [str(item["id"]) for item in input_items], texts)
+        try:
+            async with translated("conversation"):
+                await self.pool.execute(_SAVE, response_id, account_id, history, response_text,
+                                        upstream_response_id, channel_id, RETENTION_DAYS,
+                                        [str(item["id"]) for item in input_items], texts)
+        except asyncpg.DataError as exc:
+            log.warning("response %s cannot be stored: %s", response_id, exc)
 
     async def load(self, response_id: str, account_id: str) -> list[dict[str, Any]]:
         """The stored conversation up to and including `response_id`; 404 if unknown, expired, deleted or
