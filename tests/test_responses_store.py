@@ -106,13 +106,23 @@ async def test_a_streamed_response_is_retrieved_as_its_completed_event_carried_i
     assert [i.type for i in items] == ["message"] and _text(items[0]) == "Stream and keep me."
 
 
-async def test_a_streamed_tool_call_is_retrieved_as_its_terminal_event_carried_it(gw: Gw) -> None:
+@pytest.mark.parametrize("case", ["tool_call", "empty_answer", "length_cut"])
+async def test_a_stream_is_stored_byte_for_byte_as_its_terminal_event_carried_it(gw: Gw, case: str) -> None:
     _, key = await gw.account(credit=FUNDS)
     weather = {"type": "function", "name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-    events = await _raw_stream(gw, key, {"model": MODEL, "input": "Paris", "tools": [weather], "stream": True})
+    body: dict[str, Any] = {"model": MODEL, "input": "Paris", "stream": True, "max_output_tokens": 6}
+    if case == "tool_call":
+        body["tools"] = [weather]
+    elif case == "empty_answer":
+        await gw.mock.faults(**{"up-official": {"completion_tokens": 0}})
+    events = await _raw_stream(gw, key, body)
+    kinds = [event["type"] for event in events]
     final = events[-1]["response"]
-    assert events[-1]["type"] == "response.completed" and final["output"][0]["type"] == "function_call"
+    assert kinds[-1] == ("response.incomplete" if case == "length_cut" else "response.completed"), kinds
+    assert kinds.count(kinds[-1]) == 1 and [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert {"tool_call": ["function_call"], "empty_answer": [], "length_cut": ["message"]}[case] == [
+        item["type"] for item in final["output"]]
     async with gw.session.get(f"{gw.url}/v1/responses/{final['id']}",
                               headers={"authorization": f"Bearer {key}"}) as r:
         assert r.status == 200 and await r.read() == orjson.dumps(final)  # as sent, key order included

@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from ..canonical import Frame, Request, Response, Usage
@@ -27,6 +28,7 @@ class _ResponsesStream:
 
     def __init__(self, inner: openai_responses.StreamEncoder) -> None:
         self.inner = inner
+        self._tail: bytes | None = None
 
     def start(self) -> bytes:
         return self.inner.start()
@@ -35,7 +37,15 @@ class _ResponsesStream:
         return b"".join(self.inner.feed(event) for event in frame.events)
 
     def finish(self, usage: Usage, receipt: dict[str, Any]) -> bytes:
-        return self.inner.finish(usage, receipt)
+        if self._tail is None:  # built once: final_response may have built it first
+            self._tail = self.inner.finish(usage, receipt)
+        return self._tail
+
+    def final_response(self, usage: Usage, receipt: dict[str, Any]) -> dict[str, Any]:
+        """The terminal event's `response`, exactly as `finish` will send it (stored before it is sent)."""
+        tail = self.finish(usage, receipt)
+        response: dict[str, Any] = orjson.loads(tail[tail.rindex(b"\ndata: ") + 7:])["response"]
+        return response
 
     def fail(self, error: TokensForgeError, receipt: dict[str, Any] | None) -> bytes:
         return self.inner.fail(error.body()["error"], receipt)
@@ -69,17 +79,15 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         response_id, created = answer_id(life.trace.request_id, "resp_"), int(time.time())
         if req.stream:
             encoder = openai_responses.StreamEncoder(response_id=response_id, request=req, created_at=created)
+            events = _ResponsesStream(encoder)
 
             async def keep(outcome: StreamOutcome) -> None:
                 if options.store and outcome.status == "succeeded" and outcome.receipt is not None:
-                    streamed = encoder.output()  # the terminal event's response, as finish() will send it
-                    final = openai_responses.encode_response(streamed, response_id=response_id, request=req,
-                                                             created_at=created, usage=outcome.usage,
-                                                             receipt=outcome.receipt)
-                    await _save(store, response_id, identity.account_id, req, streamed, response=final,
+                    await _save(store, response_id, identity.account_id, req, encoder.output(),
+                                response=events.final_response(outcome.usage, outcome.receipt),
                                 client_input=body["input"])
 
-            return await stream_answer(request, life, exchange, _ResponsesStream(encoder), keep)
+            return await stream_answer(request, life, exchange, events, keep)
         answer = await life.call(exchange)
         receipt = await life.succeed(answer)
         data = openai_responses.encode_response(answer, response_id=response_id, request=req, created_at=created,
