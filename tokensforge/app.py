@@ -11,7 +11,7 @@ from aiohttp import web
 
 from . import circuit_share, metrics
 from .accounts import AccountStore
-from .api import admin, client, messages, openapi, ops, playground, research, responses, views
+from .api import admin, client, messages, openapi, ops, playground, research, responses, responses_store, views
 from .api.middleware import error_middleware
 from .catalog import Catalog
 from .db import create_pool, migrate
@@ -36,6 +36,7 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     app.add_routes(views.routes)
     app.add_routes(client.routes)
     app.add_routes(responses.routes)
+    app.add_routes(responses_store.routes)
     app.add_routes(messages.routes)
     app.add_routes(research.routes)
     app.add_routes(playground.routes)

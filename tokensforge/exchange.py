@@ -36,6 +36,7 @@ class ModelExchange:
         self.allowance = allowance
         self.api = api  # "chat" | "responses" | "messages"
         self.body = body if body is not None else request.raw  # the client's body (native relays send it)
+        self.bodies: dict[str, dict[str, Any]] = {}  # channel id → the body that channel gets instead
         self.beta = beta  # anthropic-beta from the client, forwarded to Anthropic channels
 
     def native(self, channel: Channel) -> bool:
@@ -47,7 +48,8 @@ class ModelExchange:
         if self.api != "chat" and self.native(channel):
             assert self.body is not None
             path = "/messages" if self.api == "messages" else responses_codec.PATH
-            return path, native.patch_body(self.api, self.body, upstream_model, self.allowance), headers
+            body = self.bodies.get(channel.id, self.body)
+            return path, native.patch_body(self.api, body, upstream_model, self.allowance), headers
         if channel.kind == "anthropic":
             req = self.request
             if req.max_output_tokens is None:  # Anthropic requires a cap: the one reserved for

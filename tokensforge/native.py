@@ -105,7 +105,9 @@ class ResponsesRelay:
 
     def __init__(self, *, response_id: str, model: str) -> None:
         self.response_id, self.model = response_id, model
+        self.upstream_id: str | None = None  # the upstream's own id of this response
         self._final: Wire | None = None
+        self._tail: bytes | None = None
         self._seq = 0
 
     def start(self) -> bytes:
@@ -124,18 +126,25 @@ class ResponsesRelay:
             return b""
         response = wire.payload.get("response")
         if isinstance(response, dict):
+            if self.upstream_id is None and isinstance(response.get("id"), str):
+                self.upstream_id = response["id"]
             response["id"], response["model"] = self.response_id, self.model
             return _sse(wire, wire.payload)
         return _sse(wire)
 
-    def output(self) -> dict[str, Any] | None:
-        """The final response object as the client received it (for storage), once the stream finished."""
-        if self._final is None:
-            return None
-        response = self._final.payload.get("response")
-        return response if isinstance(response, dict) else None
+    def final_response(self, usage: Usage, receipt: dict[str, Any]) -> dict[str, Any]:
+        """The terminal event's `response` exactly as `finish` sends it (stored before it is sent)."""
+        self.finish(usage, receipt)
+        assert self._final is not None
+        response: dict[str, Any] = self._final.payload["response"]
+        return response
 
     def finish(self, usage: Usage, receipt: dict[str, Any]) -> bytes:
+        if self._tail is None:  # built once: final_response may have built it first
+            self._tail = self._build_tail(receipt)
+        return self._tail
+
+    def _build_tail(self, receipt: dict[str, Any]) -> bytes:
         final = self._final
         if final is None:  # the upstream finished without a terminal event but said it was done: close it
             final = Wire("response.completed", b"", {"type": "response.completed", "sequence_number": self._seq,

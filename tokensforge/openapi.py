@@ -353,6 +353,12 @@ SCHEMAS: dict[str, Schema] = {
                     output=array({"type": "object"}), usage=nullable(obj(
                         input_tokens=INT, output_tokens=INT, total_tokens=INT)),
                     receipt=ref("Receipt")),
+    "ResponseDeleted": obj(["id", "object", "deleted"], id=STR, object={"const": "response"},
+                           deleted={"const": True}),
+    "ResponseItemList": obj(
+        ["object", "data", "first_id", "last_id", "has_more"], object={"const": "list"},
+        data=array(obj(["id", "type"], id=STR, type=STR)), first_id=nullable(STR), last_id=nullable(STR),
+        has_more=BOOL),
     "MessagesRequest": {
         "type": "object", "required": ["model", "messages", "max_tokens"],
         "description": "Anthropic Messages API.",
@@ -438,6 +444,7 @@ def proxied_ok(schema: Schema, *, stream: bool) -> Schema:
 
 _MODEL = path_param("model_id", "model id (percent-encoded when it contains / or :)")
 _ACCOUNT = path_param("account_id", "account id (acct_…)")
+_RESPONSE = path_param("response_id", "response id (resp_…)")
 
 PATHS: dict[str, Schema] = {
     "/v1/chat/completions": {"post": op(
@@ -486,6 +493,21 @@ PATHS: dict[str, Schema] = {
         "OpenAI Responses API (unary or SSE); receipt on the response and on response.completed",
         tag="client", op_id="createResponse", request=body(ref("ResponsesRequest")), params=[ROUTE_HEADER],
         responses={"200": proxied_ok(ref("Response"), stream=True), **errors(*PROXIED)})},
+    "/v1/responses/{response_id}": {
+        "get": op("A stored response of this account, as it was returned (receipt included)", tag="client",
+                  op_id="getResponse", params=[_RESPONSE], responses={"200": ok(ref("Response")),
+                                                                      **errors(*CLIENT_READ, 404)}),
+        "delete": op("Delete a stored response (its usage record, receipt and ledger entries stay)", tag="client",
+                     op_id="deleteResponse", params=[_RESPONSE],
+                     responses={"200": ok(ref("ResponseDeleted")), **errors(*CLIENT_READ, 404)}),
+    },
+    "/v1/responses/{response_id}/input_items": {"get": op(
+        "The input items of a stored response, paginated like OpenAI's lists", tag="client",
+        op_id="listResponseInputItems",
+        params=[_RESPONSE, LIMIT, query("after", STR, "an item id: the page after it, in `order`"),
+                query("before", STR, "an item id: the page before it, in `order`"),
+                query("order", {"enum": ["asc", "desc"], "default": "desc"}, "asc: in the order sent")],
+        responses={"200": ok(ref("ResponseItemList")), **errors(400, *CLIENT_READ, 404)})},
     "/v1/messages": {"post": op(
         "Anthropic Messages API (unary or SSE); receipt on the message and on the final message_delta",
         tag="client", op_id="createMessage", request=body(ref("MessagesRequest")), params=[ROUTE_HEADER],
