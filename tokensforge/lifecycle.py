@@ -432,6 +432,7 @@ class Lifecycle:
         hold = self._hold
         assert hold is not None
         charged = billed if billed is not None else (usage if status == "succeeded" else None)
+        t.billed = charged  # the receipt's cost_lines tell what this charge was for
         if charged is not None:
             t.charge_nanos, t.price_nanos = charge_for(charged, route, t.reserved_nanos)
         receipt = self._receipt()
@@ -457,6 +458,7 @@ class Lifecycle:
         if charged is not None:
             metrics.child(metrics.TOKENS, "input", route.kind).inc(charged.prompt_tokens)
             metrics.child(metrics.TOKENS, "output", route.kind).inc(charged.completion_tokens)
+            metrics.count_classes(charged, route.kind)
         return receipt
 
     def _settle_later(self, status: str, usage: Usage | None, source: str | None, billed: Usage | None) -> None:

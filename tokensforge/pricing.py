@@ -179,8 +179,8 @@ def usage_price(usage: Usage, route: Route) -> int:
     decimals per 1M tokens or fewer), which is the same exact sum without Decimal's cost."""
     rates, tokens = class_rates(route), class_tokens(usage)
     if rates.all_whole:
-        return sum(n * w for n, w in zip(tokens, rates.whole_nanos) if w is not None)
-    return classes_charge_nanos(zip(tokens, rates.prices))
+        return sum(n * w for n, w in zip(tokens, rates.whole_nanos, strict=True) if w is not None)
+    return classes_charge_nanos(zip(tokens, rates.prices, strict=True))
 
 
 def cost_lines(usage: Usage, route: Route) -> list[dict[str, Any]]:
@@ -195,7 +195,7 @@ def cost_lines(usage: Usage, route: Route) -> list[dict[str, Any]]:
     rounded once)."""
     rates, lines = class_rates(route), []
     for cls, tokens, price, text, whole in zip(TOKEN_CLASSES, class_tokens(usage), rates.prices, rates.texts,
-                                               rates.whole_nanos):
+                                               rates.whole_nanos, strict=True):
         if tokens == 0:
             continue
         line: dict[str, Any] = {"class": cls, "tokens": tokens, "per_mtok": text}
