@@ -575,9 +575,12 @@ def _tool_json(tool: Tool) -> dict[str, Any]:
 
 
 def _usage_json(usage: Usage) -> dict[str, Any]:
+    """Responses' shape: `input_tokens` is all input, cache reads a part of it (`cached_tokens`); cache
+    writes (which OpenAI never bills, a relay or an Anthropic channel may) too, as OpenRouter names them."""
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens,
+                                 "cache_write_tokens": usage.cache_write_tokens + usage.cache_write_1h_tokens},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.total_tokens,
