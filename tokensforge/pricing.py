@@ -23,7 +23,7 @@ import orjson
 from .canonical import MediaPart, Request, TextPart, ToolCall, ToolResult, Usage
 from .catalog import Model, Route
 from .errors import InvalidRequest
-from .money import charge_nanos, classes_charge_nanos, exact_nanos, nanos_per_token, round_nanos
+from .money import charge_nanos, classes_charge_nanos, exact_nanos, nanos_per_token, round_nanos, usd
 
 __all__ = ["Usage", "Reservation", "size_request", "size_embedding", "charge_for", "cost_lines", "max_input_price",
            "usage_price", "TOKEN_CLASSES"]
@@ -208,6 +208,27 @@ def cost_lines(usage: Usage, route: Route) -> list[dict[str, Any]]:
                 line["exact_nanos"] = str(exact)
         lines.append(line)
     return lines
+
+
+#: The agent turn /v1/models and quotes price per route (`cached_turn_example`): 10,000 input tokens of which
+#: 9,000 are cache reads (a coding agent re-sending its context), 500 output tokens.
+CACHED_TURN = Usage.of(fresh_input=1_000, cache_read=9_000, output=500)
+
+
+def cached_turn_example(route: Route) -> dict[str, Any]:
+    """What `CACHED_TURN` costs on the route, beside what the same tokens would cost if every input token were
+    fresh input, so a reader sees what the route's cache prices are worth."""
+    price = usage_price(CACHED_TURN, route)
+    uncached = usage_price(Usage(CACHED_TURN.prompt_tokens, CACHED_TURN.completion_tokens), route)
+    return {"input_tokens": CACHED_TURN.prompt_tokens, "cache_read_tokens": CACHED_TURN.cache_read_tokens,
+            "output_tokens": CACHED_TURN.completion_tokens, "price_nanos": price, "price_usd": usd(price),
+            "uncached_price_nanos": uncached, "uncached_price_usd": usd(uncached)}
+
+
+def unpriced_cache_classes(route: Route) -> list[str]:
+    """The cache classes the catalog does not price on the route (each billed at the input price)."""
+    given = (route.cache_read_price_per_mtok, route.cache_write_price_per_mtok, route.cache_write_1h_price_per_mtok)
+    return [cls for cls, price in zip(TOKEN_CLASSES[1:4], given, strict=True) if price is None]
 
 
 def max_input_price(route: Route) -> Decimal:
