@@ -66,8 +66,15 @@ def model_view(gw: Gateway, model: Model, policy: EffectivePolicy) -> dict[str, 
         "owned_by": model.owned_by,
         "type": model.type,
         "max_output_tokens": model.max_output_tokens,
-        "routes": [route_view(gw, r) for r in allowed_routes(model, policy)],
+        "routes": [_without_turn(route_view(gw, r)) if model.type == "embedding" else route_view(gw, r)
+                   for r in allowed_routes(model, policy)],
     }
+
+
+def _without_turn(view: dict[str, Any]) -> dict[str, Any]:
+    """An embedding route has no agent turn to price."""
+    view.pop("cached_turn_example", None)
+    return view
 
 
 @routes.get("/v1/models")
