@@ -232,12 +232,9 @@ def encode_response(resp: Response, *, completion_id: str, request: Request, usa
 def usage_json(usage: Usage) -> dict[str, Any]:
     """Chat's shape: `prompt_tokens` is all input with cache reads a part of it
     (`prompt_tokens_details.cached_tokens`), `completion_tokens` all output with reasoning a part of it.
-    Cache writes (an Anthropic channel's; OpenAI bills none) are named as OpenRouter names them,
-    `prompt_tokens_details.cache_write_tokens`, and only when there are some."""
-    details: dict[str, int] = {"cached_tokens": usage.cache_read_tokens}
-    writes = usage.cache_write_tokens + usage.cache_write_1h_tokens
-    if writes:
-        details["cache_write_tokens"] = writes
+    Cache writes (both TTLs) are a part too: `prompt_tokens_details.cache_write_tokens`, as OpenAI names them."""
+    details = {"cached_tokens": usage.cache_read_tokens,
+               "cache_write_tokens": usage.cache_write_tokens + usage.cache_write_1h_tokens}
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens, "prompt_tokens_details": details,
             "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}}

@@ -575,8 +575,8 @@ def _tool_json(tool: Tool) -> dict[str, Any]:
 
 
 def _usage_json(usage: Usage) -> dict[str, Any]:
-    """Responses' shape: `input_tokens` is all input, cache reads a part of it (`cached_tokens`); cache
-    writes (which OpenAI never bills, a relay or an Anthropic channel may) too, as OpenRouter names them."""
+    """Responses' shape: `input_tokens` is all input, cache reads (`cached_tokens`) and cache writes
+    (`cache_write_tokens`, both TTLs) parts of it; `output_tokens` all output, reasoning a part of it."""
     return {
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {"cached_tokens": usage.cache_read_tokens,

@@ -129,11 +129,11 @@ def usage_of(payload: Any) -> Usage | None:
 
     `prompt_tokens` is all input and `completion_tokens` all output: `prompt_tokens_details.cached_tokens`
     (cache reads) and `completion_tokens_details.reasoning_tokens` are parts of them, never added on top.
-    OpenAI itself bills no cache writes; relays in front of Anthropic models (OpenRouter, LiteLLM) report
-    them as `prompt_tokens_details.cache_write_tokens` or a top-level `cache_creation_input_tokens`, and
-    keep `prompt_tokens` the total, so they are taken as parts of it too (5-minute writes: this shape has
-    no TTL). Parts are clamped into the total, reads first, so no class goes negative and a relay that
-    counted writes apart is at worst billed them at the input price — never twice."""
+    Cache writes — `prompt_tokens_details.cache_write_tokens` (OpenAI's newer models, OpenRouter) or a
+    top-level `cache_creation_input_tokens` (LiteLLM in front of Anthropic) — are parts of `prompt_tokens`
+    too, as those APIs document (5-minute class: chat's shape has no TTL). Parts are clamped into the total,
+    reads first, so no class goes negative and a relay that counted writes apart is at worst billed them
+    at the input price — never twice."""
     if not isinstance(payload, dict):
         return None
     prompt = token_count(payload.get("prompt_tokens"))
@@ -151,13 +151,16 @@ def usage_of(payload: Any) -> Usage | None:
                        _part(_details(payload, "completion_tokens_details"), "reasoning_tokens") or 0)
 
 
-def split_input(prompt: int, output: int, cache_read: int, cache_write: int, reasoning: int) -> Usage:
+def split_input(prompt: int, output: int, cache_read: int, cache_write: int, reasoning: int,
+                cache_write_long: int = 0) -> Usage:
     """Totals with their reported parts → canonical, each part clamped into what is left of its total (the
-    shape OpenAI's chat and Responses usage share: cached tokens inside the input count)."""
+    shape OpenAI's chat and Responses usage share: cached tokens inside the input count). `cache_write_long`
+    is the part of the writes made with the long retention (billed in the 1-hour class)."""
     cache_read = min(cache_read, prompt)
     cache_write = min(cache_write, prompt - cache_read)
-    return Usage(prompt, output, cache_read_tokens=cache_read, cache_write_tokens=cache_write,
-                 reasoning_tokens=min(reasoning, output))
+    long = min(cache_write_long, cache_write)
+    return Usage(prompt, output, cache_read_tokens=cache_read, cache_write_tokens=cache_write - long,
+                 cache_write_1h_tokens=long, reasoning_tokens=min(reasoning, output))
 
 
 def _details(payload: dict[str, Any], key: str) -> dict[str, Any]:
