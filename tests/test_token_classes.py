@@ -21,7 +21,7 @@ from tokensforge.dialects import anthropic_messages, openai_chat, openai_respons
 from tokensforge.money import classes_charge_nanos
 from tokensforge.pricing import (
     CACHED_TURN, cached_turn_example, charge_for, class_tokens, cost_lines, max_input_price, route_charge,
-    unpriced_cache_classes, usage_price,
+    unpriced_cache_classes, usage_price, with_output,
 )
 from tokensforge.receipts import Trace, build_receipt
 from tokensforge.upstream import anthropic as anthropic_up
@@ -139,6 +139,15 @@ def test_the_cached_turn_example_prices_a_mostly_cached_agent_turn() -> None:
     assert example["price_nanos"] == 1_000 * 3_000 + 9_000 * 300 + 500 * 15_000 == 13_200_000
     assert example["uncached_price_nanos"] == 10_000 * 3_000 + 500 * 15_000
     assert example["price_usd"] == "0.013200000"
+
+
+def test_a_cut_stream_keeps_the_input_classes_the_upstream_reported() -> None:
+    """A stream billed for what it delivered keeps the reported cache reads and writes at their prices."""
+    reported = Usage.of(fresh_input=12, cache_read=9_000, cache_write_1h=10, output=0)
+    delivered = with_output(reported, 25)
+    assert delivered == Usage.of(fresh_input=12, cache_read=9_000, cache_write_1h=10, output=25)
+    assert with_output(Usage.of(fresh_input=1, output=50, reasoning=40), 10).reasoning_tokens == 10
+    assert usage_price(delivered, CLAUDE) == 12 * 3_000 + 9_000 * 300 + 10 * 6_000 + 25 * 15_000
 
 
 # ---------------------------------------------------------------- the receipt

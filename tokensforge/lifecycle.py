@@ -47,7 +47,7 @@ from .errors import (
     UpstreamError,
 )
 from .policy import EffectivePolicy
-from .pricing import Reservation, charge_for
+from .pricing import Reservation, charge_for, with_output
 from .ledger.leases import Hold
 from .ratelimit_store import shared_rates
 from .receipts import Attempt, Trace, build_receipt, finish_receipt
@@ -106,7 +106,7 @@ class Lifecycle:
         self._pending = 0  # content events in the frame handed out, counted once the caller comes back
         self.delivered = 0
         self.upstream_usage: Usage | None = None
-        self._upstream_input: int | None = None  # the input count an upstream told before its final usage
+        self._upstream_input: Usage | None = None  # the input classes an upstream told before its final usage
         self.stream_error: str | None = None
         self._stream_done = False
         self._stream_ok = False
@@ -346,7 +346,7 @@ class Lifecycle:
             elif event.final:
                 self.upstream_usage = event.usage
             else:
-                self._upstream_input = event.usage.prompt_tokens
+                self._upstream_input = event.usage
         return False
 
     def _end_stream(self, error: str | None) -> None:
@@ -364,11 +364,11 @@ class Lifecycle:
         self._client_gone = True
 
     def _delivered_usage(self) -> Usage:
-        if self.upstream_usage is not None:
-            prompt = self.upstream_usage.prompt_tokens
-        else:
-            prompt = self._upstream_input if self._upstream_input is not None else self._typical_input()
-        return Usage(prompt, self.delivered)
+        """The upstream's input (every class, so cache reads keep their price) + the output delivered."""
+        reported = self.upstream_usage if self.upstream_usage is not None else self._upstream_input
+        if reported is None:
+            return Usage(self._typical_input(), self.delivered)
+        return with_output(reported, self.delivered)
 
     def _typical_input(self) -> int:
         return self._exchange.typical_input_tokens() if self._exchange is not None else 0

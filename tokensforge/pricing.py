@@ -231,6 +231,13 @@ def unpriced_cache_classes(route: Route) -> list[str]:
     return [cls for cls, price in zip(TOKEN_CLASSES[1:4], given, strict=True) if price is None]
 
 
+def with_output(usage: Usage, output_tokens: int) -> Usage:
+    """`usage`'s input classes with another output count (what a broken or abandoned stream delivered):
+    its cache reads and writes keep their own prices; reasoning stays a part of the output."""
+    return Usage(usage.prompt_tokens, output_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
+                 usage.cache_write_1h_tokens, min(usage.reasoning_tokens, output_tokens))
+
+
 def max_input_price(route: Route) -> Decimal:
     """The highest price any input token can cost on the route (a cache write may cost more than fresh
     input): reservations price every input token at it, so no mix of classes passes the hold."""
