@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tokensforge.catalog import Catalog, load_catalog
 from tokensforge.mock_upstream import MockConfig, create_app as create_mock_app
-from tokensforge.money import charge_nanos
+from tokensforge.money import charge_nanos, classes_charge_nanos
 from tokensforge.server import listening_socket, running
 from tokensforge.app import create_app
 from tokensforge.settings import Settings
@@ -344,6 +344,16 @@ class Gw:
         route = self.catalog.routes[route_id]
         return charge_nanos(prompt_tokens, completion_tokens, route.input_price, route.output_price)
 
+    def usage_charge(self, route_id: str, usage: dict[str, int]) -> int:
+        """What a receipt's usage costs over its token classes at the catalog's Decimal prices (SPEC §1)."""
+        route = self.catalog.routes[route_id]
+        reads, writes, writes_1h = (usage.get(k, 0) for k in ("cache_read_tokens", "cache_write_tokens",
+                                                              "cache_write_1h_tokens"))
+        fresh = usage["prompt_tokens"] - reads - writes - writes_1h
+        return classes_charge_nanos(((fresh, route.input_price), (reads, route.cache_read_price),
+                                     (writes, route.cache_write_price), (writes_1h, route.cache_write_1h_price),
+                                     (usage["completion_tokens"], route.output_price)))
+
     async def ledger_entry(self, key: str, entry_id: str) -> dict[str, Any]:
         """One ledger entry of the key's account, as GET /v1/ledger shows it (fails if it is not there)."""
         status, page = await self.get("/v1/ledger?limit=100", key)
@@ -358,7 +368,7 @@ class Gw:
         assert receipt["status"] == "succeeded", receipt
         usage = receipt["usage"]
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
-        charge = self.route_charge(receipt["route"]["id"], usage["prompt_tokens"], usage["completion_tokens"])
+        charge = self.usage_charge(receipt["route"]["id"], usage)
         assert receipt["charge_nanos"] == charge > 0 and receipt["charge_nanos"] <= receipt["reserved_nanos"]
         entry = await self.ledger_entry(key, receipt["ledger_entry_id"])
         assert entry["kind"] == "charge" and entry["amount_nanos"] == -charge, entry

@@ -336,7 +336,8 @@ def test_model_without_routes(tmp_path: Path, routes: list[Any] | None) -> None:
     assert "model 'm2'" in msg and "has no routes" in msg
 
 
-@pytest.mark.parametrize("key", ["input_price_per_mtok", "output_price_per_mtok"])
+@pytest.mark.parametrize("key", ["input_price_per_mtok", "output_price_per_mtok", "cache_read_price_per_mtok",
+                                 "cache_write_price_per_mtok", "cache_write_1h_price_per_mtok"])
 def test_negative_price(tmp_path: Path, key: str) -> None:
     data = _base()
     _route(data, 0, 1)[key] = "-0.06"
@@ -598,3 +599,27 @@ def test_research_free_is_reserved_for_the_research_assistant(tmp_path: Path) ->
     data["buckets"].append({"id": "research-free", "kind": "pool"})
     msg = _refused(tmp_path, data)
     assert "bucket 'research-free'" in msg and "reserved for the free research allowance" in msg
+
+
+@pytest.mark.parametrize("key", ["cache_read_price_per_mtok", "cache_write_price_per_mtok",
+                                 "cache_write_1h_price_per_mtok"])
+def test_a_cache_price_is_an_exact_decimal_not_a_float(tmp_path: Path, key: str) -> None:
+    data = _base()
+    _route(data, 0, 1)[key] = 0.03
+    msg = _refused(tmp_path, data)
+    assert "route 'm1/routed'" in msg and key in msg and "decimal string" in msg
+
+
+def test_cache_prices_load_exactly_and_unpriced_classes_cost_the_input_price(tmp_path: Path) -> None:
+    data = _base()
+    route = _route(data, 0, 1)
+    route["cache_read_price_per_mtok"] = "0.006"
+    route["cache_write_1h_price_per_mtok"] = "0.1200001"
+    catalog = load_catalog(_write(tmp_path, _dump(data)))
+    loaded = catalog.routes["m1/routed"]
+    assert loaded.cache_read_price == Decimal("0.006") == loaded.cache_read_price_per_mtok
+    assert loaded.cache_write_1h_price == Decimal("0.1200001")
+    # not priced: the input price, never nothing; and the route says it was not set
+    assert loaded.cache_write_price == loaded.input_price and loaded.cache_write_price_per_mtok is None
+    other = catalog.routes["m2/official"]
+    assert (other.cache_read_price, other.cache_write_price, other.cache_write_1h_price) == (other.input_price,) * 3

@@ -128,7 +128,8 @@ def test_malformed_answers(data: dict[str, Any]) -> None:
 
 USAGE_CASES: list[tuple[Any, Usage | None]] = [
     ({"prompt_tokens": 3, "completion_tokens": 4}, Usage(3, 4)),
-    ({"prompt_tokens": 3, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 2}}, Usage(3, 4, cache_read_tokens=2)),
+    ({"prompt_tokens": 3, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 2}},
+     Usage(3, 4, cache_read_tokens=2)),
     ({"prompt_tokens": -1, "completion_tokens": 4}, None), ({"prompt_tokens": 2**60, "completion_tokens": 1}, None),
     ({"prompt_tokens": 1.5, "completion_tokens": 1}, None), ({"prompt_tokens": True, "completion_tokens": 1}, None),
     ("many", None), (None, None),

@@ -228,7 +228,8 @@ def test_encode_response(name: str, choice: Choice, content: list[dict[str, Any]
     assert out["stop_reason"] == stop_reason
     assert out["model"] == "claude-client" and out["id"] == "msg_abc" and out["receipt"] == RECEIPT
     assert out["usage"] == {"input_tokens": 6, "output_tokens": 5, "cache_read_input_tokens": 4,
-                            "cache_creation_input_tokens": 0}  # fmt: skip
+                            "cache_creation_input_tokens": 0,
+                            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}
     message = SdkMessage.model_validate(orjson.loads(orjson.dumps(out)), strict=True)
     assert message.stop_reason == stop_reason
     assert message.usage.input_tokens == 6

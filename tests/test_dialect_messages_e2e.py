@@ -75,6 +75,7 @@ async def test_create_text_is_a_strict_message_billed_as_its_receipt_says(gw: Gw
         assert receipt["usage"] == {"prompt_tokens": message.usage.input_tokens, "completion_tokens": 7,
                                     "total_tokens": message.usage.input_tokens + 7, "cache_read_tokens": 0,
                                     "cache_write_tokens": 0, "cache_write_1h_tokens": 0, "reasoning_tokens": 0}
+        assert message.usage.cache_read_input_tokens == 0 and message.usage.cache_creation_input_tokens == 0
         assert raw.headers["x-request-id"] == receipt["request_id"]
         assert raw.headers["x-tokensforge-route"] == f"{model}/official"
         assert raw.headers["x-tokensforge-charge-nanos"] == str(receipt["charge_nanos"])

@@ -52,6 +52,7 @@ async def test_unary_is_a_strict_response_billed_as_its_receipt_says(gw: Gw) -> 
         assert receipt["usage"] == {"prompt_tokens": response.usage.input_tokens, "completion_tokens": 7,
                                     "total_tokens": response.usage.total_tokens, "cache_read_tokens": 0,
                                     "cache_write_tokens": 0, "cache_write_1h_tokens": 0, "reasoning_tokens": 0}
+        assert response.usage.input_tokens_details.cached_tokens == 0
         assert raw.headers["x-request-id"] == receipt["request_id"]
         assert raw.headers["x-tokensforge-charge-nanos"] == str(receipt["charge_nanos"])
         assert raw.headers["x-tokensforge-ledger-entry"] == receipt["ledger_entry_id"]

@@ -189,7 +189,11 @@ async def test_route_pinning_changes_bucket_and_price(gw: Gw, dialect: Dialect) 
         assert [r["bucket"] for r in receipts] == ["credit", "routed", "routed"]
         assert [r["route"]["id"] for r in receipts] == [official.id, routed.id, routed.id]
         assert receipts[1]["price"] == {"input_per_mtok": str(routed.input_price),
-                                        "output_per_mtok": str(routed.output_price), "rounding": "half_up_nano"}
+                                        "output_per_mtok": str(routed.output_price),
+                                        "cache_read_per_mtok": str(routed.cache_read_price),
+                                        "cache_write_per_mtok": str(routed.cache_write_price),
+                                        "cache_write_1h_per_mtok": str(routed.cache_write_1h_price),
+                                        "rounding": "half_up_nano"}
         assert official.input_price > routed.input_price
         charges = [await gw.assert_billed(key, r) for r in receipts]
         assert receipts[0]["usage"] == receipts[1]["usage"] and charges[0] > charges[1] == charges[2]

@@ -204,3 +204,29 @@ def test_endpoints_being_built_are_described_from_the_spec(path: str) -> None:
     if path.startswith("/v1/messages"):
         assert {"AnthropicApiKey": []} in operation["security"]
         assert operation["x-tokensforge-error-shape"] == "anthropic"
+
+
+async def test_models_and_quotes_show_every_class_price_and_the_cached_turn(gw: Gw) -> None:
+    """The test catalog prices no cache class on gpt-4o-mini: each shows (and costs) the input price, and the
+    cached agent turn costs what the same tokens cost uncached."""
+    _, key = await gw.account(credit=10**9, routed=10**9)
+    status, model, _ = await _call(gw, "GET", "/v1/models/gpt-4o-mini", key)
+    assert status == 200
+    routed = next(r for r in model["routes"] if r["id"] == "gpt-4o-mini/routed")
+    assert (routed["cache_read_price_per_mtok"], routed["cache_write_price_per_mtok"],
+            routed["cache_write_1h_price_per_mtok"]) == ("0.06", "0.06", "0.06")
+    assert routed["cache_classes_at_input_price"] == ["cache_read", "cache_write", "cache_write_1h"]
+    turn = 10_000 * 60 + 500 * 240  # 10,000 input (9,000 of them cache reads) + 500 output, nano-USD
+    assert routed["cached_turn_example"] == {
+        "input_tokens": 10_000, "cache_read_tokens": 9_000, "output_tokens": 500, "price_nanos": turn,
+        "price_usd": "0.000720000", "uncached_price_nanos": turn, "uncached_price_usd": "0.000720000"}
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+            "route": "routed"}
+    status, quote, _ = await _call(gw, "POST", "/v1/quote", key, chat)
+    assert status == 200
+    assert quote["price"] == {"input_per_mtok": "0.06", "output_per_mtok": "0.24", "cache_read_per_mtok": "0.06",
+                              "cache_write_per_mtok": "0.06", "cache_write_1h_per_mtok": "0.06",
+                              "rounding": "half_up_nano"}
+    assert quote["cached_turn_example"] == routed["cached_turn_example"]
+    status, embed, _ = await _call(gw, "GET", "/v1/models/embed-small", key)
+    assert status == 200 and all("cached_turn_example" not in r for r in embed["routes"])

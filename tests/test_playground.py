@@ -175,7 +175,8 @@ async def test_usage_csv_has_every_record_with_exact_money(gw: Gw) -> None:
         text = await r.text()
     rows = list(csv.DictReader(io.StringIO(text)))
     assert text.splitlines()[0] == ("request_id,created_at,status,model,route_id,route_kind,bucket,prompt_tokens,"
-                                    "completion_tokens,reserved_nanos,charge_nanos,charge_usd,ledger_entry_id,latency_ms")
+                                    "completion_tokens,reserved_nanos,charge_nanos,charge_usd,ledger_entry_id,latency_ms,"
+                                    "cache_read_tokens,cache_write_tokens,cache_write_1h_tokens,reasoning_tokens")
     assert [row["request_id"] for row in rows] == [s["request_id"] for s in reversed(sent)]  # newest first
     status, listed = await gw.get("/v1/usage", key)
     assert status == 200

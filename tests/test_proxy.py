@@ -30,7 +30,12 @@ async def test_non_streamed_chat_receipt_matches_prices_usage_ledger_and_balance
     assert receipt["charge_nanos"] == charge and receipt["charge_usd"] == usd(charge)
     assert receipt["route"] == {"id": "gpt-4o-mini/official", "kind": "official"}
     assert receipt["bucket"] == "credit" and receipt["upstream_model"] == "up-official"
-    assert receipt["price"] == {"input_per_mtok": "0.15", "output_per_mtok": "0.60", "rounding": "half_up_nano"}
+    assert receipt["price"] == {"input_per_mtok": "0.15", "output_per_mtok": "0.60", "cache_read_per_mtok": "0.15",
+                                "cache_write_per_mtok": "0.15", "cache_write_1h_per_mtok": "0.15",
+                                "rounding": "half_up_nano"}  # the test catalog prices no cache class
+    assert receipt["cost_lines"] == [
+        {"class": "input", "tokens": prompt, "per_mtok": "0.15", "nanos": prompt * 150},
+        {"class": "output", "tokens": 7, "per_mtok": "0.60", "nanos": 7 * 600}]
     assert receipt["channels"] == {"primary": "official-a", "backups": [], "served_by": "official-a"}
     assert receipt["attempts"][0]["outcome"] == "ok" and len(receipt["attempts"]) == 1
     assert receipt["fallback"] == {"used": False, "cross_route": False, "from_route": None}

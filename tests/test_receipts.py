@@ -20,7 +20,9 @@ def test_a_reloaded_route_with_the_same_id_shows_its_own_prices_and_channels() -
     for route, price, backups in ((first, "0.06", ["b"]), (reloaded, "0.07", ["c", "d"]), (first, "0.06", ["b"])):
         trace = Trace("req_1", "acc", None, "key", selected_model="m", route=route, usage=Usage(1, 2))
         receipt = build_receipt(trace)
-        assert receipt["price"] == {"input_per_mtok": price, "output_per_mtok": "0.24", "rounding": "half_up_nano"}
+        assert receipt["price"] == {"input_per_mtok": price, "output_per_mtok": "0.24", "cache_read_per_mtok": price,
+                                    "cache_write_per_mtok": price, "cache_write_1h_per_mtok": price,
+                                    "rounding": "half_up_nano"}
         assert receipt["channels"] == {"primary": "a", "backups": backups, "served_by": None}
 
 

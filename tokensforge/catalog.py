@@ -87,6 +87,25 @@ class Route:
     retry: RetryPolicy = RetryPolicy()
     on_failure: str = "free"
     model_id: str = ""
+    #: the cache-class prices as the catalog gave them (USD per 1M tokens); None: the route does not price
+    #: that class, so it is billed at the input price (SPEC §1: never nothing). Read the resolved
+    #: `cache_read_price` etc.; these say which were set (for /v1/models and the quote)
+    cache_read_price_per_mtok: Decimal | None = None
+    cache_write_price_per_mtok: Decimal | None = None  # 5-minute cache writes
+    cache_write_1h_price_per_mtok: Decimal | None = None
+
+    @property
+    def cache_read_price(self) -> Decimal:
+        return self.input_price if self.cache_read_price_per_mtok is None else self.cache_read_price_per_mtok
+
+    @property
+    def cache_write_price(self) -> Decimal:
+        return self.input_price if self.cache_write_price_per_mtok is None else self.cache_write_price_per_mtok
+
+    @property
+    def cache_write_1h_price(self) -> Decimal:
+        price = self.cache_write_1h_price_per_mtok
+        return self.input_price if price is None else price
 
     @property
     def primary(self) -> ChannelRef:
@@ -142,9 +161,11 @@ CHANNEL_APIS = {"openai": frozenset({"chat", "responses"}), "anthropic": frozens
 DEFAULT_APIS = {"openai": frozenset({"chat"}), "anthropic": frozenset({"messages"})}
 CHANNEL_KINDS = frozenset({"openai", "anthropic"})
 _MODEL_KEYS = {"id", "max_output_tokens", "routes", "type", "owned_by"}
+#: the optional per-class prices of a route (SPEC §3); an absent one is the input price
+CACHE_PRICE_KEYS = ("cache_read_price_per_mtok", "cache_write_price_per_mtok", "cache_write_1h_price_per_mtok")
 _ROUTE_KEYS = {
     "id", "kind", "bucket", "input_price_per_mtok", "output_price_per_mtok",
-    "channels", "retry", "on_failure",
+    "channels", "retry", "on_failure", *CACHE_PRICE_KEYS,
 }
 _REF_KEYS = {"channel", "upstream_model"}
 _RETRY_KEYS = {"max_attempts", "retry_on", "backoff_ms"}
@@ -353,14 +374,9 @@ def _parse_route(
     bucket = check.text(table, "bucket", entry)
     kind = check.text(table, "kind", entry)
     _check_route_bucket(check, entry, kind, bucket, buckets)
-    prices = {}
-    for key in ("input_price_per_mtok", "output_price_per_mtok"):
-        if key not in table:
-            raise check.fail(entry, f"missing {key!r}")
-        try:
-            prices[key] = parse_price(table[key])
-        except ValueError as exc:
-            raise check.fail(entry, f"{key!r}: {exc}") from None
+    input_price = _price(check, table, "input_price_per_mtok", entry)
+    output_price = _price(check, table, "output_price_per_mtok", entry)
+    cache = {key: _price(check, table, key, entry) if key in table else None for key in CACHE_PRICE_KEYS}
     on_failure = check.text(table, "on_failure", entry, default="free")
     if on_failure not in ON_FAILURE:
         raise check.fail(entry, f"'on_failure' must be one of {sorted(ON_FAILURE)}")
@@ -368,13 +384,26 @@ def _parse_route(
         id=ident,
         kind=kind,
         bucket=bucket,
-        input_price=prices["input_price_per_mtok"],
-        output_price=prices["output_price_per_mtok"],
+        input_price=input_price,
+        output_price=output_price,
+        cache_read_price_per_mtok=cache["cache_read_price_per_mtok"],
+        cache_write_price_per_mtok=cache["cache_write_price_per_mtok"],
+        cache_write_1h_price_per_mtok=cache["cache_write_1h_price_per_mtok"],
         channels=_parse_refs(check, table.get("channels"), entry, channels),
         retry=_parse_retry(check, table.get("retry", {}), entry),
         on_failure=on_failure,
         model_id=model_id,
     )
+
+
+def _price(check: _Checker, table: dict[str, Any], key: str, entry: str) -> Decimal:
+    """One exact USD-per-1M-tokens price of a route (negative or float: refused, naming the key)."""
+    if key not in table:
+        raise check.fail(entry, f"missing {key!r}")
+    try:
+        return parse_price(table[key])
+    except ValueError as exc:
+        raise check.fail(entry, f"{key!r}: {exc}") from None
 
 
 def _check_route_bucket(check: _Checker, entry: str, kind: str, bucket: str, buckets: Mapping[str, Bucket]) -> None:

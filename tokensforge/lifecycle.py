@@ -48,7 +48,7 @@ from .errors import (
     UpstreamError,
 )
 from .policy import EffectivePolicy
-from .pricing import Reservation, charge_for
+from .pricing import Reservation, charge_for, with_output
 from .ledger.leases import Hold
 from .ratelimit_store import shared_rates
 from .receipts import Attempt, Trace, build_receipt, finish_receipt
@@ -110,7 +110,7 @@ class Lifecycle:
         self._pending = 0  # content events in the frame handed out, counted once the caller comes back
         self.delivered = 0
         self.upstream_usage: Usage | None = None
-        self._upstream_input: int | None = None  # the input count an upstream told before its final usage
+        self._upstream_input: Usage | None = None  # the input classes an upstream told before its final usage
         self.stream_error: str | None = None
         self._stream_done = False
         self._stream_ok = False
@@ -364,7 +364,7 @@ class Lifecycle:
             elif event.final:
                 self.upstream_usage = event.usage
             else:
-                self._upstream_input = event.usage.prompt_tokens
+                self._upstream_input = event.usage
         return False
 
     def _end_stream(self, error: str | None) -> None:
@@ -382,11 +382,11 @@ class Lifecycle:
         self._client_gone = True
 
     def _delivered_usage(self) -> Usage:
-        if self.upstream_usage is not None:
-            prompt = self.upstream_usage.prompt_tokens
-        else:
-            prompt = self._upstream_input if self._upstream_input is not None else self._typical_input()
-        return Usage(prompt, self.delivered)
+        """The upstream's input (every class, so cache reads keep their price) + the output delivered."""
+        reported = self.upstream_usage if self.upstream_usage is not None else self._upstream_input
+        if reported is None:
+            return Usage(self._typical_input(), self.delivered)
+        return with_output(reported, self.delivered)
 
     def _typical_input(self) -> int:
         return self._exchange.typical_input_tokens() if self._exchange is not None else 0
@@ -450,6 +450,7 @@ class Lifecycle:
         hold = self._hold
         assert hold is not None
         charged = billed if billed is not None else (usage if status == "succeeded" else None)
+        t.billed = charged  # the receipt's cost_lines tell what this charge was for
         if charged is not None:
             t.charge_nanos, t.price_nanos = charge_for(charged, route, t.reserved_nanos)
         receipt = self._receipt()
@@ -475,6 +476,7 @@ class Lifecycle:
         if charged is not None:
             metrics.child(metrics.TOKENS, "input", route.kind).inc(charged.prompt_tokens)
             metrics.child(metrics.TOKENS, "output", route.kind).inc(charged.completion_tokens)
+            metrics.count_classes(charged, route.kind)
         return receipt
 
     def _settle_later(self, status: str, usage: Usage | None, source: str | None, billed: Usage | None) -> None:

@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .canonical import Usage
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _LEDGER_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
@@ -23,6 +25,9 @@ UNDERCHARGED = Counter(
     "tokensforge_undercharged_nanos", "Price of usage beyond the reservation, not charged (the cap held).",
     ["route_kind"])
 TOKENS = Counter("tokensforge_tokens", "Tokens billed.", ["direction", "route_kind"])
+CLASS_TOKENS = Counter(
+    "tokensforge_class_tokens", "Tokens billed by token class (input = fresh input, cache_read, cache_write,"
+    " cache_write_1h, output): each class has its own price.", ["token_class", "route_kind"])
 CHANNEL_UP = Gauge(
     "tokensforge_channel_up", "1 when the channel's circuit is not open.", ["channel"], multiprocess_mode="livemax")
 CIRCUIT_STATE = Gauge(
@@ -65,3 +70,13 @@ def child(metric: Any, *labels: str) -> Any:
     if found is None:
         found = _children[key] = metric.labels(*labels)
     return found
+
+
+def count_classes(usage: Usage, route_kind: str) -> None:
+    """Count billed tokens per class (classes with no tokens are skipped)."""
+    for token_class, tokens in (("input", max(usage.fresh_input_tokens, 0)), ("cache_read", usage.cache_read_tokens),
+                                ("cache_write", usage.cache_write_tokens),
+                                ("cache_write_1h", usage.cache_write_1h_tokens),
+                                ("output", usage.completion_tokens)):
+        if tokens:
+            child(CLASS_TOKENS, token_class, route_kind).inc(tokens)

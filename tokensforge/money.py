@@ -7,6 +7,7 @@ most three decimals; finer prices are rounded once per request, half up.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 NANOS_PER_USD = 1_000_000_000
@@ -34,10 +35,25 @@ def nanos_per_token(price_per_mtok: Decimal) -> Decimal:
     return price_per_mtok * _NANOS_PER_TOKEN_PER_MTOK_USD
 
 
+def exact_nanos(tokens: int, price_per_mtok: Decimal) -> Decimal:
+    """tokens × price, exactly (a fraction of a nano-USD only when the price has more than three decimals)."""
+    return tokens * nanos_per_token(price_per_mtok)
+
+
+def round_nanos(exact: Decimal) -> int:
+    """The one rounding money ever sees: half up to a whole nano-USD (SPEC §1, `ROUNDING`)."""
+    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def classes_charge_nanos(lines: Iterable[tuple[int, Decimal]]) -> int:
+    """Σ tokens × price over (tokens, USD per 1M tokens) pairs — one per token class — summed exactly and
+    rounded half up once, on the sum (so a request of many classes pays no rounding per class)."""
+    return round_nanos(sum((exact_nanos(tokens, price) for tokens, price in lines), Decimal(0)))
+
+
 def charge_nanos(input_tokens: int, output_tokens: int, input_price: Decimal, output_price: Decimal) -> int:
     """input × input price + output × output price, rounded half up once."""
-    exact = input_tokens * nanos_per_token(input_price) + output_tokens * nanos_per_token(output_price)
-    return int(exact.to_integral_value(rounding=ROUND_HALF_UP))
+    return classes_charge_nanos(((input_tokens, input_price), (output_tokens, output_price)))
 
 
 def usd(nanos: int) -> str:

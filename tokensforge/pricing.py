@@ -23,9 +23,10 @@ import orjson
 from .canonical import MediaPart, Request, TextPart, ToolCall, ToolResult, Usage
 from .catalog import Model, Route
 from .errors import InvalidRequest
-from .money import charge_nanos, nanos_per_token
+from .money import charge_nanos, classes_charge_nanos, exact_nanos, nanos_per_token, round_nanos, usd
 
-__all__ = ["Usage", "Reservation", "size_request", "size_embedding", "charge_for"]
+__all__ = ["Usage", "Reservation", "size_request", "size_embedding", "charge_for", "cost_lines", "max_input_price",
+           "usage_price", "TOKEN_CLASSES"]
 
 #: Input tokens reserved per media part (an upper bound for one image at high detail; low detail costs 85).
 MEDIA_PART_TOKENS = 2_000
@@ -129,14 +130,129 @@ def _whole_nanos_per_token(price_per_mtok: Decimal) -> int | None:
     return int(per_token) if per_token == per_token.to_integral_value() else None
 
 
+# ------------------------------------------------------------------ token classes (SPEC §1 Money)
+
+#: the classes a charge sums over, in the order receipts list them: fresh input, cache reads, cache writes
+#: (5-minute, 1-hour), output (reasoning included)
+TOKEN_CLASSES = ("input", "cache_read", "cache_write", "cache_write_1h", "output")
+
+
+@dataclass(frozen=True, slots=True)
+class ClassRates:
+    """One route's price per token class, in `TOKEN_CLASSES` order, resolved and formatted once."""
+
+    route: Route
+    prices: tuple[Decimal, ...]  # USD per 1M tokens; an unpriced cache class is the input price
+    texts: tuple[str, ...]  # the same as exact decimal strings, for receipts and quotes
+    whole_nanos: tuple[int | None, ...]  # nano-USD per token, None where a price has a fraction of a nano
+    all_whole: bool  # every class whole: the charge is plain integer arithmetic
+
+
+#: route id → its rates; checked by identity, so a reloaded catalog's route gets its own entry
+_rates: dict[str, ClassRates] = {}
+
+
+def class_rates(route: Route) -> ClassRates:
+    """The route's class prices, computed once per route object (Decimal work is not free per request)."""
+    found = _rates.get(route.id)
+    if found is None or found.route is not route:
+        if len(_rates) > 10_000:  # catalogs reloaded many times over: start again
+            _rates.clear()
+        prices = (route.input_price, route.cache_read_price, route.cache_write_price, route.cache_write_1h_price,
+                  route.output_price)
+        whole = tuple(_whole_nanos_per_token(p) for p in prices)
+        found = _rates[route.id] = ClassRates(route, prices, tuple(str(p) for p in prices), whole,
+                                              all(w is not None for w in whole))
+    return found
+
+
+def class_tokens(usage: Usage) -> tuple[int, int, int, int, int]:
+    """The usage as exclusive classes in `TOKEN_CLASSES` order; fresh input never below 0 (the codecs keep
+    the cache parts inside prompt_tokens; this holds even if one did not)."""
+    return (max(usage.fresh_input_tokens, 0), usage.cache_read_tokens, usage.cache_write_tokens,
+            usage.cache_write_1h_tokens, usage.completion_tokens)
+
+
+def usage_price(usage: Usage, route: Route) -> int:
+    """Σ class tokens × class price, exact, rounded half up once on the sum (money.classes_charge_nanos);
+    plain integer arithmetic when every class price is whole nano-USD per token (the usual case: three
+    decimals per 1M tokens or fewer), which is the same exact sum without Decimal's cost."""
+    rates, tokens = class_rates(route), class_tokens(usage)
+    if rates.all_whole:
+        return sum(n * w for n, w in zip(tokens, rates.whole_nanos, strict=True) if w is not None)
+    return classes_charge_nanos(zip(tokens, rates.prices, strict=True))
+
+
+def cost_lines(usage: Usage, route: Route) -> list[dict[str, Any]]:
+    """One receipt line per class billed (classes with 0 tokens left out):
+    `{"class", "tokens", "per_mtok", "nanos"}`.
+
+    `nanos` is the line's exact amount when it is whole — always so for prices of three decimals or fewer,
+    and then the lines add up to the price exactly. A price with more decimals can make a line's exact
+    amount a fraction of a nano: the line then shows it as `exact_nanos` (a decimal string) and `nanos` is
+    that rounded half up on its own; the request's price is the exact sum rounded once, so it may differ
+    from the sum of the lines' `nanos` by up to half a nano per line (never from the sum of `exact_nanos`
+    rounded once)."""
+    rates, lines = class_rates(route), []
+    for cls, tokens, price, text, whole in zip(TOKEN_CLASSES, class_tokens(usage), rates.prices, rates.texts,
+                                               rates.whole_nanos, strict=True):
+        if tokens == 0:
+            continue
+        line: dict[str, Any] = {"class": cls, "tokens": tokens, "per_mtok": text}
+        if whole is not None:
+            line["nanos"] = tokens * whole
+        else:
+            exact = exact_nanos(tokens, price)
+            line["nanos"] = round_nanos(exact)
+            if exact != exact.to_integral_value():
+                line["exact_nanos"] = str(exact)
+        lines.append(line)
+    return lines
+
+
+#: The agent turn /v1/models and quotes price per route (`cached_turn_example`): 10,000 input tokens of which
+#: 9,000 are cache reads (a coding agent re-sending its context), 500 output tokens.
+CACHED_TURN = Usage.of(fresh_input=1_000, cache_read=9_000, output=500)
+
+
+def cached_turn_example(route: Route) -> dict[str, Any]:
+    """What `CACHED_TURN` costs on the route, beside what the same tokens would cost if every input token were
+    fresh input, so a reader sees what the route's cache prices are worth."""
+    price = usage_price(CACHED_TURN, route)
+    uncached = usage_price(Usage(CACHED_TURN.prompt_tokens, CACHED_TURN.completion_tokens), route)
+    return {"input_tokens": CACHED_TURN.prompt_tokens, "cache_read_tokens": CACHED_TURN.cache_read_tokens,
+            "output_tokens": CACHED_TURN.completion_tokens, "price_nanos": price, "price_usd": usd(price),
+            "uncached_price_nanos": uncached, "uncached_price_usd": usd(uncached)}
+
+
+def unpriced_cache_classes(route: Route) -> list[str]:
+    """The cache classes the catalog does not price on the route (each billed at the input price)."""
+    given = (route.cache_read_price_per_mtok, route.cache_write_price_per_mtok, route.cache_write_1h_price_per_mtok)
+    return [cls for cls, price in zip(TOKEN_CLASSES[1:4], given, strict=True) if price is None]
+
+
+def with_output(usage: Usage, output_tokens: int) -> Usage:
+    """`usage`'s input classes with another output count (what a broken or abandoned stream delivered):
+    its cache reads and writes keep their own prices; reasoning stays a part of the output."""
+    return Usage(usage.prompt_tokens, output_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
+                 usage.cache_write_1h_tokens, min(usage.reasoning_tokens, output_tokens))
+
+
+def max_input_price(route: Route) -> Decimal:
+    """The highest price any input token can cost on the route (a cache write may cost more than fresh
+    input): reservations price every input token at it, so no mix of classes passes the hold."""
+    return max(route.input_price, route.cache_read_price, route.cache_write_price, route.cache_write_1h_price)
+
+
 def route_charge(input_tokens: int, output_tokens: int, route: Route) -> int:
-    """`money.charge_nanos` at the route's prices; plain integer arithmetic when both prices are whole
-    nano-USD per token (three decimals per 1M tokens or fewer: the usual case), which is the same exact
-    sum without Decimal's cost on every request."""
-    input_nanos = _whole_nanos_per_token(route.input_price)
+    """What `input_tokens` in and `output_tokens` out may cost at most on the route: input at
+    `max_input_price` (the reservation's rule), output at the output price, rounded half up once; integer
+    arithmetic when both prices are whole nano-USD per token."""
+    input_price = max_input_price(route)
+    input_nanos = _whole_nanos_per_token(input_price)
     output_nanos = _whole_nanos_per_token(route.output_price)
     if input_nanos is None or output_nanos is None:
-        return charge_nanos(input_tokens, output_tokens, route.input_price, route.output_price)
+        return charge_nanos(input_tokens, output_tokens, input_price, route.output_price)
     return input_tokens * input_nanos + output_tokens * output_nanos
 
 
@@ -155,6 +271,6 @@ def size_embedding(body: dict[str, Any], route: Route) -> Reservation:
 
 
 def charge_for(usage: Usage, route: Route, reserved_nanos: int) -> tuple[int, int]:
-    """(charge, exact price of the usage); the charge never passes what was reserved."""
-    price = route_charge(usage.prompt_tokens, usage.completion_tokens, route)
+    """(charge, price of the usage over its token classes); the charge never passes what was reserved."""
+    price = usage_price(usage, route)
     return min(price, reserved_nanos), price

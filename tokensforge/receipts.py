@@ -12,7 +12,7 @@ from typing import Any
 
 from .catalog import Route
 from .money import ROUNDING, usd
-from .pricing import Usage
+from .pricing import Usage, class_rates, cost_lines
 
 
 @dataclass(slots=True)
@@ -49,6 +49,9 @@ class Trace:
     status: str = "failed"
     usage: Usage | None = None
     usage_source: str | None = None
+    #: what was charged for, when anything was: the usage itself, or less for a failed or abandoned stream
+    #: (set once settlement decides it; the receipt's cost_lines are built from it)
+    billed: Usage | None = None
     reserved_nanos: int = 0
     charge_nanos: int = 0
     price_nanos: int = 0
@@ -71,19 +74,28 @@ class Trace:
         return "channel" if self.served_by is not None and tried and tried[0] != self.served_by else "none"
 
 
-#: route id → (route, input price text, output price text, backup channel ids): what every receipt of a
-#: route repeats, formatted once (Decimal → str is not free); checked by identity, so a reloaded
-#: catalog's routes get their own entry
-_route_texts: dict[str, tuple[Route, str, str, tuple[str, ...]]] = {}
+@dataclass(frozen=True, slots=True)
+class _RouteTexts:
+    """What every receipt of a route repeats, formatted once (Decimal → str is not free)."""
+
+    route: Route
+    price: dict[str, str]  # the receipt's `price` object; copied per receipt, never handed out itself
+    backups: tuple[str, ...]
 
 
-def _texts(route: Route) -> tuple[Route, str, str, tuple[str, ...]]:
+#: route id → its texts; checked by identity, so a reloaded catalog's routes get their own entry
+_route_texts: dict[str, _RouteTexts] = {}
+
+
+def _texts(route: Route) -> _RouteTexts:
     found = _route_texts.get(route.id)
-    if found is None or found[0] is not route:
+    if found is None or found.route is not route:
         if len(_route_texts) > 10_000:  # catalogs reloaded many times over: start again
             _route_texts.clear()
-        found = _route_texts[route.id] = (route, str(route.input_price), str(route.output_price),
-                                          tuple(c.channel for c in route.backups))
+        texts = class_rates(route).texts  # input, cache_read, cache_write, cache_write_1h, output
+        price = {"input_per_mtok": texts[0], "output_per_mtok": texts[4], "cache_read_per_mtok": texts[1],
+                 "cache_write_per_mtok": texts[2], "cache_write_1h_per_mtok": texts[3], "rounding": ROUNDING}
+        found = _route_texts[route.id] = _RouteTexts(route, price, tuple(c.channel for c in route.backups))
     return found
 
 
@@ -102,17 +114,13 @@ def build_receipt(t: Trace) -> dict[str, Any]:
         "bucket": route.bucket if route else None,
         "bucket_kind": t.bucket_kind if route else None,
         "pool_period_end": t.pool_period_end,
-        "price": {
-            "input_per_mtok": texts[1],
-            "output_per_mtok": texts[2],
-            "rounding": ROUNDING,
-        } if texts else None,
+        "price": dict(texts.price) if texts else None,
         "account_id": t.account_id,
         "project_id": t.project_id,
         "key_id": t.key_id,
         "channels": {
             "primary": route.primary.channel,
-            "backups": list(texts[3]),
+            "backups": list(texts.backups),
             "served_by": t.served_by,
         } if route and texts else None,
         "attempts": [a.as_dict() for a in t.attempts],
@@ -125,6 +133,7 @@ def build_receipt(t: Trace) -> dict[str, Any]:
         "relay": t.relay,
         "usage": t.usage.as_dict() if t.usage else None,
         "usage_source": t.usage_source,
+        "cost_lines": cost_lines(t.billed, route) if t.billed is not None and route else [],
         "reserved_nanos": t.reserved_nanos,
         "charge_nanos": t.charge_nanos,
         "charge_usd": usd(t.charge_nanos),

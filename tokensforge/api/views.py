@@ -13,11 +13,11 @@ from ..catalog import Model, Route
 from ..errors import InvalidRequest, ModelNotFound, NotFound, PermissionDenied
 from ..ledger.model import entry_view, parse_cursor, pool_view
 from ..ledger.pools import PoolStore
-from ..money import usd
+from ..money import ROUNDING, usd
 from ..policy import EffectivePolicy
 from ..canonical import Request
 from ..dialects import anthropic_messages, openai_chat, openai_responses
-from ..pricing import size_request, size_embedding
+from ..pricing import cached_turn_example, class_rates, size_embedding, size_request, unpriced_cache_classes
 from ..receipts import request_id_of
 from ..routing import allowed_routes, find_model, select_route
 from ..state import Gateway
@@ -29,13 +29,27 @@ from .common import json_response, path_param, query_limit, query_text, read_jso
 routes = web.RouteTableDef()
 
 
+def class_prices_view(route: Route) -> dict[str, Any]:
+    """Every token class's price on the route (an unpriced cache class shows the input price it costs, and
+    is named in `cache_classes_at_input_price`), and what a cached agent turn costs there."""
+    texts = class_rates(route).texts  # input, cache_read, cache_write, cache_write_1h, output
+    return {
+        "input_price_per_mtok": texts[0],
+        "output_price_per_mtok": texts[4],
+        "cache_read_price_per_mtok": texts[1],
+        "cache_write_price_per_mtok": texts[2],
+        "cache_write_1h_price_per_mtok": texts[3],
+        "cache_classes_at_input_price": unpriced_cache_classes(route),
+        "cached_turn_example": cached_turn_example(route),
+    }
+
+
 def route_view(gw: Gateway, route: Route) -> dict[str, Any]:
     return {
         "id": route.id,
         "kind": route.kind,
         "bucket": route.bucket,
-        "input_price_per_mtok": str(route.input_price),
-        "output_price_per_mtok": str(route.output_price),
+        **class_prices_view(route),
         "channels": {"primary": route.primary.channel, "backups": [c.channel for c in route.backups]},
         "upstream_models": {c.channel: c.upstream_model for c in route.channels},
         "retry": route.retry.as_dict(),
@@ -52,8 +66,15 @@ def model_view(gw: Gateway, model: Model, policy: EffectivePolicy) -> dict[str, 
         "owned_by": model.owned_by,
         "type": model.type,
         "max_output_tokens": model.max_output_tokens,
-        "routes": [route_view(gw, r) for r in allowed_routes(model, policy)],
+        "routes": [_without_turn(route_view(gw, r)) if model.type == "embedding" else route_view(gw, r)
+                   for r in allowed_routes(model, policy)],
     }
+
+
+def _without_turn(view: dict[str, Any]) -> dict[str, Any]:
+    """An embedding route has no agent turn to price."""
+    view.pop("cached_turn_example", None)
+    return view
 
 
 @routes.get("/v1/models")
@@ -70,6 +91,13 @@ async def get_model(request: web.Request) -> web.Response:
     if model is None or not policy.allows_model(model.id):
         raise ModelNotFound(f"model {request.match_info['model_id']!r} does not exist", param="model")
     return json_response(model_view(gw, model, policy))
+
+
+def quote_price(route: Route) -> dict[str, str]:
+    """The quote's `price`: the receipt's shape (SPEC §2), every class."""
+    texts = class_rates(route).texts
+    return {"input_per_mtok": texts[0], "output_per_mtok": texts[4], "cache_read_per_mtok": texts[1],
+            "cache_write_per_mtok": texts[2], "cache_write_1h_per_mtok": texts[3], "rounding": ROUNDING}
 
 
 _DECODERS: dict[str, Callable[[dict[str, Any]], Request]] = {
@@ -110,8 +138,8 @@ async def quote(request: web.Request) -> web.Response:
         "bucket_name": gw.catalog.buckets[route.bucket].name,
         "bucket_kind": bucket_kind,
         "pool": None if pool is None else pool_view(pool, available),
-        "price": {"input_per_mtok": str(route.input_price), "output_per_mtok": str(route.output_price),
-                  "rounding": "half_up_nano"},
+        "price": quote_price(route),
+        "cached_turn_example": cached_turn_example(route),
         "channels": {"primary": route.primary.channel, "backups": [c.channel for c in route.backups]},
         "healthy": any(gw.health.healthy(c.channel) for c in route.channels),
         "retry": route.retry.as_dict(),
@@ -179,7 +207,8 @@ async def usage(request: web.Request) -> web.Response:
 #: a CSV export holds at most this many rows (newest first); older ones are reached with `after`
 CSV_MAX_ROWS = 10_000
 CSV_COLUMNS = ("request_id", "created_at", "status", "model", "route_id", "route_kind", "bucket", "prompt_tokens",
-               "completion_tokens", "reserved_nanos", "charge_nanos", "charge_usd", "ledger_entry_id", "latency_ms")
+               "completion_tokens", "reserved_nanos", "charge_nanos", "charge_usd", "ledger_entry_id", "latency_ms",
+               "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens")
 
 
 def csv_row(row: Any) -> list[Any]:
@@ -191,7 +220,7 @@ def csv_row(row: Any) -> list[Any]:
     return [r.get("request_id"), row["created_at"].isoformat(), r.get("status"), r.get("selected_model"),
             route.get("id"), route.get("kind"), r.get("bucket"), used.get("prompt_tokens"),
             used.get("completion_tokens"), int(r.get("reserved_nanos") or 0), charge, usd(charge),
-            r.get("ledger_entry_id"), row["latency_ms"]]
+            r.get("ledger_entry_id"), row["latency_ms"], *(used.get(k, 0) for k in CSV_COLUMNS[-4:])]
 
 
 def _csv_response(rows: list[Any]) -> web.Response:

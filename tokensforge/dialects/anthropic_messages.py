@@ -353,13 +353,17 @@ def tool_input(arguments: str) -> dict[str, Any]:
     return value
 
 
-def usage_json(usage: Usage) -> dict[str, int]:
-    """Anthropic counts cache reads apart from `input_tokens`; canonical prompt_tokens include them."""
+def usage_json(usage: Usage) -> dict[str, Any]:
+    """Anthropic's shape: `input_tokens` is fresh input only, cache reads and writes apart (canonical
+    prompt_tokens include them), the writes split by TTL in `cache_creation`."""
+    writes = usage.cache_write_tokens + usage.cache_write_1h_tokens
     return {
-        "input_tokens": usage.prompt_tokens - usage.cache_read_tokens,
+        "input_tokens": max(usage.fresh_input_tokens, 0),
         "output_tokens": usage.completion_tokens,
         "cache_read_input_tokens": usage.cache_read_tokens,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": writes,
+        "cache_creation": {"ephemeral_5m_input_tokens": usage.cache_write_tokens,
+                           "ephemeral_1h_input_tokens": usage.cache_write_1h_tokens},
     }
 
 

@@ -224,9 +224,20 @@ def encode_response(resp: Response, *, completion_id: str, request: Request, usa
             } for c in resp.choices],
         }
     if not isinstance(data.get("usage"), dict) or "prompt_tokens" not in data["usage"]:
-        data["usage"] = usage.as_dict()
+        data["usage"] = usage_json(usage)
     data["receipt"] = receipt
     return data
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    """Chat's shape: `prompt_tokens` is all input with cache reads a part of it
+    (`prompt_tokens_details.cached_tokens`), `completion_tokens` all output with reasoning a part of it.
+    Cache writes (both TTLs) are a part too: `prompt_tokens_details.cache_write_tokens`, as OpenAI names them."""
+    details = {"cached_tokens": usage.cache_read_tokens,
+               "cache_write_tokens": usage.cache_write_tokens + usage.cache_write_1h_tokens}
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens, "prompt_tokens_details": details,
+            "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}}
 
 
 def _call_view(call: ToolCall) -> dict[str, Any]:
@@ -302,7 +313,7 @@ class StreamEncoder:
         if self.include_usage:
             chunk = self._usage_chunk or self._chunk([])
             chunk["id"], chunk["model"] = self.completion_id, self.request.model
-            chunk["usage"] = usage.as_dict()
+            chunk["usage"] = usage_json(usage)
             chunk["receipt"] = receipt
             out = sse(chunk)
         return out + b"data: [DONE]\n\n"

@@ -575,9 +575,12 @@ def _tool_json(tool: Tool) -> dict[str, Any]:
 
 
 def _usage_json(usage: Usage) -> dict[str, Any]:
+    """Responses' shape: `input_tokens` is all input, cache reads (`cached_tokens`) and cache writes
+    (`cache_write_tokens`, both TTLs) parts of it; `output_tokens` all output, reasoning a part of it."""
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": usage.cache_read_tokens,
+                                 "cache_write_tokens": usage.cache_write_tokens + usage.cache_write_1h_tokens},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.total_tokens,

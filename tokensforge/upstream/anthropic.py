@@ -180,17 +180,65 @@ def _tool_choice_json(req: Request) -> dict[str, Any] | None:
 # ------------------------------------------------------------------ answer
 
 
-def _usage(raw: Any) -> Usage | None:
-    """Anthropic usage → canonical; cache reads and writes are part of the prompt. None if insane."""
+def usage_of(raw: Any) -> Usage | None:
+    """An Anthropic `usage` object → canonical classes; None if a count is not sane.
+
+    Anthropic reports the classes apart: `input_tokens` is fresh input only, `cache_read_input_tokens` and
+    `cache_creation_input_tokens` come on top (each counted once, into prompt_tokens). `cache_creation`
+    `{ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}` splits the writes by TTL; see `split_writes`."""
     if not isinstance(raw, dict):
         return None
     fresh, output = token_count(raw.get("input_tokens")), token_count(raw.get("output_tokens"))
     cache_read, cache_write = _count(raw, "cache_read_input_tokens"), _count(raw, "cache_creation_input_tokens")
     if fresh is None or output is None or cache_read is None or cache_write is None:
         return None
-    prompt = token_count(fresh + cache_read + cache_write)
-    return None if prompt is None else Usage(prompt, output, cache_read_tokens=cache_read,
-                                             cache_write_tokens=cache_write)
+    writes_5m, writes_1h = split_writes(cache_write, raw.get("cache_creation"))
+    usage = Usage.of(fresh_input=fresh, output=output, cache_read=cache_read, cache_write=writes_5m,
+                     cache_write_1h=writes_1h)
+    return usage if token_count(usage.prompt_tokens) is not None else None
+
+
+def split_writes(total: int, split: Any) -> tuple[int, int]:
+    """(5-minute, 1-hour) cache writes from `cache_creation_input_tokens` and the `cache_creation` split.
+
+    Without a usable split every write is a 5-minute one (Anthropic's default TTL). With one, the split
+    wins; when it does not add up to the total, the larger figure is billed (the upstream billed at least
+    that many writes; none is lost) and what the split leaves unexplained is a 5-minute write — the TTL a
+    write has unless it asked for 1 hour — so a 1-hour price is only ever charged for 1-hour writes the
+    upstream itself reported."""
+    if not isinstance(split, dict):
+        return total, 0
+    five = token_count(split.get("ephemeral_5m_input_tokens"))
+    hour = token_count(split.get("ephemeral_1h_input_tokens"))
+    if five is None and hour is None:
+        return total, 0
+    five, hour = five or 0, hour or 0
+    return max(total, five + hour) - hour, hour
+
+
+def merge_stream_usage(start: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """The usage a stream ends with: message_start's is the baseline, and message_delta overrides only the
+    fields it reports (its counts are cumulative; a null or absent field keeps the baseline's). The
+    `cache_creation` split merges per field too.
+
+    Some relays put a cache-inclusive `input_tokens` on message_start and report the cache counts only on
+    message_delta. Anthropic itself always reports both cache counts on message_start, so when message_start
+    reported neither, message_delta reports some and leaves `input_tokens` alone, the baseline input is
+    taken as cache-inclusive and the delta's cache counts are taken out of it (never below 0): the cache
+    tokens are billed once, at their own price, not twice."""
+    reported = {k: v for k, v in delta.items() if v is not None}
+    merged = {**start, **reported}
+    if isinstance(start.get("cache_creation"), dict) and isinstance(reported.get("cache_creation"), dict):
+        merged["cache_creation"] = {**start["cache_creation"],
+                                    **{k: v for k, v in reported["cache_creation"].items() if v is not None}}
+    cache_keys = ("cache_read_input_tokens", "cache_creation_input_tokens")
+    inclusive_start = (all(start.get(k) is None for k in cache_keys) and "input_tokens" not in reported
+                       and any(k in reported for k in cache_keys))
+    baseline = token_count(start.get("input_tokens"))
+    if inclusive_start and baseline is not None:
+        cached = sum(token_count(reported.get(k)) or 0 for k in cache_keys)
+        merged["input_tokens"] = max(baseline - cached, 0)
+    return merged
 
 
 def _count(raw: dict[str, Any], key: str) -> int | None:
@@ -227,7 +275,7 @@ def parse_response(data: dict[str, Any]) -> Response:
     choice = Choice(0, "".join(texts) if texts else None, tuple(calls), finish)
     model = data.get("model")
     return Response(model=model if isinstance(model, str) else "", choices=[choice],
-                    usage=_usage(data.get("usage")))  # fmt: skip
+                    usage=usage_of(data.get("usage")))  # fmt: skip
 
 
 def _str(obj: dict[str, Any], key: str) -> str:
@@ -274,7 +322,7 @@ class StreamDecoder:
                 raise MalformedUpstream("message_start without a message")
             usage = message.get("usage")
             self.start_usage = usage if isinstance(usage, dict) else {}
-            known = _usage({**self.start_usage, "output_tokens": 0})
+            known = usage_of({**self.start_usage, "output_tokens": 0})
             return Frame((UsageReport(known, final=False),) if known is not None else ())
         if kind == "content_block_start":
             return Frame(self._block_start(data))
@@ -334,8 +382,7 @@ class StreamDecoder:
             events.append(Finish(FINISH_REASONS.get(stop_reason, "stop")))
         raw = data.get("usage")
         if isinstance(raw, dict):
-            merged = {**self.start_usage, **{k: v for k, v in raw.items() if v is not None}}
-            usage = _usage(merged)
+            usage = usage_of(merge_stream_usage(self.start_usage, raw))
             if usage is not None:
                 events.append(UsageReport(usage))
         return tuple(events)

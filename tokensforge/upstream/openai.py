@@ -125,19 +125,52 @@ def error_in(data: dict[str, Any]) -> str | None:
 
 
 def usage_of(payload: Any) -> Usage | None:
-    """The upstream's usage object if it is sane (non-negative integer counts), else None."""
+    """An OpenAI chat `usage` object → canonical classes, or None if its totals are not sane counts.
+
+    `prompt_tokens` is all input and `completion_tokens` all output: `prompt_tokens_details.cached_tokens`
+    (cache reads) and `completion_tokens_details.reasoning_tokens` are parts of them, never added on top.
+    Cache writes — `prompt_tokens_details.cache_write_tokens` (OpenAI's newer models, OpenRouter) or a
+    top-level `cache_creation_input_tokens` (LiteLLM in front of Anthropic) — are parts of `prompt_tokens`
+    too, as those APIs document (5-minute class: chat's shape has no TTL). Parts are clamped into the total,
+    reads first, so no class goes negative and a relay that counted writes apart is at worst billed them
+    at the input price — never twice."""
     if not isinstance(payload, dict):
         return None
     prompt = token_count(payload.get("prompt_tokens"))
     completion = token_count(payload.get("completion_tokens", 0))
     if prompt is None or completion is None:
         return None
-    details = payload.get("prompt_tokens_details")
-    cached = token_count(details.get("cached_tokens", 0)) if isinstance(details, dict) else 0
-    out_details = payload.get("completion_tokens_details")
-    reasoning = token_count(out_details.get("reasoning_tokens", 0)) if isinstance(out_details, dict) else 0
-    return Usage(prompt, completion, cache_read_tokens=min(cached or 0, prompt),
-                 reasoning_tokens=min(reasoning or 0, completion))
+    details = _details(payload, "prompt_tokens_details")
+    cached = _part(details, "cached_tokens")
+    if cached is None:
+        cached = _part(payload, "cache_read_input_tokens")  # LiteLLM's Anthropic pass-through
+    written = _part(details, "cache_write_tokens")
+    if written is None:
+        written = _part(payload, "cache_creation_input_tokens")
+    return split_input(prompt, completion, cached or 0, written or 0,
+                       _part(_details(payload, "completion_tokens_details"), "reasoning_tokens") or 0)
+
+
+def split_input(prompt: int, output: int, cache_read: int, cache_write: int, reasoning: int,
+                cache_write_long: int = 0) -> Usage:
+    """Totals with their reported parts → canonical, each part clamped into what is left of its total (the
+    shape OpenAI's chat and Responses usage share: cached tokens inside the input count). `cache_write_long`
+    is the part of the writes made with the long retention (billed in the 1-hour class)."""
+    cache_read = min(cache_read, prompt)
+    cache_write = min(cache_write, prompt - cache_read)
+    long = min(cache_write_long, cache_write)
+    return Usage(prompt, output, cache_read_tokens=cache_read, cache_write_tokens=cache_write - long,
+                 cache_write_1h_tokens=long, reasoning_tokens=min(reasoning, output))
+
+
+def _details(payload: dict[str, Any], key: str) -> dict[str, Any]:
+    value = payload.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _part(payload: dict[str, Any], key: str) -> int | None:
+    """An optional part count: None when absent, null or not a sane count (then it is not trusted)."""
+    return token_count(payload.get(key))
 
 
 def parse_response(data: dict[str, Any]) -> Response:
