@@ -40,6 +40,14 @@ timeout_s = {timeout_s}
 connect_timeout_s = 1
 
 [[channels]]
+id = "responses-a"
+base_url = "{mock}"
+api_key_env = "TF_TEST_UPSTREAM_KEY"
+apis = ["chat", "responses"]
+timeout_s = {timeout_s}
+connect_timeout_s = 1
+
+[[channels]]
 id = "relay-a"
 base_url = "{mock}"
 api_key_env = "TF_TEST_UPSTREAM_KEY"
@@ -128,6 +136,28 @@ max_output_tokens = 1000
   input_price_per_mtok = "0.15"
   output_price_per_mtok = "0.60"
   channels = [{{ channel = "official-a", upstream_model = "up-chain-official" }}]
+
+[[models]]
+id = "gpt-5-mini"
+max_output_tokens = 1000
+
+  [[models.routes]]
+  id = "gpt-5-mini/official"
+  kind = "official"
+  bucket = "credit"
+  input_price_per_mtok = "0.25"
+  output_price_per_mtok = "2.00"
+  cache_read_price_per_mtok = "0.025"
+  channels = [{{ channel = "responses-a", upstream_model = "up-responses" }}]
+  retry = {{ max_attempts = 2, retry_on = ["timeout", "connect", "5xx", "429"], backoff_ms = 1 }}
+
+  [[models.routes]]
+  id = "gpt-5-mini/routed"
+  kind = "routed"
+  bucket = "routed"
+  input_price_per_mtok = "0.10"
+  output_price_per_mtok = "0.80"
+  channels = [{{ channel = "relay-a", upstream_model = "up-responses-relay" }}]
 
 [[models]]
 id = "quick-timeout"

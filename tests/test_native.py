@@ -108,3 +108,73 @@ async def test_across_dialects_the_receipt_says_translated(gw: Gw) -> None:
     assert status == 200, chat
     assert chat["model"] == "claude-test" and chat["receipt"]["relay"] == "translated"
     assert (await gw.mock.stats())["last_request"]["path"] == "/v1/messages"
+
+
+#: what Codex sends to a Responses channel (tests/fixtures/agents/ has whole recorded requests)
+CODEX_LIKE: dict[str, Any] = {
+    "model": "gpt-5-mini",
+    "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Be terse."}]},
+              {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Say hello."}]}],
+    "reasoning": {"effort": "low", "summary": "auto"},
+    "include": ["reasoning.encrypted_content"],
+    "store": False,
+    "prompt_cache_key": "thread-1",
+    "max_output_tokens": 200,
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+}
+
+
+async def test_responses_reach_a_responses_channel_as_sent_with_reasoning_intact(gw: Gw) -> None:
+    _, key = await gw.account(credit=FUNDS)
+    status, body, headers = await gw.post("/v1/responses", key, CODEX_LIKE)
+    assert status == 200, body
+    sent = (await gw.mock.stats())["last_request"]
+    assert sent["path"] == "/v1/responses"
+    assert sent["body"] == {**CODEX_LIKE, "model": "up-responses"}
+    assert body["id"].startswith("resp_") and body["model"] == "gpt-5-mini"
+    reasoning = [item for item in body["output"] if item["type"] == "reasoning"]
+    assert reasoning and reasoning[0]["encrypted_content"], "reasoning items pass through unchanged"
+    receipt = body["receipt"]
+    assert receipt["relay"] == "native" and receipt["usage"]["reasoning_tokens"] > 0
+    assert receipt["usage"]["completion_tokens"] == body["usage"]["output_tokens"]
+    await gw.assert_billed(key, receipt, body["id"])
+
+
+async def test_a_responses_stream_is_relayed_with_the_receipt_on_its_terminal_event(gw: Gw) -> None:
+    _, key = await gw.account(credit=FUNDS)
+    client = gw.client(key)
+    async with client.responses.stream(model="gpt-5-mini", input="Count to three.", max_output_tokens=50,
+                                       reasoning={"effort": "low"}) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert final.id.startswith("resp_") and final.model == "gpt-5-mini" and final.output_text
+    assert final.model_extra is not None and final.model_extra["receipt"]["relay"] == "native"
+    sent = (await gw.mock.stats())["last_request"]["body"]
+    assert sent["model"] == "up-responses" and sent["max_output_tokens"] == 50
+    stored = await client.responses.retrieve(final.id)
+    assert stored.id == final.id and stored.output_text == final.output_text
+    await gw.assert_billed(key, final.model_extra["receipt"], final.id)
+
+
+async def test_a_follow_up_names_the_upstreams_own_id_on_the_same_channel(gw: Gw) -> None:
+    _, key = await gw.account(credit=FUNDS, routed=FUNDS)
+    client = gw.client(key)
+    first = await client.responses.create(model="gpt-5-mini", input="Remember the word ledger.",
+                                          max_output_tokens=30)
+    upstream_first = (await gw.mock.stats())["last_request"]
+    second = await client.responses.create(model="gpt-5-mini", input="Which word?", previous_response_id=first.id,
+                                           max_output_tokens=30)
+    sent = (await gw.mock.stats())["last_request"]["body"]
+    assert second.model == "gpt-5-mini"
+    assert sent["previous_response_id"] != first.id and sent["previous_response_id"].startswith("resp")
+    assert sent["input"] == "Which word?", "the upstream keeps the conversation itself"
+    assert upstream_first["body"]["input"] == "Remember the word ledger."
+    # a channel that never saw the first turn gets it in front of the input instead (translated to chat)
+    third = await client.responses.create(model="gpt-5-mini", input="Again?", previous_response_id=first.id,
+                                          max_output_tokens=30, extra_headers={"x-tokensforge-route": "routed"})
+    sent = (await gw.mock.stats())["last_request"]
+    assert third.model == "gpt-5-mini" and sent["path"] == "/v1/chat/completions"
+    texts = orjson.dumps(sent["body"]["messages"]).decode()
+    assert "Remember the word ledger." in texts and "Again?" in texts

@@ -60,8 +60,7 @@ async def _save(store: ConversationStore, response_id: str, account_id: str, req
     receives it and the client's `input` as items; a ledger outage costs the chain, never the answer.
     `upstream`: a native answer's own id at its channel (a follow-up served there names it instead)."""
     upstream_id = channel_id = None
-    if upstream is not None and upstream[0].native and upstream[1] and request.raw is not None \
-            and request.raw.get("store") is not False:
+    if upstream is not None and upstream[0].native and upstream[1]:  # stored here ⇒ `store` was not false there
         upstream_id, channel_id = upstream[1], upstream[0].trace.served_by
     try:
         await store.save(response_id, account_id, openai_responses.history(request, answer), response=response,
