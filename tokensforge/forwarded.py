@@ -354,11 +354,13 @@ def strip_unpriced(body: dict[str, Any], api: str, headers: Mapping[str, str] | 
     kinds = {d.partition(":")[2] for d in dropped if d.startswith("tools:")}
     if kinds:
         tools = [t for t in body["tools"] if not (isinstance(t, dict) and t.get("type") in kinds)]
+        choice = body.get("tool_choice")
         if tools:
             out.body["tools"] = tools
-        else:  # no tools left: a tool_choice naming none would be refused upstream
+        else:
             out.body.pop("tools")
-            out.body.pop("tool_choice", None)
+        if not tools or isinstance(choice, dict) and choice.get("type") in kinds:
+            out.body.pop("tool_choice", None)  # a choice naming a removed tool would be refused upstream
         what = "server tool" if api == "messages" else "hosted tool"
         out.notes.extend(f"dropped: {kind} ({what}, not priced)" for kind in sorted(kinds))
     if "mcp_servers" in dropped:
@@ -369,3 +371,8 @@ def strip_unpriced(body: dict[str, Any], api: str, headers: Mapping[str, str] | 
         out.beta = ", ".join(b for b in betas if b not in removed) or None
         out.notes.extend(f"dropped: anthropic-beta {b} (changes the price)" for b in removed)
     return out
+
+
+def forwardable_beta(headers: Mapping[str, str]) -> str | None:
+    """The client's anthropic-beta header without the betas that change the price (None: nothing left)."""
+    return ", ".join(b for b in _betas(headers) if not _priced_beta(b)) or None
