@@ -374,5 +374,10 @@ def strip_unpriced(body: dict[str, Any], api: str, headers: Mapping[str, str] | 
 
 
 def forwardable_beta(headers: Mapping[str, str]) -> str | None:
-    """The client's anthropic-beta header without the betas that change the price (None: nothing left)."""
-    return ", ".join(b for b in _betas(headers) if not _priced_beta(b)) or None
+    """The client's anthropic-beta header without the betas that change the price (None: nothing left);
+    byte for byte as sent when there are none."""
+    betas = _betas(headers)
+    if not any(_priced_beta(b) for b in betas):
+        return headers.get("anthropic-beta") or next(
+            (v for k, v in headers.items() if k.lower() == "anthropic-beta"), None)
+    return ", ".join(b for b in betas if not _priced_beta(b)) or None
