@@ -181,3 +181,35 @@ async def test_upstream_usage_beyond_the_reservation_is_capped_and_counted(gw: G
     assert receipt["charge_nanos"] == receipt["reserved_nanos"] < receipt["price_nanos"]
     assert await gw.counter("tokensforge_undercharged_nanos_total") - before == \
         receipt["price_nanos"] - receipt["charge_nanos"]
+
+
+async def test_relay_routing_fields_are_refused_naming_them(gw: Gw) -> None:
+    """OpenRouter-style `provider` (sent through the SDK's extra_body) would reach the upstream unpriced."""
+    _, key = await gw.account(**FUNDS)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await gw.client(key).chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES,  # type: ignore[arg-type]
+            extra_body={"provider": {"order": ["cheap-relay"]}})
+    assert caught.value.status_code == 400
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "provider" and "provider" in error["message"]
+    assert (await gw.balances(key))["credit"]["reserved_nanos"] == 0
+    _slots_back(gw)
+
+
+async def test_a_big_reasoning_content_is_reserved_for(gw: Gw) -> None:
+    """540 kB in an assistant message's `reasoning_content` is forwarded to an OpenAI-kind channel as sent:
+    the reservation covers its ~180k tokens (the old sizing quoted 18 tokens)."""
+    _, key = await gw.account(**FUNDS)
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "ok", "reasoning_content": "x" * 540_000},
+                {"role": "user", "content": "go on"}]
+    reply = await gw.client(key).chat.completions.create(
+        model="gpt-4o-mini", messages=messages, max_tokens=5)  # type: ignore[arg-type]
+    sent = (await gw.mock.stats())["last_request"]["body"]
+    assert len(sent["messages"][1]["reasoning_content"]) == 540_000  # forwarded as sent
+    receipt = reply.model_extra["receipt"]  # type: ignore[index]
+    cheapest_input_nanos = 60  # gpt-4o-mini's cheapest input price here ($0.06 / 1M tokens), per token
+    assert receipt["reserved_nanos"] >= 180_000 * cheapest_input_nanos
+    quote = (await gw.post("/v1/quote", key, {"model": "gpt-4o-mini", "messages": messages, "max_tokens": 5}))[1]
+    assert quote["estimated_input_tokens"] >= 180_000

@@ -96,8 +96,10 @@ class Request:
 
     `max_output_tokens` is the cap the client asked for (None: the model's maximum); the
     lifecycle replaces it with the cap it reserved for, and upstream codecs forward exactly
-    that one. `raw` is the client's original body when it arrived as OpenAI chat, so an
-    OpenAI-kind channel can receive it with unknown fields intact (SPEC §2).
+    that one. `raw` is the client's original body, in its own dialect (minus what the catalog cannot
+    price), kept for native forwarding and for sizing what is forwarded (`forwarded.py`).
+    `untranslatable` names what the client sent that this request cannot carry into another
+    dialect; an upstream codec that translates turns each into a note ("dropped: thinking").
     """
 
     model: str
@@ -119,6 +121,7 @@ class Request:
     raw: dict[str, Any] | None = None
     #: dialect fields an upstream kind could not express, noted in the receipt ("dropped: reasoning")
     notes: list[str] = field(default_factory=list)
+    untranslatable: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ answer

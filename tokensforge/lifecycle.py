@@ -57,8 +57,6 @@ from .state import Gateway
 from .upstream.streaming import SseReader
 
 log = logging.getLogger("tokensforge.lifecycle")
-#: notes that only a translation across dialects makes ("dropped: …" by an upstream codec)
-TRANSLATION_NOTE = "dropped:"
 T = TypeVar("T")
 
 MAX_SSE_LINE_BYTES = 1024 * 1024
@@ -293,8 +291,6 @@ class Lifecycle:
         assert self._exchange is not None
         self.native = self._exchange.native(served.channel)
         self.trace.relay = "native" if self.native else "translated"
-        if self.native:
-            self.trace.notes = [n for n in self.trace.notes if not n.startswith(TRANSLATION_NOTE)]
         return served
 
     async def _move_to(self, route: Route) -> bool:

@@ -1,14 +1,17 @@
 """Reservation sizing and usage estimation, pure.
 
-Two estimators over the canonical request (any dialect), both documented in the README:
-- *Reservation* (an upper bound, so a request rarely costs more than it held):
-  input tokens ≈ ceil(UTF-8 bytes / 3) per text part + 4 per message + 3, plus an
-  allowance per media part, tool calls and results, tools and response formats;
+Two estimators, both documented in the README:
+- *Reservation* (an upper bound, so a request rarely costs more than it held): the larger of
+  the canonical estimate (ceil(UTF-8 bytes / 3) per text part + 4 per message + 3, plus an
+  allowance per media part, tool calls and results, tools and response formats) and the bound
+  of the client's body as forwarded (`forwarded.forwarded_input_tokens`: every string in any
+  field, media anywhere, documents per page) — size what you forward, not what you understand
+  (SPEC §1); input tokens are priced at the route's highest input-class price;
   output tokens = the client's cap, else the model's max_output_tokens, times n.
 - *Settlement without upstream usage* (a typical count, so nobody is charged
-  more than served): input ≈ ceil(bytes / 4) + 3 per message, output = one
-  token per content chunk delivered (at least ceil(bytes / 4) is never used:
-  chunk count is the lower, fairer figure).
+  more than served): input ≈ ceil(bytes / 4) + 3 per message, of the canonical request or of
+  the forwarded body's text, whichever is larger; output = one token per content chunk
+  delivered (at least ceil(bytes / 4) is never used: chunk count is the lower, fairer figure).
 """
 
 from __future__ import annotations
@@ -23,15 +26,22 @@ import orjson
 from .canonical import MediaPart, Request, TextPart, ToolCall, ToolResult, Usage
 from .catalog import Model, Route
 from .errors import InvalidRequest
+from .forwarded import (
+    API_OF_DIALECT,
+    IMAGE_TOKENS,
+    LOW_DETAIL_IMAGE_TOKENS,
+    MAX_MEDIA_PARTS,
+    document_tokens,
+    forwarded_input_tokens,
+    forwarded_typical_tokens,
+)
 from .money import charge_nanos, classes_charge_nanos, exact_nanos, nanos_per_token, round_nanos, usd
 
 __all__ = ["Usage", "Reservation", "size_request", "size_embedding", "charge_for", "cost_lines", "max_input_price",
-           "usage_price", "TOKEN_CLASSES"]
+           "usage_price", "TOKEN_CLASSES", "LOW_DETAIL_IMAGE_TOKENS", "MAX_MEDIA_PARTS"]
 
-#: Input tokens reserved per media part (an upper bound for one image at high detail; low detail costs 85).
-MEDIA_PART_TOKENS = 2_000
-LOW_DETAIL_IMAGE_TOKENS = 85
-MAX_MEDIA_PARTS = 100
+#: Input tokens reserved per image part (an upper bound at high detail; low detail costs 85).
+MEDIA_PART_TOKENS = IMAGE_TOKENS
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -68,8 +78,18 @@ class Reservation:
 
 
 def request_input_tokens(req: Request) -> int:
+    """Upper-bound input estimate of a request: the larger of what the canonical request holds and what
+    the client's body, as forwarded, holds (`Request.raw`; SPEC §1 "size what you forward")."""
+    canonical = canonical_input_tokens(req)
+    if req.raw is None:
+        return canonical
+    return max(canonical, forwarded_input_tokens(req.raw, API_OF_DIALECT[req.dialect]))
+
+
+def canonical_input_tokens(req: Request) -> int:
     """Upper-bound input estimate for a canonical request: ceil(bytes / 3) of every text the
-    upstream reads, 4 per message, a fixed allowance per media part, tools and formats."""
+    upstream reads, 4 per message, a fixed allowance per media part (a document per page),
+    tools and formats."""
     total, media = 3, 0
     for message in req.messages:
         total += 4
@@ -78,7 +98,7 @@ def request_input_tokens(req: Request) -> int:
                 total += _ceil_div(len(part.text.encode("utf-8")), 3)
             elif isinstance(part, MediaPart):
                 media += 1
-                total += LOW_DETAIL_IMAGE_TOKENS if part.detail == "low" else MEDIA_PART_TOKENS
+                total += _media_part_tokens(part)
             elif isinstance(part, ToolCall):
                 total += _ceil_div(len(part.name) + len(part.arguments.encode("utf-8")), 3) + 4
             elif isinstance(part, ToolResult):
@@ -92,14 +112,25 @@ def request_input_tokens(req: Request) -> int:
     return total
 
 
+def _media_part_tokens(part: MediaPart) -> int:
+    if part.kind == "file":
+        inline = part.data_b64 if part.data_b64 is not None else (
+            part.url if part.url is not None and part.url.startswith("data:") else None)
+        return document_tokens(inline)
+    return LOW_DETAIL_IMAGE_TOKENS if part.detail == "low" else MEDIA_PART_TOKENS
+
+
 def typical_request_tokens(req: Request) -> int:
-    """Typical input count of a canonical request, used only when the upstream reports no usage."""
+    """Typical input count of a request, used only when the upstream reports no usage: the canonical
+    request's, or the forwarded body's text when that is larger (an unknown field is read too)."""
     total = 0
     for message in req.messages:
         size = sum(len(p.text.encode("utf-8")) if isinstance(p, TextPart) else
                    len(p.arguments) if isinstance(p, ToolCall) else
                    len(p.content.encode("utf-8")) if isinstance(p, ToolResult) else 0 for p in message.parts)
         total += _ceil_div(size, 4) + 3
+    if req.raw is not None:
+        total = max(total, forwarded_typical_tokens(req.raw, API_OF_DIALECT[req.dialect]))
     return total
 
 
@@ -257,11 +288,11 @@ def route_charge(input_tokens: int, output_tokens: int, route: Route) -> int:
 
 
 def size_request(req: Request, model: Model, route: Route) -> Reservation:
-    """What a canonical request may cost at most on `route`: n answers of the output allowance."""
+    """What a request may cost at most on `route`: every input token it forwards at the highest
+    input-class price, and n answers of the output allowance."""
     tokens_in = request_input_tokens(req)
     tokens_out = output_allowance(req.max_output_tokens, model, cap_param(req)) * req.n
-    amount = route_charge(tokens_in, tokens_out, route)
-    return Reservation(tokens_in, tokens_out, amount)
+    return Reservation(tokens_in, tokens_out, route_charge(tokens_in, tokens_out, route))
 
 
 def size_embedding(body: dict[str, Any], route: Route) -> Reservation:

@@ -13,6 +13,7 @@ from .. import native
 from ..canonical import Frame, MalformedUpstream, Usage
 from ..dialects import anthropic_messages
 from ..errors import TokensForgeError, UpstreamError
+from ..forwarded import forwardable_beta
 from ..lifecycle import Lifecycle
 from ..pricing import typical_request_tokens
 from ..receipts import answer_id
@@ -54,9 +55,9 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         model, route, pinned = choose(gw, policy, request, body, "chat", "/v1/messages")
         life.begin(model, route, pinned=pinned)
-        req = anthropic_messages.decode(body)
-        exchange = await admit_model_request(life, model, route, req, api="messages", body=body,
-                                             beta=request.headers.get("anthropic-beta"))
+        req = anthropic_messages.decode(body, request.headers)  # notes a pricing beta it drops
+        exchange = await admit_model_request(life, model, route, req, api="messages", body=req.raw,
+                                             beta=forwardable_beta(request.headers))
         message_id = answer_id(life.trace.request_id, "msg_")
         if req.stream:
             encoder = anthropic_messages.StreamEncoder(message_id=message_id, request=req)

@@ -7,6 +7,7 @@ errors in the shapes the official `anthropic` SDK parses.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import orjson
@@ -30,14 +31,24 @@ from tokensforge.canonical import (
     Usage,
 )
 from tokensforge.errors import InvalidRequest
+from tokensforge.forwarded import strip_unpriced
 
-_COMMON_FIELDS = frozenset({"model", "messages", "system", "tools", "tool_choice", "thinking"})
-#: accepted and ignored: they change neither the answer's content nor its cost to us
-_IGNORED_FIELDS = frozenset({"service_tier", "cache_control"})
-_CREATE_FIELDS = _COMMON_FIELDS | _IGNORED_FIELDS | {
-    "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "metadata", "stream",
-}  # fmt: skip
-_COUNT_FIELDS = _COMMON_FIELDS | _IGNORED_FIELDS
+#: top-level fields the canonical request carries; anything else (thinking, context_management,
+#: output_config, cache_control, top_k, service_tier, container, fields added later) is accepted, kept in
+#: Request.raw for a native channel, and named in Request.untranslatable for a translated one
+_CARRIED = frozenset({
+    "model", "messages", "system", "tools", "tool_choice", "max_tokens", "stop_sequences", "temperature",
+    "top_p", "metadata", "stream",
+})
+#: content blocks with no canonical form: kept for a native channel, dropped (and named) when translated
+_UNTRANSLATED_BLOCKS = {
+    "thinking": "thinking blocks", "redacted_thinking": "thinking blocks",
+    "server_tool_use": "server tool blocks", "web_search_tool_result": "server tool blocks",
+    "web_fetch_tool_result": "server tool blocks", "code_execution_tool_result": "server tool blocks",
+    "bash_code_execution_tool_result": "server tool blocks",
+    "text_editor_code_execution_tool_result": "server tool blocks", "mcp_tool_use": "server tool blocks",
+    "mcp_tool_result": "server tool blocks", "container_upload": "container uploads",
+}
 
 _STOP_REASONS = {
     "stop": "end_turn",
@@ -66,20 +77,46 @@ _ERROR_TYPES = {
 # ------------------------------------------------------------------ decode
 
 
-def decode(body: dict[str, Any]) -> Request:
-    """A `POST /v1/messages` body → canonical Request; InvalidRequest names the bad field."""
-    req = _decode(body, _CREATE_FIELDS)
-    max_tokens = body.get("max_tokens")
+def decode(body: dict[str, Any], headers: Mapping[str, str] | None = None) -> Request:
+    """A `POST /v1/messages` body → canonical Request; InvalidRequest names the bad field. Lenient (SPEC §1):
+    a field the canonical request cannot carry is accepted and named in `Request.untranslatable`;
+    only what would break billing is refused (`forwarded.strip_unpriced`)."""
+    req = _decode(body, headers)
+    max_tokens = req.raw.get("max_tokens") if req.raw is not None else None
     if type(max_tokens) is not int or max_tokens < 1:
         raise InvalidRequest("max_tokens: a positive integer is required", param="max_tokens")
     req.max_output_tokens = max_tokens
+    return req
+
+
+def decode_count_tokens(body: dict[str, Any]) -> Request:
+    """A `POST /v1/messages/count_tokens` body → canonical Request (no output cap)."""
+    return _decode(body, None)
+
+
+def _decode(body: dict[str, Any], headers: Mapping[str, str] | None) -> Request:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    stripped = strip_unpriced(body, "messages", headers)
+    body = stripped.body
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: a model name is required", param="model")
+    req = Request(model=model, messages=[], dialect="anthropic_messages", raw=body, notes=stripped.notes)
+    req.untranslatable.extend(k for k, v in body.items() if k not in _CARRIED and v is not None)
+    if body.get("n") not in (None, 1):  # Messages has no n; a relay that honours it bills n answers
+        raise InvalidRequest("n: Messages returns one answer; n is not supported", param="n")
+    req.messages.extend(_system(body.get("system")))
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise InvalidRequest("messages: a non-empty array is required", param="messages")
+    for i, raw in enumerate(raw_messages):
+        req.messages.extend(_message(raw, f"messages.{i}", req))
+    req.tools = _tools(body.get("tools"), req)
+    req.tool_choice, req.parallel_tool_calls = _tool_choice(body.get("tool_choice"))
     req.stop = _stop_sequences(body.get("stop_sequences"))
     req.temperature = _number(body, "temperature", 0.0, 1.0)
     req.top_p = _number(body, "top_p", 0.0, 1.0)
-    if body.get("top_k") is not None:
-        if type(body["top_k"]) is not int or body["top_k"] < 0:
-            raise InvalidRequest("top_k: a non-negative integer is required", param="top_k")
-        _note(req, "dropped: top_k")
     req.user = _user_id(body.get("metadata"))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -88,41 +125,13 @@ def decode(body: dict[str, Any]) -> Request:
     return req
 
 
-def decode_count_tokens(body: dict[str, Any]) -> Request:
-    """A `POST /v1/messages/count_tokens` body → canonical Request (no output cap)."""
-    return _decode(body, _COUNT_FIELDS)
-
-
-def _decode(body: dict[str, Any], allowed: frozenset[str]) -> Request:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    for key in body:
-        if key not in allowed:
-            raise InvalidRequest(f"{key}: Extra inputs are not permitted", param=key)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model: a model name is required", param="model")
-    req = Request(model=model, messages=[], dialect="anthropic_messages")
-    req.messages.extend(_system(body.get("system")))
-    raw_messages = body.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise InvalidRequest("messages: a non-empty array is required", param="messages")
-    for i, raw in enumerate(raw_messages):
-        req.messages.extend(_message(raw, f"messages.{i}", req))
-    req.tools = _tools(body.get("tools"))
-    req.tool_choice, req.parallel_tool_calls = _tool_choice(body.get("tool_choice"))
-    if body.get("thinking") is not None:
-        _note(req, "dropped: thinking")
-    return req
-
-
-def _note(req: Request, note: str) -> None:
-    if note not in req.notes:
-        req.notes.append(note)
+def _untranslatable(req: Request, name: str) -> None:
+    if name not in req.untranslatable:
+        req.untranslatable.append(name)
 
 
 def _text_blocks(value: Any, param: str) -> list[str]:
-    """`str | [{"type": "text", "text": str}, …]` → the texts."""
+    """`str | [{"type": "text", "text": str}, …]` → the texts (cache_control and citations are ignored)."""
     if isinstance(value, str):
         return [value]
     if not isinstance(value, list):
@@ -143,15 +152,15 @@ def _system(value: Any) -> list[Message]:
 
 
 def _message(raw: Any, param: str, req: Request) -> list[Message]:
-    """One Anthropic turn → canonical messages: tool_result blocks become "tool" messages, in order."""
+    """One Anthropic turn → canonical messages: tool_result blocks become "tool" messages, in order (media
+    inside a tool result follows it as a user message); a `role: "system"` turn is system text."""
     if not isinstance(raw, dict):
         raise InvalidRequest(f"{param}: a message object is required", param=param)
-    extra = set(raw) - {"role", "content"}
-    if extra:
-        raise InvalidRequest(f"{param}.{min(extra)}: Extra inputs are not permitted", param=param)
     role = raw.get("role")
+    if role == "system":
+        return [Message("system", tuple(TextPart(t) for t in _text_blocks(raw.get("content"), f"{param}.content")))]
     if role not in ("user", "assistant"):
-        raise InvalidRequest(f"{param}.role: must be 'user' or 'assistant'", param=f"{param}.role")
+        raise InvalidRequest(f"{param}.role: must be 'user', 'assistant' or 'system'", param=f"{param}.role")
     content = raw.get("content")
     if isinstance(content, str):
         return [Message(role, (TextPart(content),))]
@@ -161,27 +170,34 @@ def _message(raw: Any, param: str, req: Request) -> list[Message]:
     out: list[Message] = []
     pending: list[Part] = []
     for i, block in enumerate(content):
-        part = _block(block, role, f"{param}.content.{i}", req)
-        if isinstance(part, ToolResult):
+        at = f"{param}.content.{i}"
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            if role != "user":
+                raise InvalidRequest(f"{at}: tool_result blocks belong to user turns", param=at)
             if pending:
                 out.append(Message(role, tuple(pending)))
                 pending = []
-            out.append(Message("tool", (part,)))
-        elif part is not None:
-            pending.append(part)
+            result, media = _tool_result(block, at)
+            out.append(Message("tool", (result,)))
+            if media:
+                out.append(Message("user", tuple(media)))
+            continue
+        pending.extend(_block(block, role, at, req))
     if pending or not out:
         out.append(Message(role, tuple(pending)))
     return out
 
 
-def _block(block: Any, role: str, param: str, req: Request) -> Part | None:
+def _block(block: Any, role: str, param: str, req: Request) -> list[Part]:
     if not isinstance(block, dict):
         raise InvalidRequest(f"{param}: a content block object is required", param=param)
     kind = block.get("type")
     if kind == "text":
-        return TextPart(_str(block, "text", param))
+        return [TextPart(_str(block, "text", param))]
     if kind in ("image", "document"):
         return _media(block, param)
+    if kind == "search_result":
+        return [TextPart(t) for t in _search_result(block, param)]
     if kind == "tool_use":
         if role != "assistant":
             raise InvalidRequest(f"{param}: tool_use blocks belong to assistant turns", param=param)
@@ -189,23 +205,52 @@ def _block(block: Any, role: str, param: str, req: Request) -> Part | None:
         if not isinstance(arguments, dict):
             raise InvalidRequest(f"{param}.input: an object is required", param=f"{param}.input")
         call_id, name = _str(block, "id", param), _str(block, "name", param)
-        return ToolCall(call_id, name, orjson.dumps(arguments).decode())
-    if kind == "tool_result":
-        if role != "user":
-            raise InvalidRequest(f"{param}: tool_result blocks belong to user turns", param=param)
-        content = block.get("content", "")
-        text = "".join(_text_blocks(content, f"{param}.content"))
-        is_error = block.get("is_error", False)
-        if not isinstance(is_error, bool):
-            raise InvalidRequest(f"{param}.is_error: a boolean is required", param=f"{param}.is_error")
-        return ToolResult(_str(block, "tool_use_id", param), text, is_error)
-    if kind in ("thinking", "redacted_thinking"):
-        _note(req, "dropped: thinking blocks")
-        return None
+        return [ToolCall(call_id, name, orjson.dumps(arguments).decode())]
+    if isinstance(kind, str) and kind in _UNTRANSLATED_BLOCKS:
+        _untranslatable(req, _UNTRANSLATED_BLOCKS[kind])
+        return []
     raise InvalidRequest(f"{param}.type: unsupported content block type {kind!r}", param=f"{param}.type")
 
 
-def _media(block: dict[str, Any], param: str) -> Part:
+def _tool_result(block: dict[str, Any], param: str) -> tuple[ToolResult, list[Part]]:
+    """A tool_result → its text, and the images and documents it holds (a translated request sends those
+    as a user message after the result: OpenAI tool messages carry text only)."""
+    content = block.get("content", "")
+    texts: list[str] = []
+    media: list[Part] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for j, item in enumerate(content):
+            at = f"{param}.content.{j}"
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "text":
+                texts.append(_str(item, "text", at))
+            elif kind in ("image", "document"):
+                for part in _media(item, at):
+                    if isinstance(part, TextPart):
+                        texts.append(part.text)
+                    else:
+                        media.append(part)
+            elif kind == "search_result":
+                texts.extend(_search_result(item, at))
+            else:
+                raise InvalidRequest(f"{at}: text, image, document or search_result blocks only",
+                                     param=f"{param}.content")
+    elif content is not None:
+        raise InvalidRequest(f"{param}.content: a string or an array of blocks is required", param=f"{param}.content")
+    is_error = block.get("is_error", False)
+    if not isinstance(is_error, (bool, type(None))):
+        raise InvalidRequest(f"{param}.is_error: a boolean is required", param=f"{param}.is_error")
+    return ToolResult(_str(block, "tool_use_id", param), "".join(texts), bool(is_error)), media
+
+
+def _search_result(block: dict[str, Any], param: str) -> list[str]:
+    title = block.get("title")
+    return ([title] if isinstance(title, str) else []) + _text_blocks(block.get("content", []), f"{param}.content")
+
+
+def _media(block: dict[str, Any], param: str) -> list[Part]:
     source = block.get("source")
     if not isinstance(source, dict):
         raise InvalidRequest(f"{param}.source: an object is required", param=f"{param}.source")
@@ -214,16 +259,29 @@ def _media(block: dict[str, Any], param: str) -> Part:
     if source_type == "base64":
         data = _str(source, "data", f"{param}.source")
         media_type = _str(source, "media_type", f"{param}.source")
-        return MediaPart(kind, data_b64=data, media_type=media_type)
+        return [MediaPart(kind, data_b64=data, media_type=media_type)]
     if source_type == "url":
-        return MediaPart(kind, url=_str(source, "url", f"{param}.source"))
+        return [MediaPart(kind, url=_str(source, "url", f"{param}.source"))]
     if source_type == "text" and kind == "file":  # a plain-text document is just text
-        return TextPart(_str(source, "data", f"{param}.source"))
+        return [TextPart(_str(source, "data", f"{param}.source"))]
+    if source_type == "content" and kind == "file":  # a document of content blocks: its texts and images
+        parts: list[Part] = []
+        for j, item in enumerate(source.get("content") or []):
+            at = f"{param}.source.content.{j}"
+            if isinstance(item, dict) and item.get("type") == "image":
+                parts.extend(_media(item, at))
+            else:
+                parts.extend(TextPart(t) for t in _text_blocks([item], at))
+        return parts
     message = f"{param}.source.type: unsupported source type {source_type!r}"
+    if source_type == "file":
+        message += " (file ids name files in the operator's account: send the content inline or by URL)"
     raise InvalidRequest(message, param=f"{param}.source.type")
 
 
-def _tools(value: Any) -> tuple[Tool, ...]:
+def _tools(value: Any, req: Request) -> tuple[Tool, ...]:
+    """Custom tools → canonical tools; Anthropic-defined client tools (bash, text editor, computer, memory)
+    have no canonical form (untranslatable); server tools were stripped as unpriced before this."""
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -233,9 +291,10 @@ def _tools(value: Any) -> tuple[Tool, ...]:
         param = f"tools.{i}"
         if not isinstance(raw, dict):
             raise InvalidRequest(f"{param}: a tool object is required", param=param)
-        if raw.get("type", "custom") not in ("custom", None):
-            message = f"{param}.type: server tools ({raw['type']!r}) are not supported; use custom tools"
-            raise InvalidRequest(message, param=f"{param}.type")
+        kind = raw.get("type", "custom")
+        if kind not in ("custom", None):
+            _untranslatable(req, f"tool {raw.get('name')} ({kind})")
+            continue
         schema = raw.get("input_schema")
         if not isinstance(schema, dict):
             raise InvalidRequest(f"{param}.input_schema: an object is required", param=f"{param}.input_schema")
@@ -288,8 +347,8 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | 
 def _user_id(metadata: Any) -> str | None:
     if metadata is None:
         return None
-    if not isinstance(metadata, dict) or set(metadata) - {"user_id"}:
-        raise InvalidRequest("metadata: only user_id is allowed", param="metadata")
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("metadata: an object is required", param="metadata")
     user = metadata.get("user_id")
     if user is not None and not isinstance(user, str):
         raise InvalidRequest("metadata.user_id: a string is required", param="metadata.user_id")
@@ -316,7 +375,7 @@ def encode_response(
     if choice is not None:
         text = choice.text or choice.refusal
         if text:
-            content.append({"type": "text", "text": text, "citations": None})
+            content.append({"type": "text", "text": text})  # never "citations": null (the AI SDK refuses it)
         content.extend(
             {"type": "tool_use", "id": c.id, "name": c.name, "input": tool_input(c.arguments)}
             for c in choice.tool_calls

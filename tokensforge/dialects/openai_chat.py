@@ -2,9 +2,10 @@
 
 Decoding validates every field that can multiply what the upstream bills (SPEC §1): `n`,
 both output caps, media parts, `stream_options`; fields whose cost the gateway cannot
-price (audio output, predicted outputs, web search, premium service tiers) are refused
-with a 400 rather than forwarded unpriced. The client's body is kept (`Request.raw`) so an
-OpenAI-kind channel receives unknown fields intact.
+price (audio output, predicted outputs, web search, premium service tiers, relay routing) are
+refused with a 400 rather than forwarded unpriced. The client's body is kept (`Request.raw`) so an
+OpenAI-kind channel receives unknown fields intact and sizing counts them; what the canonical
+request cannot carry is named in `Request.untranslatable` (a note only when it is translated).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..canonical import (
     Usage,
 )
 from ..errors import InvalidRequest
+from ..forwarded import strip_unpriced
 
 MAX_N = 8
 REFUSED = {
@@ -39,6 +41,14 @@ REFUSED = {
     "prediction": "predicted outputs bill rejected tokens the reservation cannot bound",
     "web_search_options": "web search is billed per call, which this gateway cannot price",
 }
+#: top-level fields the canonical request carries (or that only steer the gateway)
+CARRIED = frozenset({
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n", "tools",
+    "tool_choice", "response_format", "functions", "temperature", "top_p", "stop", "user", "metadata",
+    "parallel_tool_calls", "reasoning_effort", "service_tier", "modalities",
+})
+#: message fields the canonical message carries
+MESSAGE_CARRIED = frozenset({"role", "content", "tool_calls", "tool_call_id", "name"})
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool", "function": "tool"}
 
@@ -49,6 +59,8 @@ def decode(body: dict[str, Any]) -> Request:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise InvalidRequest("'messages' must be a non-empty array of message objects", param="messages")
     _refuse_unpriced(body)
+    stripped = strip_unpriced(body, "chat")
+    body = stripped.body
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -60,6 +72,7 @@ def decode(body: dict[str, Any]) -> Request:
         n = 1
     if type(n) is not int or not 1 <= n <= MAX_N:
         raise InvalidRequest(f"'n' must be an integer from 1 to {MAX_N}", param="n")
+    effort = body.get("reasoning_effort")
     return Request(
         model=str(body.get("model")),
         messages=[_message(m, i) for i, m in enumerate(messages)],
@@ -69,9 +82,48 @@ def decode(body: dict[str, Any]) -> Request:
         n=n,
         tools=_tools(body),
         tool_choice=_tool_choice(body.get("tool_choice")),
+        parallel_tool_calls=_opt(body, "parallel_tool_calls", bool),
+        temperature=_number(body, "temperature"),
+        top_p=_number(body, "top_p"),
+        stop=_stop(body.get("stop")),
+        metadata=_opt(body, "metadata", dict),
+        user=_opt(body, "user", str),
+        reasoning={"effort": effort} if isinstance(effort, str) else None,
         response_format=body.get("response_format") if isinstance(body.get("response_format"), dict) else None,
         raw=body,
+        notes=stripped.notes,
+        untranslatable=untranslatable(body),
     )
+
+
+def untranslatable(body: dict[str, Any]) -> list[str]:
+    """What a chat body holds that the canonical request cannot carry: unknown top-level fields and
+    message fields such as `reasoning_content`, `refusal` or a legacy `function_call`."""
+    names = [key for key, value in body.items() if key not in CARRIED and value is not None]
+    for message in body.get("messages") or ():
+        for key, value in message.items():
+            if key not in MESSAGE_CARRIED and value is not None and key not in names:
+                names.append(key)
+    return names
+
+
+def _opt(body: dict[str, Any], key: str, kind: type) -> Any:
+    """A field of the expected type, else None (an odd value is forwarded to a native upstream as sent)."""
+    value = body.get(key)
+    return value if isinstance(value, kind) else None
+
+
+def _number(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
 
 
 def wants_usage(body: dict[str, Any]) -> bool:
@@ -152,11 +204,27 @@ def _content(content: Any, where: str) -> list[TextPart | MediaPart]:
                                    detail=detail if isinstance(detail, str) else None))
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             parts.append(TextPart(part["refusal"]))
-        elif kind in ("input_audio", "file"):
+        elif kind == "file":
+            parts.append(_file(part, at))
+        elif kind == "input_audio":
             raise InvalidRequest(f"{at}: {kind} parts cannot be priced by this gateway", param=at)
         else:
             raise InvalidRequest(f"{at} must be a text or image_url part", param=at)
     return parts
+
+
+def _file(part: dict[str, Any], at: str) -> MediaPart:
+    """A file part sent inline (a data: URL, sized per page); a file id names the operator's own
+    OpenAI files, which a client must not reach and the gateway cannot size."""
+    file = part.get("file")
+    data = file.get("file_data") if isinstance(file, dict) else None
+    if not isinstance(data, str) or not data:
+        raise InvalidRequest(f"{at}: a file part needs 'file.file_data' (file ids are not supported)", param=at)
+    if data.startswith("data:"):
+        return MediaPart("file", url=data)
+    filename = file.get("filename") if isinstance(file, dict) else None
+    pdf = isinstance(filename, str) and filename.lower().endswith(".pdf")
+    return MediaPart("file", data_b64=data, media_type="application/pdf" if pdf else None)
 
 
 def _plain_text(content: Any, where: str) -> str:

@@ -5,9 +5,13 @@ canonical `Request`; `encode_response` and `StreamEncoder` turn the canonical an
 Response object / the Responses event stream the official SDK's accumulator accepts; `history` and
 `load_history` are what the handler stores for a follow-up turn (Responses input items, JSON-able).
 
-The Responses API is strict: a field it does not know is a 400, and so is a field the gateway cannot
-honour (hosted tools, background mode, server-side conversations, stored prompts). Fields that only
-tune the upstream's caching or tier are accepted and noted as dropped in `Request.notes`.
+Decoding is lenient (SPEC §1: mainstream agents such as Codex work unchanged): a field the canonical
+request cannot carry (`client_metadata`, `prompt_cache_key`, `text.verbosity`, reasoning items, custom
+tools, fields added later) is accepted, kept in `Request.raw` for a native channel and named in
+`Request.untranslatable` for a translated one; `namespace` tools are flattened to their functions;
+hosted tools (`web_search`…) are dropped with a note (`forwarded.strip_unpriced`). Refused with a 400
+naming the field: what the gateway cannot honour or bill (background mode, server-side conversations,
+stored prompts, item references, relay routing, log probabilities).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from tokensforge.canonical import (
     UsageReport,
 )
 from tokensforge.errors import InvalidRequest
+from tokensforge.forwarded import strip_unpriced
 
 #: fields translated into the canonical request
 _TRANSLATED = frozenset({
@@ -46,29 +51,17 @@ _TRANSLATED = frozenset({
     "temperature", "top_p", "metadata", "user", "stream", "reasoning", "text",
 })
 #: fields the gateway itself acts on (storage, route pinning) or that change nothing here
-_GATEWAY = frozenset({"store", "previous_response_id", "include", "route", "truncation", "stream_options"})
-#: fields accepted and not forwarded: they tune an upstream's caching, tier or hosted tools only
-_DROPPED = frozenset({
-    "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
-    "max_tool_calls", "top_logprobs",
-})
+_GATEWAY = frozenset({"store", "previous_response_id", "route", "truncation", "stream_options"})
 #: fields the gateway cannot honour when set, with the reason the client is told
 _REFUSED = {
     "background": "background mode is not supported: send the request without it and keep the connection open",
     "conversation": "server-side conversations are not supported: chain turns with previous_response_id",
     "prompt": "stored prompt templates live in an OpenAI project and cannot be served through a routed "
     "channel: send the prompt as instructions and input",
-    "context_management": "server-side context management (compaction) is not supported",
 }
-_HOSTED_ITEMS = frozenset({
-    "file_search_call", "web_search_call", "computer_call", "computer_call_output", "image_generation_call",
-    "code_interpreter_call", "local_shell_call", "local_shell_call_output", "shell_call", "shell_call_output",
-    "apply_patch_call", "apply_patch_call_output", "mcp_list_tools", "mcp_approval_request",
-    "mcp_approval_response", "mcp_call", "custom_tool_call", "custom_tool_call_output", "tool_search_call",
-    "tool_search_output", "compaction", "additional_tools",
-})
+#: fields removed before forwarding, with the note the receipt carries
+_DROPPED = {"context_management": "dropped: context_management (server-side compaction, not priced)"}
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_TOOL_KEYS = frozenset({"type", "name", "description", "parameters", "strict"})
 _EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
 _SUMMARIES = frozenset({"auto", "concise", "detailed"})
 
@@ -127,22 +120,28 @@ def decode(body: dict[str, Any], history: Sequence[Message] = ()) -> Request:
     its input. Raises `InvalidRequest` naming the field for anything the gateway cannot honour."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    notes = _check_fields(body)
+    stripped = strip_unpriced(body, "responses")
+    body, notes = stripped.body, stripped.notes
+    untranslatable = _check_fields(body)
+    for name, note in _DROPPED.items():
+        if body.get(name) is not None:
+            body = {k: v for k, v in body.items() if k != name}
+            notes.append(note)
     opts = options(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a non-empty string", param="model")
     instructions = _opt_str(body, "instructions")
-    tools = _tools(body.get("tools"))
+    tools = _tools(body.get("tools"), untranslatable)
     messages = [Message("system", (TextPart(instructions),))] if instructions else []
     messages.extend(history)
     if "input" not in body or body["input"] is None:
         raise InvalidRequest("'input' is required", param="input")
-    new = _input(body["input"], history, notes)
+    new = _input(body["input"], history, untranslatable)
     if not new and not history:
         raise InvalidRequest("'input' has no items", param="input")
     messages.extend(new)
-    text, response_format = _text(body.get("text"), notes)
+    text, response_format = _text(body.get("text"), untranslatable)
     return ResponsesRequest(
         model=model,
         messages=messages,
@@ -150,15 +149,17 @@ def decode(body: dict[str, Any], history: Sequence[Message] = ()) -> Request:
         stream=_opt_bool(body, "stream") or False,
         max_output_tokens=_max_output_tokens(body.get("max_output_tokens")),
         tools=tools,
-        tool_choice=_tool_choice(body.get("tool_choice"), tools),
+        tool_choice=_tool_choice(body.get("tool_choice"), tools, untranslatable),
         parallel_tool_calls=_opt_bool(body, "parallel_tool_calls"),
         temperature=_number(body, "temperature", 2.0),
         top_p=_number(body, "top_p", 1.0),
         metadata=_metadata(body.get("metadata")),
         user=_opt_str(body, "user"),
-        reasoning=_reasoning(body.get("reasoning")),
+        reasoning=_reasoning(body.get("reasoning"), untranslatable),
         response_format=response_format,
+        raw=body,
         notes=notes,
+        untranslatable=untranslatable,
         instructions=instructions,
         text=text,
         truncation=_truncation(body.get("truncation")),
@@ -168,23 +169,22 @@ def decode(body: dict[str, Any], history: Sequence[Message] = ()) -> Request:
 
 
 def _check_fields(body: dict[str, Any]) -> list[str]:
-    """Unknown and refused fields are 400s; dropped ones become notes."""
-    notes: list[str] = []
+    """Refused fields are 400s; the names of those the canonical request does not carry are returned."""
+    untranslatable: list[str] = []
     for name, value in body.items():
-        if name in _TRANSLATED or name in _GATEWAY:
+        if name in _TRANSLATED or name in _GATEWAY or value is None:
             continue
         if name in _REFUSED:
-            if value not in (None, False, []):
+            if value not in (False, []):
                 raise InvalidRequest(_REFUSED[name], param=name)
-        elif name in _DROPPED:
-            if value is not None:
-                notes.append(f"dropped: {name}")
-        else:
-            raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name)
+        elif name not in _DROPPED and not (name == "include" and not value):
+            untranslatable.append(name)
     top_logprobs = body.get("top_logprobs")
     if top_logprobs not in (None, 0):
         raise InvalidRequest("log probabilities are not supported", param="top_logprobs")
-    return notes
+    if body.get("n") not in (None, 1):  # not a Responses field; a relay that honours it bills n answers
+        raise InvalidRequest("'n' is not supported: a response has one answer", param="n")
+    return untranslatable
 
 
 def _opt_str(body: dict[str, Any], name: str) -> str | None:
@@ -240,7 +240,7 @@ def _truncation(value: Any) -> str:
     return str(value)
 
 
-def _reasoning(value: Any) -> dict[str, Any] | None:
+def _reasoning(value: Any, untranslatable: list[str]) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -251,27 +251,21 @@ def _reasoning(value: Any) -> dict[str, Any] | None:
             continue
         allowed = _EFFORTS if key == "effort" else _SUMMARIES if key in ("summary", "generate_summary") else None
         if allowed is None:
-            raise InvalidRequest(f"Unknown parameter: 'reasoning.{key}'.", param=f"reasoning.{key}")
+            untranslatable.append(f"reasoning.{key}")
+            continue
         if not isinstance(item, str) or item not in allowed:
             raise InvalidRequest(f"'reasoning.{key}' must be one of {sorted(allowed)}", param=f"reasoning.{key}")
         out["summary" if key == "generate_summary" else key] = item
     return out or None
 
 
-def _text(value: Any, notes: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def _text(value: Any, untranslatable: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """`text` → (the config echoed back, Request.response_format in OpenAI chat shape)."""
     if value is None:
         return None, None
     if not isinstance(value, dict):
         raise InvalidRequest("'text' must be an object", param="text")
-    for key in value:
-        if key not in ("format", "verbosity"):
-            raise InvalidRequest(f"Unknown parameter: 'text.{key}'.", param=f"text.{key}")
-    verbosity = value.get("verbosity")
-    if verbosity is not None:
-        if verbosity not in ("low", "medium", "high"):
-            raise InvalidRequest("'text.verbosity' must be 'low', 'medium' or 'high'", param="text.verbosity")
-        notes.append("dropped: text.verbosity")
+    untranslatable.extend(f"text.{key}" for key, item in value.items() if key != "format" and item is not None)
     fmt = value.get("format")
     if fmt is None:
         return dict(value), None
@@ -294,7 +288,10 @@ def _text(value: Any, notes: list[str]) -> tuple[dict[str, Any] | None, dict[str
     return dict(value), {"type": "json_schema", "json_schema": spec}
 
 
-def _tools(value: Any) -> tuple[Tool, ...]:
+def _tools(value: Any, untranslatable: list[str]) -> tuple[Tool, ...]:
+    """Function tools → canonical tools; a `namespace` (a group of function tools, as Codex sends) is
+    flattened to its functions; other client-run tool types (custom, local_shell…) are untranslatable.
+    Hosted tools were stripped as unpriced before this."""
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -304,31 +301,43 @@ def _tools(value: Any) -> tuple[Tool, ...]:
         where = f"tools[{i}]"
         if not isinstance(spec, dict):
             raise InvalidRequest(f"'{where}' must be an object", param=where)
-        if spec.get("type") != "function":
-            raise InvalidRequest(
-                f"only function tools are supported; {spec.get('type')!r} is a hosted OpenAI tool the gateway "
-                "cannot run", param=f"{where}.type")
-        for key, item in spec.items():
-            if key not in _TOOL_KEYS and item not in (None, False):
-                raise InvalidRequest(f"Unknown parameter: '{where}.{key}'.", param=f"{where}.{key}")
-        name = spec.get("name")
-        if not isinstance(name, str) or not _TOOL_NAME.match(name):
-            raise InvalidRequest("a function name is 1-64 letters, digits, '_' or '-'", param=f"{where}.name")
-        params, desc, strict = spec.get("parameters"), spec.get("description"), spec.get("strict")
-        if params is not None and not isinstance(params, dict):
-            raise InvalidRequest("'parameters' must be a JSON Schema object", param=f"{where}.parameters")
-        if desc is not None and not isinstance(desc, str):
-            raise InvalidRequest("'description' must be a string", param=f"{where}.description")
-        if strict is not None and not isinstance(strict, bool):
-            raise InvalidRequest("'strict' must be a boolean", param=f"{where}.strict")
-        if any(t.name == name for t in tools):
-            raise InvalidRequest(f"two tools are named {name!r}", param=f"{where}.name")
-        tools.append(Tool(name=name, description=desc, parameters=params, strict=strict))
+        kind = spec.get("type")
+        if kind == "function":
+            tools.append(_function_tool(spec, where, tools))
+        elif kind == "namespace" and isinstance(spec.get("tools"), list):
+            for j, inner in enumerate(spec["tools"]):
+                at = f"{where}.tools[{j}]"
+                if isinstance(inner, dict) and inner.get("type") == "function":
+                    tools.append(_function_tool(inner, at, tools))
+                else:
+                    untranslatable.append(f"tool {inner.get('name') if isinstance(inner, dict) else j} "
+                                          f"({inner.get('type') if isinstance(inner, dict) else '?'})")
+        else:
+            untranslatable.append(f"tool {spec.get('name') or kind} ({kind})")
     return tuple(tools)
 
 
-def _tool_choice(value: Any, tools: tuple[Tool, ...]) -> ToolChoice | None:
+def _function_tool(spec: dict[str, Any], where: str, tools: list[Tool]) -> Tool:
+    name = spec.get("name")
+    if not isinstance(name, str) or not _TOOL_NAME.match(name):
+        raise InvalidRequest("a function name is 1-64 letters, digits, '_' or '-'", param=f"{where}.name")
+    params, desc, strict = spec.get("parameters"), spec.get("description"), spec.get("strict")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidRequest("'parameters' must be a JSON Schema object", param=f"{where}.parameters")
+    if desc is not None and not isinstance(desc, str):
+        raise InvalidRequest("'description' must be a string", param=f"{where}.description")
+    if strict is not None and not isinstance(strict, bool):
+        raise InvalidRequest("'strict' must be a boolean", param=f"{where}.strict")
+    if any(t.name == name for t in tools):
+        raise InvalidRequest(f"two tools are named {name!r}", param=f"{where}.name")
+    return Tool(name=name, description=desc, parameters=params, strict=strict)
+
+
+def _tool_choice(value: Any, tools: tuple[Tool, ...], untranslatable: list[str]) -> ToolChoice | None:
     if value is None:
+        return None
+    if isinstance(value, dict) and value.get("type") != "function":  # allowed_tools, custom, a hosted tool
+        untranslatable.append("tool_choice")
         return None
     if value in ("auto", "none", "required"):
         choice = ToolChoice(mode=value)
@@ -349,18 +358,20 @@ def _tool_choice(value: Any, tools: tuple[Tool, ...]) -> ToolChoice | None:
 # ------------------------------------------------------------------ input items
 
 
-def _input(value: Any, history: Sequence[Message], notes: list[str]) -> list[Message]:
+def _input(value: Any, history: Sequence[Message], untranslatable: list[str]) -> list[Message]:
     if isinstance(value, str):
         return [Message("user", (TextPart(value),))]
     if not isinstance(value, list):
         raise InvalidRequest("'input' must be a string or a list of items", param="input")
     call_ids = {p.id for m in history for p in m.parts if isinstance(p, ToolCall)}
-    return _items(value, call_ids, notes, "input")
+    return _items(value, call_ids, untranslatable, "input")
 
 
-def _items(items: list[Any], call_ids: set[str], notes: list[str], where: str) -> list[Message]:
+def _items(items: list[Any], call_ids: set[str], untranslatable: list[str], where: str) -> list[Message]:
     """Input items → messages. Function calls join the assistant message before them (one chat turn
-    with text and tool calls); each function_call_output is one "tool" message."""
+    with text and tool calls); each function_call_output is one "tool" message (media in its output
+    follows as a user message). Reasoning, custom-tool and hosted-tool items have no canonical form:
+    named in `untranslatable` (a native channel gets them as sent)."""
     messages: list[Message] = []
     for i, item in enumerate(items):
         at = f"{where}[{i}]"
@@ -382,15 +393,17 @@ def _items(items: list[Any], call_ids: set[str], notes: list[str], where: str) -
             if call_id not in call_ids:
                 raise InvalidRequest(f"no function_call with call_id {call_id!r} precedes this output",
                                      param=f"{at}.call_id")
-            messages.append(Message("tool", (ToolResult(call_id, _tool_output(item.get("output"), at)),)))
-        elif kind == "reasoning":
-            if "dropped: reasoning items" not in notes:
-                notes.append("dropped: reasoning items")
-        elif kind == "item_reference":
+            text, media = _tool_output(item.get("output"), at)
+            messages.append(Message("tool", (ToolResult(call_id, text),)))
+            if media:
+                messages.append(Message("user", tuple(media)))
+        elif kind == "item_reference":  # an item stored upstream: unknown content, unsizable
             raise InvalidRequest("item references are not supported: send the item itself, or chain turns with "
                                  "previous_response_id", param=f"{at}.type")
-        elif isinstance(kind, str) and kind in _HOSTED_ITEMS:
-            raise InvalidRequest(f"{kind!r} items belong to hosted tools the gateway cannot run", param=f"{at}.type")
+        elif isinstance(kind, str) and kind:
+            name = f"{kind} items"
+            if name not in untranslatable:
+                untranslatable.append(name)
         else:
             raise InvalidRequest(f"unknown input item type {kind!r}", param=f"{at}.type")
     return messages
@@ -458,17 +471,23 @@ def _media_type(filename: Any) -> str | None:
     return None
 
 
-def _tool_output(output: Any, at: str) -> str:
+def _tool_output(output: Any, at: str) -> tuple[str, list[Part]]:
+    """A function_call_output → its text, and the images and files it holds."""
     if isinstance(output, str):
-        return output
+        return output, []
     if isinstance(output, list):
         texts: list[str] = []
+        media: list[Part] = []
         for j, part in enumerate(output):
-            if not isinstance(part, dict) or part.get("type") != "input_text" or not isinstance(part.get("text"), str):
-                raise InvalidRequest("a function_call_output holds a string or input_text parts only",
-                                     param=f"{at}.output[{j}]")
-            texts.append(part["text"])
-        return "".join(texts)
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind in ("input_image", "input_file"):
+                media.append(_media(part, kind, f"{at}.output[{j}]"))
+            else:
+                raise InvalidRequest("a function_call_output holds a string or input_text, input_image and "
+                                     "input_file parts only", param=f"{at}.output[{j}]")
+        return "".join(texts), media
     raise InvalidRequest("'output' must be a string or a list of input_text parts", param=f"{at}.output")
 
 

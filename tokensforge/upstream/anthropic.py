@@ -87,6 +87,8 @@ def build(req: Request, upstream_model: str) -> bytes:
     for name in ("response_format", "reasoning", "metadata"):
         if getattr(req, name) is not None:
             _note(req, f"dropped: {name}")
+    for name in req.untranslatable:  # what the canonical request could not carry from the client's dialect
+        _note(req, f"dropped: {name}")
     return orjson.dumps(body)
 
 

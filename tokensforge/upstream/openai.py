@@ -33,14 +33,20 @@ from ..canonical import (
     UsageReport,
     token_count,
 )
+from ..errors import InvalidRequest
 
 PATH = "/chat/completions"
 CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 
 
 def build(req: Request, upstream_model: str) -> bytes:
-    """The body to POST to {base_url}/chat/completions."""
-    body = dict(req.raw) if req.raw is not None else _encode(req)
+    """The body to POST to {base_url}/chat/completions: a chat client's own body, or one translated from
+    another dialect (what it cannot carry is noted: "dropped: thinking blocks")."""
+    if req.raw is not None and req.dialect == "openai_chat":
+        body = dict(req.raw)
+    else:
+        body = _encode(req)
+        note_untranslatable(req)
     body["model"] = upstream_model
     if req.max_output_tokens is not None:  # exactly the cap the reservation covers
         name = next((f for f in CAP_FIELDS if f in body), "max_completion_tokens")
@@ -53,6 +59,14 @@ def build(req: Request, upstream_model: str) -> bytes:
         body["stream_options"] = options
         body["stream"] = True
     return orjson.dumps(body)
+
+
+def note_untranslatable(req: Request) -> None:
+    """A translated request loses what the canonical request could not carry: say so in its notes."""
+    for name in req.untranslatable:
+        note = f"dropped: {name}"
+        if note not in req.notes:
+            req.notes.append(note)
 
 
 def _encode(req: Request) -> dict[str, Any]:
@@ -106,6 +120,12 @@ def _content_part(part: TextPart | MediaPart) -> dict[str, Any]:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     url = part.url or f"data:{part.media_type or 'application/octet-stream'};base64,{part.data_b64 or ''}"
+    if part.kind == "file":
+        if not url.startswith("data:"):  # chat completions takes documents inline only
+            raise InvalidRequest("this route's upstream takes documents inline only (base64), not by URL",
+                                 param="messages")
+        filename = "document.pdf" if url.startswith("data:application/pdf") else "document"
+        return {"type": "file", "file": {"filename": filename, "file_data": url}}
     image: dict[str, Any] = {"url": url}
     if part.detail:
         image["detail"] = part.detail
