@@ -516,10 +516,28 @@ def tool_arguments(schema: Any, text: str) -> str:
     return orjson.dumps({name: value for name in names} if names else {"query": value}).decode()
 
 
+#: context an agent wraps around the user's words (Claude Code's `<system-reminder>` blocks, Codex's
+#: `<environment_context>`): not what the user asked, so never a tool argument
+_AGENT_CONTEXT = re.compile(r"<(system-reminder|environment_context)>.*?</\1>", re.DOTALL)
+
+
+def user_request(messages: list[Any]) -> str:
+    """What the user last asked in words: the newest user turn with text besides agent context (an agent's
+    latest user turn may hold only reminders)."""
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            text = _AGENT_CONTEXT.sub("", text_of(message.get("content"))).strip()
+            if text:
+                return text
+    return ""
+
+
 def tool_call_script(tools: list[tuple[str, Any]], text: str) -> Script | None:
     """Call the tool the user's text names, else the first one."""
     if not tools:
         return None
+    text = _AGENT_CONTEXT.sub("", text).strip()
+
     name, schema = next(((n, s) for n, s in tools if n in text), tools[0])
     return Script(tool_name=name, arguments=tool_arguments(schema, text))
 

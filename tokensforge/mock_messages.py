@@ -40,6 +40,7 @@ from .mock_core import (
     sse,
     text_of,
     tool_call_script,
+    user_request,
 )
 from .mock_thinking import ThinkingError, check_thinking_blocks, sign, thinking_budget, thinking_text
 
@@ -64,7 +65,7 @@ def _messages_script(body: dict[str, Any], messages: list[Any]) -> Script | None
         return None
     named = [(t["name"], t.get("input_schema"))
              for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
-    return tool_call_script(named, text_of(content))
+    return tool_call_script(named, user_request(messages))
 
 
 def _messages_request(body: Any) -> tuple[dict[str, Any], str, int, list[Any]]:

@@ -64,6 +64,7 @@ from .mock_core import (
     token_json,
     tool_arguments,
     tool_call_script,
+    user_request,
 )
 from .mock_messages import count_message_tokens, messages
 from .mock_responses import RESPONSES_KEY, ResponseStore, delete_response, get_response, responses
@@ -299,7 +300,7 @@ def _chat_script(body: dict[str, Any], messages: list[Any]) -> Script | None:
         for f in functions
         if isinstance(f, dict) and isinstance(f.get("name"), str)
     ]
-    return tool_call_script(named, text_of(last.get("content")))
+    return tool_call_script(named, user_request(messages))
 
 
 def _chat_tool_call(script: Script, call_id: str) -> dict[str, Any]:

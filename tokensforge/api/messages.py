@@ -10,7 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from .. import native
-from ..canonical import Frame, MalformedUpstream, Usage
+from ..canonical import Frame, MalformedUpstream, Request, Usage
+from ..catalog import Model
 from ..dialects import anthropic_messages
 from ..errors import TokensForgeError, UpstreamError
 from ..forwarded import forwardable_beta
@@ -48,6 +49,16 @@ class _MessagesStream:
         return self.inner.fail(body["type"], body["message"])
 
 
+def clamp_cap(req: Request, model: Model) -> None:
+    """Messages requires `max_tokens`, so agents send their own default whatever the model (Claude Code: 32,000
+    for a model it does not know): above the catalog model's limit it is lowered to the limit, noted, rather
+    than refused — the reservation and the upstream get the limit."""
+    cap = req.max_output_tokens
+    if cap is not None and cap > model.max_output_tokens:
+        req.max_output_tokens = model.max_output_tokens
+        req.notes.append(f"clamped: max_tokens {cap} to {model.max_output_tokens} (the model's limit)")
+
+
 @routes.post("/v1/messages")
 async def create_message(request: web.Request) -> web.StreamResponse:
     gw, identity, policy = await authenticate(request)
@@ -56,6 +67,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
         model, route, pinned = choose(gw, policy, request, body, "chat", "/v1/messages")
         life.begin(model, route, pinned=pinned)
         req = anthropic_messages.decode(body, request.headers)  # notes a pricing beta it drops
+        clamp_cap(req, model)
         exchange = await admit_model_request(life, model, route, req, api="messages", body=req.raw,
                                              beta=forwardable_beta(request.headers))
         message_id = answer_id(life.trace.request_id, "msg_")

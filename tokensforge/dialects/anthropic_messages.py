@@ -295,6 +295,9 @@ def _tools(value: Any, req: Request) -> tuple[Tool, ...]:
         if kind not in ("custom", None):
             _untranslatable(req, f"tool {raw.get('name')} ({kind})")
             continue
+        if raw.get("defer_loading") is True:  # loaded only through Anthropic's tool search: not callable as is
+            _untranslatable(req, f"tool {raw.get('name')} (defer_loading)")
+            continue
         schema = raw.get("input_schema")
         if not isinstance(schema, dict):
             raise InvalidRequest(f"{param}.input_schema: an object is required", param=f"{param}.input_schema")

@@ -87,9 +87,31 @@ def build(req: Request, upstream_model: str) -> bytes:
     for name in ("response_format", "reasoning", "metadata"):
         if getattr(req, name) is not None:
             _note(req, f"dropped: {name}")
+    cached = wants_prompt_cache(req)
+    if cached:
+        mark_cache_breakpoints(body)
     for name in req.untranslatable:  # what the canonical request could not carry from the client's dialect
-        _note(req, f"dropped: {name}")
+        if not (cached and name == "prompt_cache_key"):
+            _note(req, f"dropped: {name}")
     return orjson.dumps(body)
+
+
+def wants_prompt_cache(req: Request) -> bool:
+    """An OpenAI-dialect client that names a `prompt_cache_key` asks for its prompt's prefix to be cached
+    (Codex sends one per thread); Anthropic caches only at explicit markers, so the translation sets them."""
+    return req.dialect != "anthropic_messages" and req.raw is not None and bool(req.raw.get("prompt_cache_key"))
+
+
+def mark_cache_breakpoints(body: dict[str, Any]) -> None:
+    """`cache_control` at the end of the system prompt and of the last turn (2 of Anthropic's 4 markers):
+    the next turn of the conversation reads everything before its new messages from the cache."""
+    marker = {"type": "ephemeral"}
+    system = body.get("system")
+    if isinstance(system, str) and system:
+        body["system"] = [{"type": "text", "text": system, "cache_control": marker}]
+    messages = body.get("messages") or []
+    if messages and isinstance(messages[-1].get("content"), list) and messages[-1]["content"]:
+        messages[-1]["content"][-1] = {**messages[-1]["content"][-1], "cache_control": marker}
 
 
 def _note(req: Request, note: str) -> None:
