@@ -350,7 +350,7 @@ def codex_result(run: AgentRun) -> str:
 #: does not know it sends deferred tools and a different turn layout, and the upstream's scripted tool call never
 #: reaches the Read tool (its requests are served and billed; issue #15 stays open for this). Those routes run
 #: here once the upstream can script that session.
-CLAUDE_ROUTES = ["anthropic"]
+CLAUDE_ROUTES = list(ROUTES)
 
 
 @pytest.mark.parametrize("route_name", CLAUDE_ROUTES)

@@ -47,8 +47,9 @@ from .mock_thinking import ThinkingError, check_thinking_blocks, sign, thinking_
 
 def _messages_script(body: dict[str, Any], messages: list[Any]) -> Script | None:
     """Messages: text quoting the results when the user's last turn returns tool results; a tool call
-    when tools are offered and the user spoke last."""
-    last = messages[-1] if messages else None
+    when tools are offered and the user spoke last (system turns an agent appends do not count)."""
+    turns = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
+    last = turns[-1] if turns else None
     if not isinstance(last, dict) or last.get("role") != "user":
         return None
     content = last.get("content")

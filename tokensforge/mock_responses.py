@@ -154,8 +154,9 @@ def _parse(body: Any, store: ResponseStore, secret: bytes) -> _Request:
 
 def _script(body: dict[str, Any], items: list[Any]) -> Script | None:
     """Like chat: text quoting a function's output when one came last; a call when function tools
-    are offered and the user spoke last."""
-    last = items[-1] if items else None
+    are offered and the user spoke last (system and developer messages after it do not count)."""
+    turns = [i for i in items if not (isinstance(i, dict) and i.get("role") in ("system", "developer"))]
+    last = turns[-1] if turns else None
     if not isinstance(last, dict):
         return None
     if last.get("type") == "function_call_output":

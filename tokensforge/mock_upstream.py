@@ -279,8 +279,10 @@ class _ChatStream:
 
 
 def _chat_script(body: dict[str, Any], messages: list[Any]) -> Script | None:
-    """Chat: a tool call when tools are offered and the user spoke last; text after a tool result."""
-    last = messages[-1] if messages else None
+    """Chat: a tool call when tools are offered and the user spoke last; text after a tool result. System
+    messages after the last turn (agents append reminders) do not change who spoke last."""
+    turns = [m for m in messages if not (isinstance(m, dict) and m.get("role") in ("system", "developer"))]
+    last = turns[-1] if turns else None
     if not isinstance(last, dict):
         return None
     role = last.get("role")
