@@ -5,6 +5,7 @@ translates, and the receipt says which happened (`relay`)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anthropic
@@ -178,3 +179,31 @@ async def test_a_follow_up_names_the_upstreams_own_id_on_the_same_channel(gw: Gw
     assert third.model == "gpt-5-mini" and sent["path"] == "/v1/chat/completions"
     texts = orjson.dumps(sent["body"]["messages"]).decode()
     assert "Remember the word ledger." in texts and "Again?" in texts
+
+
+async def test_a_client_that_leaves_after_the_upstream_answered_pays_the_prompt(gw: Gw) -> None:
+    """SPEC §1: the upstream has read (and bills) the whole prompt once it answered; a streaming client that
+    reads the first event and leaves pays that input, on every route, even with no content delivered."""
+    _, key = await gw.account(credit=FUNDS)
+    await gw.mock.faults(**{"up-official": {"first_token_delay_ms": 1500}})
+    prompt = "ledger " * 40_000  # 280 kB
+    async with gw.session.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                               data=orjson.dumps({"model": "gpt-4o-mini", "max_tokens": 20, "stream": True,
+                                                  "messages": [{"role": "user", "content": prompt}]})) as r:
+        assert r.status == 200
+        request_id = r.headers["x-request-id"]
+        first = await r.content.readline()
+        assert first.startswith(b"data: ") and b'"content":""' in first.replace(b" ", b"")
+        r.close()  # the client leaves before any content reached it
+    receipt: dict[str, Any] = {}
+    for _ in range(100):
+        status, receipt = await gw.get(f"/v1/receipts/{request_id}", key)
+        if status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert receipt["status"] == "client_cancelled", receipt
+    input_tokens = receipt["usage"]["prompt_tokens"]
+    assert input_tokens >= len(prompt) // 4 and receipt["usage"]["completion_tokens"] == 0
+    assert receipt["charge_nanos"] == gw.route_charge("gpt-4o-mini/official", input_tokens, 0) > 0
+    entry = await gw.ledger_entry(key, receipt["ledger_entry_id"])
+    assert entry["amount_nanos"] == -receipt["charge_nanos"]

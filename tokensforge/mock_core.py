@@ -126,6 +126,7 @@ class Faults:
 
     latency_ms: int = 0
     chunk_delay_ms: int = 0
+    first_token_delay_ms: int = 0  # after the stream's head (status, role chunk), before its first content
     error_status: int | None = None
     error_rate: float = 1.0
     retry_after_s: int | None = None
@@ -167,6 +168,7 @@ class MockConfig:
 _FAULT_TYPES: dict[str, tuple[type, ...]] = {
     "latency_ms": (int,),
     "chunk_delay_ms": (int,),
+    "first_token_delay_ms": (int,),
     "error_status": (int, type(None)),
     "error_rate": (int, float),
     "retry_after_s": (int, type(None)),
@@ -564,6 +566,8 @@ async def send_events(
     for i, event in enumerate(body if cut is None else body[: max(cut, 0)]):
         if delay > 0 and i:
             await asyncio.sleep(delay)
+        elif not i and faults.first_token_delay_ms:
+            await asyncio.sleep(faults.first_token_delay_ms / 1000)
         await resp.write(event)
     if cut is not None:
         if request.transport is not None:

@@ -271,6 +271,8 @@ class _ChatStream:
         for i in range(count):
             if delay > 0 and i:
                 await asyncio.sleep(delay)
+            elif not i and faults.first_token_delay_ms:
+                await asyncio.sleep(faults.first_token_delay_ms / 1000)
             await resp.write(self.prefix + token_json(i, self.n) + self.suffix)
         if cut is not None:
             if request.transport is not None:
