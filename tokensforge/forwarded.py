@@ -56,6 +56,14 @@ MAX_INFLATE_BYTES = 16 << 20  # work bound for reading a PDF's object streams, p
 
 #: top-level string fields that are not sent to the model as text
 _NOT_TEXT = frozenset({"model"})
+#: top-level fields the model never reads as prompt (options for the API, the transport or the gateway, none of
+#: them free text an upstream bills as input): neither count reads them
+_NOT_PROMPT = frozenset({
+    "stream_options", "metadata", "user", "store", "include", "prompt_cache_key", "prompt_cache_retention",
+    "client_metadata", "service_tier", "safety_identifier", "previous_response_id", "parallel_tool_calls",
+    "reasoning", "reasoning_effort", "truncation", "modalities", "tool_choice", "temperature", "top_p",
+    "stop", "stop_sequences", "logit_bias", "seed", "thinking", "context_management", "output_config",
+})
 #: top-level fields that hold the conversation: their keys are the API's structure
 _CONVERSATION = frozenset({"messages", "input", "system"})
 #: keys whose short values are structure inside the conversation (a long one is counted: it is not a role)
@@ -98,7 +106,7 @@ def forwarded_typical_tokens(body: dict[str, Any], api: str) -> int:
 def _tally(body: dict[str, Any], api: str) -> _Tally:
     tally = _Tally()
     for key, value in body.items():
-        if key in _NOT_TEXT:
+        if key in _NOT_TEXT or key in _NOT_PROMPT:
             continue
         _walk(value, tally, count_keys=key not in _CONVERSATION)
     tally.tokens += REQUEST_TOKENS + MESSAGE_TOKENS * _message_count(body, api)
