@@ -10,6 +10,8 @@ say() { printf 'ensure-agents: %s\n' "$*" >&2; }
 
 CLAUDE_CODE_VERSION=2.1.337
 CODEX_VERSION=0.171.0
+# the Vercel AI SDK and its two providers (tests/test_vercel_ai.py drives them from Node)
+AI_SDK="ai@6.0.333 @ai-sdk/openai@3.0.141 @ai-sdk/anthropic@3.0.140"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PREFIX=${TOKENSFORGE_AGENTS_PREFIX:-$ROOT/.agents}
 BIN=$PREFIX/node_modules/.bin
@@ -29,7 +31,17 @@ is_current() {
     [[ -x $BIN/claude && -x $BIN/codex ]] || return 1
     local versions
     versions=$(installed_versions)
-    grep -qx "$CLAUDE_CODE_VERSION (Claude Code)" <<<"$versions" && grep -qx "codex-cli $CODEX_VERSION" <<<"$versions"
+    grep -qx "$CLAUDE_CODE_VERSION (Claude Code)" <<<"$versions" && grep -qx "codex-cli $CODEX_VERSION" <<<"$versions" \
+        && ai_sdk_current
+}
+
+ai_sdk_current() {
+    local spec name version
+    for spec in $AI_SDK; do
+        name=${spec%@*}
+        version=${spec##*@}
+        grep -q "\"version\": \"$version\"" "$PREFIX/node_modules/$name/package.json" 2>/dev/null || return 1
+    done
 }
 
 ensure_npm() {
@@ -57,7 +69,7 @@ mkdir -p "$PREFIX"
 # Claude Code's engines field asks for Node 22; its binary is native and runs under any Node, so the
 # engine check is advisory here (npm only warns).
 npm install --prefix "$PREFIX" --no-audit --no-fund --no-update-notifier --loglevel=error \
-    --save-exact "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" "@openai/codex@$CODEX_VERSION" >&2
+    --save-exact "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" "@openai/codex@$CODEX_VERSION" $AI_SDK >&2
 # Claude Code's postinstall copies the platform binary over its bin/claude.exe placeholder; an npm that holds
 # back install scripts leaves the placeholder, so run it ourselves when the binary does not answer.
 if ! is_current && [[ -f $PREFIX/node_modules/@anthropic-ai/claude-code/install.cjs ]]; then

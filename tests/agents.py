@@ -38,7 +38,7 @@ HOP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connect
 
 def ensure_agents() -> Path:
     """The agents' bin directory, installing them first when they are missing (quick when present)."""
-    if not (CLAUDE.exists() and CODEX.exists()):
+    if not (CLAUDE.exists() and CODEX.exists() and (AGENTS_BIN.parent / "@ai-sdk" / "anthropic").exists()):
         subprocess.run(["bash", str(ROOT / "deploy" / "ensure-agents.sh")], check=True, timeout=600,
                        stdout=subprocess.DEVNULL)
     return AGENTS_BIN
