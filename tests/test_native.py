@@ -207,3 +207,21 @@ async def test_a_client_that_leaves_after_the_upstream_answered_pays_the_prompt(
     assert receipt["charge_nanos"] == gw.route_charge("gpt-4o-mini/official", input_tokens, 0) > 0
     entry = await gw.ledger_entry(key, receipt["ledger_entry_id"])
     assert entry["amount_nanos"] == -receipt["charge_nanos"]
+
+
+async def test_what_a_translation_drops_is_named_in_the_receipt_and_a_header(gw: Gw) -> None:
+    _, key = await gw.account(routed=FUNDS)
+    status, body, headers = await gw.post("/v1/responses", key, {
+        **CODEX_LIKE, "client_metadata": {"originator": "codex_exec"}, "route": "routed",
+        "tools": [{"type": "web_search"}, {"type": "function", "name": "exec_command", "parameters": {
+            "type": "object", "properties": {"cmd": {"type": "string"}}}}]})
+    assert status == 200, body
+    notes = body["receipt"]["notes"]
+    assert body["receipt"]["relay"] == "translated"
+    assert any(n.startswith("dropped: client_metadata") for n in notes), notes
+    assert any(n.startswith("dropped: web_search") for n in notes), notes
+    dropped = headers["x-tokensforge-dropped"].split(", ")
+    assert {"client_metadata", "web_search", "prompt_cache_key"} <= set(dropped), dropped
+    sent = (await gw.mock.stats())["last_request"]
+    assert sent["path"] == "/v1/chat/completions" and [t["function"]["name"] for t in sent["body"]["tools"]] == [
+        "exec_command"]
