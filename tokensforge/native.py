@@ -58,7 +58,14 @@ def relay_message(data: dict[str, Any], *, message_id: str, model: str, receipt:
     return data
 
 
-class MessagesRelay:
+class _Relay:
+    """What every native stream relay shares: nothing to send before the upstream's first event."""
+
+    def start(self) -> bytes:
+        return b""
+
+
+class MessagesRelay(_Relay):
     """An Anthropic Messages stream relayed as received. `message_start` takes the gateway's id and the model
     asked for; the closing `message_delta` and `message_stop` wait for settlement, which adds the receipt
     to the `message_delta` (SPEC §2)."""
@@ -66,9 +73,6 @@ class MessagesRelay:
     def __init__(self, *, message_id: str, model: str) -> None:
         self.message_id, self.model = message_id, model
         self._delta: dict[str, Any] | None = None
-
-    def start(self) -> bytes:
-        return b""
 
     def feed(self, frame: Frame) -> bytes:
         wire = frame.wire
@@ -98,7 +102,7 @@ class MessagesRelay:
         return anthropic_messages.sse("error", anthropic_messages.error_body(error.status, error.message))
 
 
-class ResponsesRelay:
+class ResponsesRelay(_Relay):
     """A Responses stream relayed as received. The lifecycle events take the gateway's id and the model asked
     for; the terminal event (`response.completed` / `response.incomplete`) waits for settlement, which adds
     the receipt to its `response` (SPEC §2)."""
@@ -109,9 +113,6 @@ class ResponsesRelay:
         self._final: Wire | None = None
         self._tail: bytes | None = None
         self._seq = 0
-
-    def start(self) -> bytes:
-        return b""
 
     def feed(self, frame: Frame) -> bytes:
         wire = frame.wire

@@ -35,7 +35,7 @@ from .forwarded import (
     forwarded_input_tokens,
     forwarded_typical_tokens,
 )
-from .money import charge_nanos, classes_charge_nanos, exact_nanos, nanos_per_token, round_nanos, usd
+from .money import ROUNDING, charge_nanos, classes_charge_nanos, exact_nanos, nanos_per_token, round_nanos, usd
 
 __all__ = ["Usage", "Reservation", "size_request", "size_embedding", "charge_for", "cost_lines", "max_input_price",
            "usage_price", "TOKEN_CLASSES", "LOW_DETAIL_IMAGE_TOKENS", "MAX_MEDIA_PARTS"]
@@ -177,6 +177,8 @@ class ClassRates:
     texts: tuple[str, ...]  # the same as exact decimal strings, for receipts and quotes
     whole_nanos: tuple[int | None, ...]  # nano-USD per token, None where a price has a fraction of a nano
     all_whole: bool  # every class whole: the charge is plain integer arithmetic
+    price: dict[str, str]  # the receipt's `price` object; copied per receipt, never handed out itself
+    backups: tuple[str, ...]  # the route's backup channel ids, as receipts list them
 
 
 #: route id → its rates; checked by identity, so a reloaded catalog's route gets its own entry
@@ -184,7 +186,8 @@ _rates: dict[str, ClassRates] = {}
 
 
 def class_rates(route: Route) -> ClassRates:
-    """The route's class prices, computed once per route object (Decimal work is not free per request)."""
+    """The route's class prices and what every receipt of it repeats, computed once per route object
+    (Decimal work and formatting are not free per request)."""
     found = _rates.get(route.id)
     if found is None or found.route is not route:
         if len(_rates) > 10_000:  # catalogs reloaded many times over: start again
@@ -192,8 +195,11 @@ def class_rates(route: Route) -> ClassRates:
         prices = (route.input_price, route.cache_read_price, route.cache_write_price, route.cache_write_1h_price,
                   route.output_price)
         whole = tuple(_whole_nanos_per_token(p) for p in prices)
-        found = _rates[route.id] = ClassRates(route, prices, tuple(str(p) for p in prices), whole,
-                                              all(w is not None for w in whole))
+        texts = tuple(str(p) for p in prices)
+        price = {"input_per_mtok": texts[0], "output_per_mtok": texts[4], "cache_read_per_mtok": texts[1],
+                 "cache_write_per_mtok": texts[2], "cache_write_1h_per_mtok": texts[3], "rounding": ROUNDING}
+        found = _rates[route.id] = ClassRates(route, prices, texts, whole, all(w is not None for w in whole),
+                                              price, tuple(c.channel for c in route.backups))
     return found
 
 

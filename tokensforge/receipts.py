@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog import Route
-from .money import ROUNDING, usd
+from .money import usd
 from .pricing import Usage, class_rates, cost_lines
 
 
@@ -74,34 +74,9 @@ class Trace:
         return "channel" if self.served_by is not None and tried and tried[0] != self.served_by else "none"
 
 
-@dataclass(frozen=True, slots=True)
-class _RouteTexts:
-    """What every receipt of a route repeats, formatted once (Decimal → str is not free)."""
-
-    route: Route
-    price: dict[str, str]  # the receipt's `price` object; copied per receipt, never handed out itself
-    backups: tuple[str, ...]
-
-
-#: route id → its texts; checked by identity, so a reloaded catalog's routes get their own entry
-_route_texts: dict[str, _RouteTexts] = {}
-
-
-def _texts(route: Route) -> _RouteTexts:
-    found = _route_texts.get(route.id)
-    if found is None or found.route is not route:
-        if len(_route_texts) > 10_000:  # catalogs reloaded many times over: start again
-            _route_texts.clear()
-        texts = class_rates(route).texts  # input, cache_read, cache_write, cache_write_1h, output
-        price = {"input_per_mtok": texts[0], "output_per_mtok": texts[4], "cache_read_per_mtok": texts[1],
-                 "cache_write_per_mtok": texts[2], "cache_write_1h_per_mtok": texts[3], "rounding": ROUNDING}
-        found = _route_texts[route.id] = _RouteTexts(route, price, tuple(c.channel for c in route.backups))
-    return found
-
-
 def build_receipt(t: Trace) -> dict[str, Any]:
     route = t.route
-    texts = _texts(route) if route else None
+    texts = class_rates(route) if route else None
     fallback_kind = t.fallback_kind
     receipt: dict[str, Any] = {
         "object": "receipt",
