@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from playwright.async_api import Browser
@@ -146,7 +147,7 @@ async def test_phone_story_find_a_chatcmpl_id_from_the_sdk_and_read_its_invoice(
         await tab.shot("console-phone-invoice")
 
 
-async def test_usage_filters_latency_and_speed_columns(pgw: Gw, chromium: Browser) -> None:
+async def test_usage_filters_latency_and_speed_columns(pgw: Gw, chromium: Browser, tmp_path: Path) -> None:
     _, key = await pgw.account(credit=10**9, routed=10**9)
     sent = [await chat(pgw, key, r) for r in ("gpt-4o-mini/official", "gpt-4o-mini/routed", "gpt-4o-mini/routed")]
     await pgw.mock.faults(**{"up-relay-a": {"error_status": 500}, "up-relay-b": {"error_status": 500}})
@@ -178,6 +179,15 @@ async def test_usage_filters_latency_and_speed_columns(pgw: Gw, chromium: Browse
         await tab.set("usage-since", "2999-01-01T00:00")
         await tab.click("#usage-apply")
         await tab.until("document.getElementById('usage-rows').innerText.includes('No request matches')")
+        # the CSV export takes the filters on screen
+        await tab.set("usage-since", "")
+        await tab.click("#usage-apply")
+        async with tab.page.expect_download() as info:
+            await tab.click("#usage-csv")
+        saved = tmp_path / "usage.csv"
+        await (await info.value).save_as(saved)
+        exported = [line.split(",")[0] for line in saved.read_text("utf-8").splitlines()[1:]]
+        assert exported == [failed[0], sent[2]["request_id"], sent[1]["request_id"]]
         await tab.click("#usage-clear")
         assert len(await shown("limit=20")) == 4
         row = tab.page.locator(f"#usage-rows tr[data-request-id={json.dumps(sent[1]['request_id'])}]")
