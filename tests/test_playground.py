@@ -130,16 +130,11 @@ def test_money_is_formatted_with_bigint_not_floats() -> None:
 
 
 def readable(nanos: int) -> str:
-    """What the page shows for an amount: cents from a dollar up, two significant digits below."""
-    if nanos == 0:
-        return "$0.00"
+    """What the page shows for an amount: exact to the nano-USD, trailing zeros dropped (at least cents),
+    so every charge, however small, moves what is shown."""
     sign, a = ("−" if nanos < 0 else ""), abs(nanos)
-    decimals = 2 if a >= 1_000_000_000 else min(9, max(2, 9 - len(str(a)) + 2))
-    unit = 10 ** (9 - decimals)
-    whole, frac = divmod((a + unit // 2) // unit, 10 ** decimals)
-    digits = f"{frac:0{decimals}d}"
-    while len(digits) > 2 and digits.endswith("0"):
-        digits = digits[:-1]
+    whole, frac = divmod(a, 1_000_000_000)
+    digits = f"{frac:09d}".rstrip("0").ljust(2, "0")
     return f"{sign}${whole:,}.{digits}"
 
 
@@ -149,12 +144,14 @@ def exact_title(nanos: int) -> str:
 
 def test_readable_money_reference() -> None:
     assert readable(4_980_000_000) == "$4.98"
-    assert readable(1_234_567_890_000) == "$1,234.57"
+    assert readable(1_234_567_890_000) == "$1,234.56789"
     assert readable(4_200_000) == "$0.0042"
-    assert readable(16_500) == "$0.000017"
+    assert readable(16_500) == "$0.0000165"
     assert readable(1) == "$0.000000001"
-    assert readable(-7_920) == "−$0.0000079"
+    assert readable(-7_920) == "−$0.00000792"
     assert readable(420_000_000) == "$0.42"
+    # a $0.00099 charge visibly moves a $5.00 balance
+    assert readable(5_000_000_000) == "$5.00" and readable(5_000_000_000 - 990_000) == "$4.99901"
 
 
 async def chat(gw: Gw, key: str, route: str, max_tokens: int = 20) -> dict[str, Any]:
@@ -405,10 +402,12 @@ async def test_browser_story_quote_send_receipt_ledger_chart_and_balance(pgw: Gw
         quote_text = await tab.text("quote")
         status, quote, _ = await pgw.post("/v1/quote", key, {
             "model": "gpt-4o-mini", "route": "gpt-4o-mini/routed", "max_tokens": 40, "stream": True,
+            "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": await tab.js("document.getElementById('message').value")}]})
         assert status == 200
         assert readable(quote["reserve_nanos"]) in quote_text and f"{quote['reserve_nanos']} nano-USD" in quote_text
-        assert "charge_delivered" in quote_text and "relay-a" in quote_text and "relay-b" in quote_text
+        assert "pays what was delivered" in quote_text and "relay-a" in quote_text and "relay-b" in quote_text
+        assert quote_text.count("allowed") == 1 and "null" not in quote_text
         await tab.shot("1-quote")
 
         # Send: streamed answer, then the receipt, its ledger row and fresh balances.
@@ -423,12 +422,20 @@ async def test_browser_story_quote_send_receipt_ledger_chart_and_balance(pgw: Gw
         assert charge > 0
         assert await tab.js("document.getElementById('receipt').dataset.requestId") == record["request_id"]
         receipt_text = await tab.text("receipt")
+        for words in ("What was asked", "Upstream model", "Route", "Channel", "Tokens", "Fresh input", "Output",
+                      "Total charged", "Paid from", "Reserved beforehand", "Balance after", "Ledger entry"):
+            assert words in receipt_text, words
+        assert "null" not in receipt_text
+        assert readable(charge) in receipt_text
+        # every field of SPEC §2 one click away
+        await tab.click("#receipt details.raw summary")
+        receipt_text = await tab.text("receipt")
         for field in ("request_id", "status", "selected_model", "upstream_model", "route", "bucket", "price",
                       "account_id", "project_id", "key_id", "channels", "attempts", "fallback", "on_failure",
                       "usage", "reserved_nanos", "charge_nanos", "charge_usd", "ledger_entry_id",
                       "balance_after_nanos"):
             assert field in receipt_text, field
-        assert readable(charge) in receipt_text and f"{charge} nano-USD" in receipt_text
+        assert f"{charge} nano-USD" in receipt_text
         titles = await tab.page.locator("#receipt .money").evaluate_all("els => els.map(e => e.title)")
         assert exact_title(charge) in titles
         await tab.until(f"document.querySelector('[data-ledger={json.dumps(record['ledger_entry_id'])}]')")
@@ -513,6 +520,8 @@ async def test_browser_marketplace_prices_a_typical_request_per_route(pgw: Gw, c
         assert "60% cheaper than official" in await routed.inner_text()
         assert "official price" in await official.inner_text()
         assert "healthy" in await routed.inner_text()
+        assert "pays what was delivered" in await routed.inner_text()
+        assert "charge_delivered" not in await tab.text("catalog")  # words, not the API's value
         await tab.shot("5-market")
 
 
@@ -568,7 +577,7 @@ async def test_browser_shows_fallback_failure_refusal_and_cancel(pgw: Gw, chromi
         await tab.click("#stop")
         await tab.until("document.getElementById('receipt-panel').dataset.state === 'done'")
         assert "CANCELLED" in await tab.text("banner")
-        assert "client_cancelled" in await tab.text("receipt")
+        assert "cancelled by the client" in await tab.text("receipt")
         await pgw.mock.reset()
 
         # A different route served it (the policy allows it): said plainly, with the other bucket.
@@ -580,7 +589,7 @@ async def test_browser_shows_fallback_failure_refusal_and_cancel(pgw: Gw, chromi
         await tab.until("document.getElementById('catalog').dataset.loaded === 'true'")
         await tab.set("model", "flaky-chain")
         await tab.until("document.getElementById('quote').innerText.includes('flaky-chain/routed')")
-        assert "allowed — may move to another route" in await tab.text("quote")
+        assert "on — may move to another route" in await tab.text("quote")
         await tab.click("#send")
         await tab.until("document.getElementById('receipt-panel').dataset.state === 'done'")
         banner = await tab.text("banner")
@@ -777,7 +786,7 @@ async def test_browser_story_on_a_subscription_plan(
                             " && !document.getElementById('quote').classList.contains('stale')")
             quote_text = await tab.text("quote")
             status, quote, _ = await gw.post("/v1/quote", key, {
-                "model": "plan-mini", "max_tokens": 40, "stream": True,
+                "model": "plan-mini", "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": await tab.js("document.getElementById('message').value")}]})
             assert status == 200 and quote["route"] == {"id": "plan-mini/subscription", "kind": "subscription"}
             assert quote["bucket"] == "plan" and quote["bucket_kind"] == "pool"
@@ -805,7 +814,8 @@ async def test_browser_story_on_a_subscription_plan(
             period_end = datetime.fromisoformat(sub["current_period_end"])
             assert datetime.fromisoformat(receipt["pool_period_end"]) == period_end
             assert await tab.js("document.getElementById('receipt').dataset.requestId") == record["request_id"]
-            rows = dict(await tab.page.locator("#receipt table").first.locator("tr").evaluate_all(
+            await tab.click("#receipt details.raw summary")
+            rows = dict(await tab.page.locator("#receipt details.raw table").first.locator("tr").evaluate_all(
                 "trs => trs.filter(tr => tr.children.length === 2).map(tr => [tr.children[0].innerText.trim(),"
                 " tr.children[1].innerText.trim()])"))
             assert rows["bucket"] == "plan" and rows["bucket_kind"] == "pool"

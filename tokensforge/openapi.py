@@ -342,7 +342,11 @@ SCHEMAS: dict[str, Schema] = {
                              "allowed", "reason"],
                             sections=array(STR), route=ref("RouteRef"), bucket=STR, expected_nanos=NANOS,
                             reserve_nanos=NANOS, available_nanos=NANOS, max_charge_nanos=NANOS, allowed=BOOL,
-                            reason=nullable(STR)),
+                            reason=nullable(STR), sections_within_cap={
+                                **INT, "description": "sections a run starts before one that could pass the cap"},
+                            free_allowance=nullable(obj(
+                                ["bucket", "available_nanos", "covers_sections"], bucket=STR,
+                                available_nanos=NANOS, available_usd=STR, covers_sections=INT))),
     "ResearchSection": obj(["title", "content", "receipt"], title=STR, content=nullable(STR),
                            receipt=nullable(ref("Receipt")), error=ref("ErrorDetail")),
     "ErrorDetail": obj(["message", "type", "code", "param"], message=STR, type=STR, code=STR, param=nullable(STR)),
@@ -503,10 +507,15 @@ PATHS: dict[str, Schema] = {
         "Every bucket of the key's account", tag="client", op_id="getBalance",
         responses={"200": ok(ref("Balance")), **errors(*CLIENT_READ)})},
     "/v1/usage": {"get": op(
-        "Usage records, newest first, cursor-paginated", tag="client", op_id="listUsage",
+        "Usage records (a project's key: its project's), newest first, cursor-paginated", tag="client",
+        op_id="listUsage",
         params=[LIMIT, AFTER, query("model", STR, "model id"), query("route_kind", STR, "route kind"),
                 query("bucket", STR, "bucket id"),
                 query("status", {"enum": ["succeeded", "failed", "client_cancelled"]}, "request status"),
+                query("key_id", STR, "only this API key's requests"),
+                query("since", {"type": "string", "format": "date-time"}, "created at or after (RFC 3339)"),
+                query("until", {"type": "string", "format": "date-time"}, "created before (RFC 3339)"),
+                query("id", STR, "any id a client holds: req_…, chatcmpl-…, resp_…, msg_…"),
                 query("format", {"enum": ["json", "csv"]}, "csv: every matching record (up to 10,000) as a file")],
         responses={"200": {**ok(ref("UsageList")), "content": {JSON: {"schema": ref("UsageList")},
                                                                "text/csv": {"schema": STR}}},
@@ -516,12 +525,15 @@ PATHS: dict[str, Schema] = {
         tag="client", op_id="usageSummary", params=[query("window", {"enum": ["24h", "30d"]}, "time window")],
         responses={"200": ok(ref("UsageSummary")), **errors(400, *CLIENT_READ)})},
     "/v1/ledger": {"get": op(
-        "Ledger entries, newest first, cursor-paginated", tag="client", op_id="listLedger",
+        "Ledger entries, newest first, cursor-paginated (a project's key: the account's own entries and its "
+        "project's charges)", tag="client", op_id="listLedger",
         params=[LIMIT, AFTER, query("bucket", STR, "bucket id")],
         responses={"200": ok(ref("LedgerList")), **errors(400, *CLIENT_READ)})},
     "/v1/receipts/{request_id}": {"get": op(
-        "The receipt of one finished request of this account", tag="client", op_id="getReceipt",
-        params=[path_param("request_id", "x-request-id of the request (req_…)")],
+        "The receipt of one finished request of this account (of its project, for a project's key)",
+        tag="client", op_id="getReceipt",
+        params=[path_param("request_id", "x-request-id of the request (req_…), or the answer's id "
+                                         "(chatcmpl-…, resp_…, msg_…)")],
         responses={"200": ok(ref("UsageRecord")), **errors(*CLIENT_READ, 404)})},
     "/v1/responses": {"post": op(
         "OpenAI Responses API (unary or SSE); receipt on the response and on response.completed",
@@ -624,6 +636,9 @@ PATHS: dict[str, Schema] = {
     "/playground": {"get": op("The browser playground (SPEC §6)", tag="pages", security=None, op_id="playground",
                               responses={"200": {"description": "one HTML page",
                                                  "content": {"text/html": {"schema": STR}}}})},
+    "/favicon.ico": {"get": op("The console's icon", tag="pages", security=None, op_id="favicon",
+                               responses={"200": {"description": "an ICO file",
+                                                  "content": {"image/x-icon": {"schema": STR}}}})},
     "/openapi.json": {"get": op("This document", tag="pages", security=None, op_id="openapi",
                                 responses={"200": {"description": "OpenAPI 3.1",
                                                    "content": {JSON: {"schema": {"type": "object"}}}}})},

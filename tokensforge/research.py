@@ -168,6 +168,16 @@ def free_sections(section_reserves: list[int], free_available_nanos: int) -> int
     return covered
 
 
+def sections_within(section_reserves: list[int], cap_nanos: int) -> int:
+    """How many leading sections a run starts before one that could pass the cap (as `write_sections`)."""
+    total = 0
+    for count, reserve in enumerate(section_reserves):
+        if total + reserve > cap_nanos:
+            return count
+        total += reserve
+    return len(section_reserves)
+
+
 def estimate_view(req: ResearchRequest, section_reserves: list[int], available_nanos: int,
                   route: dict[str, Any], bucket: str, free: tuple[str, int] | None = None) -> dict[str, Any]:
     """What the run would cost at most, what it holds at a time, and whether it may start.
@@ -186,6 +196,12 @@ def estimate_view(req: ResearchRequest, section_reserves: list[int], available_n
     elif req.max_charge_nanos < section_reserves[0]:
         allowed, reason = False, (
             f"max_charge_nanos {req.max_charge_nanos} cannot cover even the first section ({section_reserves[0]})")
+    elif expected > req.max_charge_nanos:
+        fit = sections_within(section_reserves, req.max_charge_nanos)
+        allowed, reason = False, (
+            f"the report may cost up to ${usd(expected)}, above your cap of ${usd(req.max_charge_nanos)}: "
+            f"a run would stop at the cap after {fit} of {len(section_reserves)} sections; "
+            f"raise the cap to ${usd(expected)} for the whole report")
     return {
         "sections": list(req.sections),
         "route": route,
@@ -196,8 +212,10 @@ def estimate_view(req: ResearchRequest, section_reserves: list[int], available_n
         "max_charge_nanos": req.max_charge_nanos,
         "allowed": allowed,
         "reason": reason,
+        "sections_within_cap": sections_within(section_reserves, req.max_charge_nanos),
         "free_allowance": None if free is None else {
-            "bucket": free[0], "available_nanos": free[1], "covers_sections": covers},
+            "bucket": free[0], "available_nanos": free[1], "available_usd": usd(free[1]),
+            "covers_sections": covers},
     }
 
 

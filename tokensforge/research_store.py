@@ -63,7 +63,7 @@ _LIST_SQL = """
 SELECT r.seq, r.id, r.topic, r.model, r.status, r.created_at, r.total_charge_nanos,
        (SELECT count(*) FROM research_sections s WHERE s.report_id = r.id)::integer AS sections
 FROM research_reports r
-WHERE r.account_id = $1 AND ($2::bigint IS NULL OR r.seq < $2)
+WHERE r.account_id = $1 AND ($2::bigint IS NULL OR r.seq < $2) AND ($4::text IS NULL OR r.project_id = $4)
 ORDER BY r.seq DESC LIMIT $3"""
 
 _ADD_SECTION_SQL = """
@@ -154,17 +154,21 @@ class ReportStore:
             await self.finish(row["id"], "interrupted", started)
         return len(stale)
 
-    async def page(self, account_id: str, *, limit: int, after: int | None) -> list[asyncpg.Record]:
-        """The account's reports, newest first (cursor: `seq`)."""
+    async def page(self, account_id: str, *, limit: int, after: int | None,
+                   project_id: str | None = None) -> list[asyncpg.Record]:
+        """The account's reports (one project's, given `project_id`), newest first (cursor: `seq`)."""
         async with translated("research"):
-            rows: list[asyncpg.Record] = await self.pool.fetch(_LIST_SQL, account_id, after, limit)
+            rows: list[asyncpg.Record] = await self.pool.fetch(_LIST_SQL, account_id, after, limit, project_id)
             return rows
 
-    async def get(self, account_id: str, report_id: str) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
-        """One report of this account with its sections, or None (also for another account's id)."""
+    async def get(self, account_id: str, report_id: str, project_id: str | None = None
+                  ) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
+        """One report of this account (of this project, given `project_id`) with its sections, or None
+        (also for another account's or a sibling project's id)."""
         async with translated("research"), self.pool.acquire() as conn:
             row: asyncpg.Record | None = await conn.fetchrow(
-                "SELECT * FROM research_reports WHERE account_id = $1 AND id = $2", account_id, report_id)
+                "SELECT * FROM research_reports WHERE account_id = $1 AND id = $2"
+                " AND ($3::text IS NULL OR project_id = $3)", account_id, report_id, project_id)
             if row is None:
                 return None
             sections: list[asyncpg.Record] = await conn.fetch(_SECTIONS_SQL, report_id)

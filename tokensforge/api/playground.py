@@ -55,3 +55,13 @@ HEADERS = {
 @routes.get("/playground/")
 async def playground(request: web.Request) -> web.Response:
     return web.Response(body=PAGE, content_type="text/html", charset="utf-8", headers=HEADERS)
+
+
+FAVICON = resources.files("tokensforge.playground").joinpath("favicon.ico").read_bytes()
+
+
+@routes.get("/favicon.ico")
+async def favicon(request: web.Request) -> web.Response:
+    """Browsers ask every page load for it; a 404 there is noise in every console."""
+    return web.Response(body=FAVICON, content_type="image/x-icon",
+                        headers={"cache-control": "public, max-age=86400", "x-content-type-options": "nosniff"})

@@ -18,7 +18,9 @@ from aiohttp import web
 
 from ..accounts import KeyIdentity
 from ..catalog import RESEARCH_FREE_BUCKET, Model, Route
+from ..canonical import Request
 from ..dialects import openai_chat
+from ..exchange import ModelExchange
 from ..errors import InsufficientBalance, InvalidRequest, LedgerUnavailable, NotFound, TokensForgeError
 from ..ledger.model import parse_cursor
 from ..ledger.pools import PoolStore
@@ -39,7 +41,7 @@ from ..research_store import NewReport, ReportStore, section_request_id
 from ..routing import find_model, select_route
 from ..state import Gateway
 from .auth import authenticate
-from .client import complete
+from .client import admit_model_request
 from .common import REQUEST_ID, STREAM, json_response, path_param, query_limit, query_text, read_json
 
 log = logging.getLogger("tokensforge.research")
@@ -167,8 +169,9 @@ class _Run:
         section: dict[str, Any] = {"title": title, "content": None, "receipt": None, "error": None}
         try:
             async with Lifecycle(self.gw, self.identity, self.policy, request_id, "research.section") as life:
-                life.begin(self.model, payer, pinned=self.pinned)
-                answer, receipt = await complete(life, self.model, payer, body)
+                exchange = await self._admit(life, payer, body)
+                answer = await life.call(exchange)
+                receipt = await life.succeed(answer)
             section.update(content=answer.output_text, receipt=receipt)
         except TokensForgeError as exc:  # refused or failed: recorded and voided by the lifecycle
             section["error"] = exc.body()["error"]
@@ -179,6 +182,21 @@ class _Run:
         except LedgerUnavailable:  # `finish` recovers a charged section from its usage record
             log.warning("report %s: section %d could not be stored", self.report_id, index + 1)
         return section
+
+    async def _admit(self, life: Lifecycle, payer: Route, body: Request) -> ModelExchange:
+        """Hold the section's money. The free allowance may be taken by another run between `_payer`'s
+        look and this hold: then the route's own bucket pays the section (SPEC §7: one request, one
+        bucket), rather than the report failing for money it never asked the free pool to guarantee."""
+        life.begin(self.model, payer, pinned=self.pinned)
+        try:
+            return await admit_model_request(life, self.model, payer, body)
+        except InsufficientBalance as exc:
+            if payer is self.route or exc.extra.get("bucket") != RESEARCH_FREE_BUCKET:
+                raise
+        log.info("report %s: the free allowance was spent meanwhile; %r pays this section",
+                 self.report_id, self.route.bucket)
+        life.begin(self.model, self.route, pinned=self.pinned)
+        return await admit_model_request(life, self.model, self.route, body)
 
     async def finish(self, status: str) -> dict[str, Any]:
         """Store the final status and totals; the report as stored (as held in memory if the
@@ -228,7 +246,8 @@ async def list_reports(request: web.Request) -> web.Response:
         after = parse_cursor(request.query.get("after"))
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="after") from None
-    rows = await ReportStore(gw.pool).page(identity.account_id, limit=limit + 1, after=after)
+    rows = await ReportStore(gw.pool).page(identity.account_id, limit=limit + 1, after=after,
+                                          project_id=identity.project_id)
     more = len(rows) > limit
     rows = rows[:limit]
     return json_response({"object": "list", "data": [report_list_item(r) for r in rows], "has_more": more,
@@ -242,9 +261,10 @@ async def get_report(request: web.Request) -> web.Response:
     fmt = query_text(request, "format") or "json"
     if fmt not in ("json", "markdown"):
         raise InvalidRequest("'format' must be 'json' or 'markdown'", param="format")
-    found = await ReportStore(gw.pool).get(identity.account_id, report_id)
+    found = await ReportStore(gw.pool).get(identity.account_id, report_id, identity.project_id)
     if found is None:
-        raise NotFound(f"no research report {report_id!r} in this account", param="id")
+        raise NotFound(f"no research report {report_id!r} in this "
+                       + ("project" if identity.project_id else "account"), param="id")
     report = report_view(*found)
     if fmt == "json":
         return json_response(report)

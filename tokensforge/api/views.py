@@ -5,14 +5,17 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
+from ..accounts import KeyIdentity
 from ..catalog import Model, Route
 from ..errors import InvalidRequest, ModelNotFound, NotFound, PermissionDenied
 from ..ledger.model import entry_view, parse_cursor, pool_view
 from ..ledger.pools import PoolStore
+from ..ledger.store import UsageFilters
 from ..money import ROUNDING, usd
 from ..policy import EffectivePolicy
 from ..canonical import Request
@@ -188,13 +191,35 @@ def _usage_view(row: Any) -> dict[str, Any]:
     return record
 
 
+def _time(request: web.Request, name: str) -> datetime | None:
+    """An RFC 3339 instant from the query string (`2026-12-07T10:00:00Z`); one without an offset is UTC."""
+    raw = query_text(request, name)
+    if raw is None or raw == "":
+        return None
+    try:
+        when = datetime.fromisoformat(raw.replace("z", "Z"))
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be an RFC 3339 time like 2026-12-07T10:00:00Z", param=name) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def usage_filters(request: web.Request, identity: KeyIdentity) -> UsageFilters:
+    """`GET /v1/usage`'s filters; `id` takes any id a client holds (`req_…`, `chatcmpl-…`, `resp_…`,
+    `msg_…`); a project's key sees its project's records only."""
+    text = {k: query_text(request, k) or None for k in ("model", "route_kind", "bucket", "status", "key_id", "id")}
+    return UsageFilters(model=text["model"], route_kind=text["route_kind"], bucket=text["bucket"],
+                        status=text["status"], key_id=text["key_id"], project_id=identity.project_id,
+                        since=_time(request, "since"), until=_time(request, "until"),
+                        request_id=request_id_of(text["id"].strip()) if text["id"] else None)
+
+
 @routes.get("/v1/usage")
 async def usage(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
     output = request.query.get("format", "json")
     if output not in ("json", "csv"):
         raise InvalidRequest("'format' must be 'json' or 'csv'", param="format")
-    filters = {k: query_text(request, k) for k in ("model", "route_kind", "bucket", "status")}
+    filters = usage_filters(request, identity)
     if output == "csv":
         rows = await gw.ledger.usage(identity.account_id, limit=CSV_MAX_ROWS, after=_cursor(request),
                                      filters=filters)
@@ -244,7 +269,8 @@ async def usage_summary(request: web.Request) -> web.Response:
     if window not in SUMMARY_WINDOWS:
         raise InvalidRequest("'window' must be '24h' or '30d'", param="window")
     bin_s, bins = SUMMARY_WINDOWS[window]
-    found = await gw.ledger.spend_summary(identity.account_id, bin_s=bin_s, bins=bins)
+    found = await gw.ledger.spend_summary(identity.account_id, bin_s=bin_s, bins=bins,
+                                          project_id=identity.project_id)
     return json_response(summary_view(window, bin_s, found))
 
 
@@ -278,7 +304,7 @@ async def ledger(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
     limit = query_limit(request)
     rows = await gw.ledger.ledger(identity.account_id, limit=limit + 1, after=_cursor(request),
-                                  bucket=query_text(request, "bucket"))
+                                  bucket=query_text(request, "bucket") or None, project_id=identity.project_id)
     return json_response(_page(rows, limit, entry_view))
 
 
@@ -286,7 +312,8 @@ async def ledger(request: web.Request) -> web.Response:
 async def receipt(request: web.Request) -> web.Response:
     gw, identity, _ = await authenticate(request)
     request_id = path_param(request, "request_id")
-    row = await gw.ledger.receipt(identity.account_id, request_id_of(request_id))
+    row = await gw.ledger.receipt(identity.account_id, request_id_of(request_id), identity.project_id)
     if row is None:
-        raise NotFound(f"no finished request {request_id!r} in this account")
+        raise NotFound(f"no finished request {request_id!r} in this "
+                       + ("project" if identity.project_id else "account"))
     return json_response(_usage_view(row))

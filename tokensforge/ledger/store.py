@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import asyncpg
@@ -141,6 +142,21 @@ class _Batcher(Generic[Item, Result]):
 
 _Settlement = tuple[str, int, "dict[str, Any] | None"]
 _LeaseSettlement = tuple[str, str, int, "dict[str, Any] | None"]  # lease id, request id, charge, record
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilters:
+    """What `GET /v1/usage` narrows the records by (None: any); `project_id` scopes a project's key."""
+
+    model: str | None = None
+    route_kind: str | None = None
+    bucket: str | None = None
+    status: str | None = None
+    key_id: str | None = None
+    project_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,29 +475,41 @@ class LedgerStore:
 
     async def ledger(
         self, account_id: str, *, limit: int, after: int | None, bucket: str | None = None,
+        project_id: str | None = None,
     ) -> list[asyncpg.Record]:
+        """The account's entries, newest first; for a project's key, the account's own entries (top-ups,
+        grants, expiries) and the charges and refunds of that project's requests only."""
         return await self._read(
-            "SELECT * FROM ledger_entries WHERE account_id = $1"
-            " AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR bucket = $3)"
-            " ORDER BY seq DESC LIMIT $4",
-            account_id, after, bucket, limit)
+            "SELECT * FROM ledger_entries e WHERE e.account_id = $1"
+            " AND ($2::bigint IS NULL OR e.seq < $2) AND ($3::text IS NULL OR e.bucket = $3)"
+            " AND ($5::text IS NULL OR e.request_id IS NULL OR EXISTS (SELECT 1 FROM usage_records u"
+            "      WHERE u.request_id = e.request_id AND u.account_id = $1 AND u.project_id = $5))"
+            " ORDER BY e.seq DESC LIMIT $4",
+            account_id, after, bucket, limit, project_id)
 
     async def usage(
-        self, account_id: str, *, limit: int, after: int | None, filters: dict[str, str | None],
+        self, account_id: str, *, limit: int, after: int | None, filters: UsageFilters | None = None,
     ) -> list[asyncpg.Record]:
+        """The account's usage records, newest first, narrowed by `filters` (a project's key: its project's)."""
+        f = filters or UsageFilters()
         return await self._read(
             "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
             " AND ($2::bigint IS NULL OR seq < $2)"
             " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
             " AND ($5::text IS NULL OR bucket = $5) AND ($6::text IS NULL OR status = $6)"
+            " AND ($8::text IS NULL OR key_id = $8) AND ($9::text IS NULL OR project_id = $9)"
+            " AND ($10::timestamptz IS NULL OR created_at >= $10) AND ($11::timestamptz IS NULL OR created_at < $11)"
+            " AND ($12::text IS NULL OR request_id = $12)"
             " ORDER BY seq DESC LIMIT $7",
-            account_id, after, filters.get("model"), filters.get("route_kind"),
-            filters.get("bucket"), filters.get("status"), limit)
+            account_id, after, f.model, f.route_kind, f.bucket, f.status, limit, f.key_id, f.project_id,
+            f.since, f.until, f.request_id)
 
-    async def receipt(self, account_id: str, request_id: str) -> asyncpg.Record | None:
+    async def receipt(self, account_id: str, request_id: str,
+                      project_id: str | None = None) -> asyncpg.Record | None:
         rows = await self._read(
             "SELECT receipt, created_at, latency_ms FROM usage_records"
-            " WHERE account_id = $1 AND request_id = $2", account_id, request_id)
+            " WHERE account_id = $1 AND request_id = $2 AND ($3::text IS NULL OR project_id = $3)",
+            account_id, request_id, project_id)
         return rows[0] if rows else None
 
     async def entry(self, entry_id: str) -> asyncpg.Record | None:
@@ -489,16 +517,17 @@ class LedgerStore:
         return rows[0] if rows else None
 
     async def spend_summary(self, account_id: str, *, bin_s: int, bins: int, typical_of: int = 20,
-                            top: int = 5) -> dict[str, list[asyncpg.Record]]:
-        """Spend of an account over the last `bins` time bins of `bin_s` seconds (UTC-aligned, by the
-        database clock): per bucket and bin (empty bins included), the top models and routes, and the
-        median tokens of its last `typical_of` requests that reported usage."""
+                            top: int = 5, project_id: str | None = None) -> dict[str, list[asyncpg.Record]]:
+        """Spend of an account (of one project, given `project_id`) over the last `bins` time bins of
+        `bin_s` seconds (UTC-aligned, by the database clock): per bucket and bin (empty bins included),
+        the top models and routes, and the median tokens of its last `typical_of` requests that reported usage."""
         args = (account_id, bin_s, bins)
         async with translated("read"), self._connection() as conn:
-            series = await conn.fetch(_SPEND_SERIES_SQL, *args)
-            models = await conn.fetch(_SPEND_TOP_SQL.format(key="model", extra=""), *args, top)
-            routes = await conn.fetch(_SPEND_TOP_SQL.format(key="route_id", extra=", route_kind"), *args, top)
-            typical = await conn.fetch(_TYPICAL_SQL, account_id, typical_of)
+            series = await conn.fetch(_SPEND_SERIES_SQL, *args, project_id)
+            models = await conn.fetch(_SPEND_TOP_SQL.format(key="model", extra=""), *args, top, project_id)
+            routes = await conn.fetch(_SPEND_TOP_SQL.format(key="route_id", extra=", route_kind"), *args, top,
+                                      project_id)
+            typical = await conn.fetch(_TYPICAL_SQL, account_id, typical_of, project_id)
         return {"series": series, "models": models, "routes": routes, "typical": typical}
 
 
@@ -541,6 +570,7 @@ used AS (
            sum(u.charge_nanos)::bigint AS charge_nanos
     FROM usage_records u, w
     WHERE u.account_id = $1 AND u.created_at >= w.start AND u.bucket IS NOT NULL
+      AND ($4::text IS NULL OR u.project_id = $4)
     GROUP BY 1, 2
 )
 SELECT b.bucket, s.t, coalesce(used.charge_nanos, 0)::bigint AS charge_nanos
@@ -553,6 +583,7 @@ _SPEND_TOP_SQL = _SPEND_WINDOW + """
 SELECT u.{key}{extra}, sum(u.charge_nanos)::bigint AS charge_nanos, count(*)::bigint AS requests
 FROM usage_records u, w
 WHERE u.account_id = $1 AND u.created_at >= w.start AND u.{key} IS NOT NULL
+  AND ($5::text IS NULL OR u.project_id = $5)
 GROUP BY u.{key}{extra}
 ORDER BY charge_nanos DESC, requests DESC, u.{key}
 LIMIT $4"""
@@ -563,7 +594,8 @@ SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY prompt_tokens) AS prompt_toke
 FROM (SELECT (receipt #>> '{usage,prompt_tokens}')::bigint AS prompt_tokens,
              (receipt #>> '{usage,completion_tokens}')::bigint AS completion_tokens
       FROM usage_records
-      WHERE account_id = $1 AND status = 'succeeded' AND jsonb_typeof(receipt #> '{usage,prompt_tokens}') = 'number'
+      WHERE account_id = $1 AND ($3::text IS NULL OR project_id = $3)
+        AND status = 'succeeded' AND jsonb_typeof(receipt #> '{usage,prompt_tokens}') = 'number'
       ORDER BY seq DESC LIMIT $2) last"""
 
 def _cleaned(record: dict[str, Any] | None) -> dict[str, Any] | None:
