@@ -184,6 +184,8 @@ class LedgerStore:
         # (measured: 5,400 settles/s with 2, 4,800 with 4, 2,600 with 8; benchmarks/ledger_bench.py)
         self._lease_settles: _Batcher[_LeaseSettlement, tuple[str | None, int]] = _Batcher(
             self._lease_finish_many, max_batch, min(max_inflight_batches, 2))
+        self._traces: _Batcher[tuple[str, dict[str, Any]], None] = _Batcher(
+            self._trace_many, max_batch, min(max_inflight_batches, 2))
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -381,6 +383,22 @@ class LedgerStore:
             return [_leased_resolution(item, found.get(item[1])) for item in batch]
 
         return await self._patiently(items, ask, lambda item: f"request {item[1]}")
+
+    async def trace(self, lease_id: str, receipt: dict[str, Any]) -> None:
+        """Make a stream carved from a lease durable as it starts (0009_stream_traces.sql): if its
+        gateway dies before it settles, the sweeper writes its usage record (`gateway_lost`, charged 0).
+        Group-committed like settlements."""
+        await self._traces.submit((lease_id, clean_record(receipt)))
+
+    async def _trace_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[None | Exception]:
+        await self._call("trace", "SELECT tf_trace_many($1, $2)", [i[0] for i in items], [i[1] for i in items])
+        return [None] * len(items)
+
+    async def close_lost(self, grace_s: float, limit: int = 100) -> int:
+        """The sweeper's pass over stream traces: forget settled ones, record the lost ones (SPEC §5.9)."""
+        rows = await self._call("expire", "SELECT tf_close_lost($1, $2) AS n", grace_s, limit)
+        count: int = rows[0]["n"]
+        return count
 
     async def lease_charge_late(
         self, lease_id: str, request_id: str, charge_nanos: int, record: dict[str, Any] | None,
