@@ -122,7 +122,8 @@ async def test_a_killed_process_leaves_its_lease_to_the_sweeper_and_the_stream_a
         assert lease["status"] == "open" and lease["amount_nanos"] > 0
         assert await conn.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", request_id) == 0
         # the stream was made durable as it started, without a row of its own holding money
-        assert await conn.fetchval("SELECT lease_id FROM stream_traces WHERE request_id = $1", request_id) == lease["id"]
+        traced = await conn.fetchval("SELECT lease_id FROM stream_traces WHERE request_id = $1", request_id)
+        assert traced == lease["id"]
         # no gateway is left to sweep: a new one starts; its sweeper voids the lease after the TTL and then
         # records the lost stream
         with GatewayProcess(catalog, dsn=dsn, env={"TOKENSFORGE_TRACE_GRACE_S": "0"}):

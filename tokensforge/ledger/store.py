@@ -21,6 +21,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from .. import metrics
+from ..db import reads
 from ..errors import (
     BudgetExceeded,
     IdempotencyConflict,
@@ -45,6 +46,10 @@ _UNAVAILABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
+    # a multi-host URL with target_session_attrs=read-write while no host is a primary (mid-failover)
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+    # a standby that was promoted under a session, or a primary demoted: writes refused as read-only
+    asyncpg.ReadOnlySQLTransactionError,
 )
 # SQLSTATE classes that say the server cannot work right now, whatever the data:
 # insufficient resources (disk full, out of memory), operator intervention, system error.
@@ -214,6 +219,32 @@ class LedgerStore:
 
     async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async with translated("read"), self._connection() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
+
+    @asynccontextmanager
+    async def _view_connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for the account views: the standby's pool when one is attached (db.reads),
+        the primary's if the standby cannot be had."""
+        views = reads(self.pool)
+        if views is not self.pool:
+            try:
+                conn = await views.acquire(timeout=self.acquire_timeout_s)
+            except Exception as exc:
+                if not _unavailable(exc):
+                    raise
+                log.debug("read replica unavailable, reading from the primary: %r", exc)
+            else:
+                try:
+                    yield conn
+                finally:
+                    await views.release(conn)
+                return
+        async with self._connection() as conn:
+            yield conn
+
+    async def _view(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with translated("read"), self._view_connection() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
             return rows
 
@@ -478,7 +509,7 @@ class LedgerStore:
     async def ledger(
         self, account_id: str, *, limit: int, after: int | None, bucket: str | None = None,
     ) -> list[asyncpg.Record]:
-        return await self._read(
+        return await self._view(
             "SELECT * FROM ledger_entries WHERE account_id = $1"
             " AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR bucket = $3)"
             " ORDER BY seq DESC LIMIT $4",
@@ -487,7 +518,7 @@ class LedgerStore:
     async def usage(
         self, account_id: str, *, limit: int, after: int | None, filters: dict[str, str | None],
     ) -> list[asyncpg.Record]:
-        return await self._read(
+        return await self._view(
             "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
             " AND ($2::bigint IS NULL OR seq < $2)"
             " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
@@ -497,9 +528,13 @@ class LedgerStore:
             filters.get("bucket"), filters.get("status"), limit)
 
     async def receipt(self, account_id: str, request_id: str) -> asyncpg.Record | None:
-        rows = await self._read(
-            "SELECT receipt, created_at, latency_ms FROM usage_records"
-            " WHERE account_id = $1 AND request_id = $2", account_id, request_id)
+        """From the read replica, else (not replicated yet, or no replica) from the primary: a client
+        that was just given an answer always finds its receipt."""
+        sql = ("SELECT receipt, created_at, latency_ms FROM usage_records"
+               " WHERE account_id = $1 AND request_id = $2")
+        rows = await self._view(sql, account_id, request_id) if reads(self.pool) is not self.pool else []
+        if not rows:
+            rows = await self._read(sql, account_id, request_id)
         return rows[0] if rows else None
 
     async def entry(self, entry_id: str) -> asyncpg.Record | None:
@@ -512,7 +547,7 @@ class LedgerStore:
         database clock): per bucket and bin (empty bins included), the top models and routes, and the
         median tokens of its last `typical_of` requests that reported usage."""
         args = (account_id, bin_s, bins)
-        async with translated("read"), self._connection() as conn:
+        async with translated("read"), self._view_connection() as conn:
             series = await conn.fetch(_SPEND_SERIES_SQL, *args)
             models = await conn.fetch(_SPEND_TOP_SQL.format(key="model", extra=""), *args, top)
             routes = await conn.fetch(_SPEND_TOP_SQL.format(key="route_id", extra=", route_kind"), *args, top)
