@@ -1,0 +1,291 @@
+"""High availability (issue #16) on a real primary and a synchronous streaming standby (deploy/ha/pair.sh).
+
+The gateways get a multi-host TOKENSFORGE_DATABASE_URL (`target_session_attrs=read-write`), as
+`pg_autoctl show uri` prints it. First the views read from the standby (TOKENSFORGE_READ_DATABASE_URL)
+while a fresh receipt is still found on the primary; then, under load from two gateway processes,
+the primary is crashed and the standby promoted (`pg_ctl promote`, what a failover manager does):
+every receipt a client was shown is on the new primary with its amount, the books balance to the
+nano, nothing stays reserved, and both gateways serve again within seconds. The tests run in this
+order on one pair (the second one promotes its standby).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import openai
+import orjson
+import pytest
+
+from tokensforge.db import migrate
+
+from .harness import ADMIN_TOKEN, Mock, free_port, write_catalog
+from .invariants import assert_ledger_invariants
+from .procs import GatewayProcess
+
+PAIR = Path(__file__).resolve().parents[1] / "deploy" / "ha" / "pair.sh"
+MESSAGES = [{"role": "user", "content": "tell me about ledgers"}]
+
+
+@dataclass
+class Pair:
+    base: Path
+    primary_port: int
+    standby_port: int
+
+    @property
+    def url(self) -> str:
+        return (f"postgresql://tokensforge@127.0.0.1:{self.primary_port},127.0.0.1:{self.standby_port}/tokensforge"
+                "?target_session_attrs=read-write")
+
+    def node(self, port: int) -> str:
+        return f"postgresql://tokensforge@127.0.0.1:{port}/tokensforge"
+
+    def run(self, *args: str) -> None:
+        done = subprocess.run([str(PAIR), *args], capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"pair.sh {' '.join(args)}: {done.stderr}{done.stdout}"
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    base = Path(tempfile.mkdtemp(prefix="tf-ha-", dir="/tmp"))
+    os.chmod(base, 0o755)  # the server account must reach it
+    primary_port = free_port()
+    standby_port = free_port()
+    while standby_port == primary_port:
+        standby_port = free_port()
+    cluster = Pair(base, primary_port, standby_port)
+    try:
+        cluster.run("start", str(base), str(primary_port), str(standby_port))
+        asyncio.run(migrate(cluster.url))
+        yield cluster
+    finally:
+        subprocess.run([str(PAIR), "stop", str(base)], capture_output=True, timeout=180)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def new_account(session: aiohttp.ClientSession, url: str, credit: int) -> tuple[str, str]:
+    async def admin(path: str, body: dict[str, Any]) -> Any:
+        async with session.post(url + path, data=orjson.dumps(body),
+                                headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            assert r.status == 201, await r.text()
+            return await r.json()
+
+    account = await admin("/admin/accounts", {"name": "ha"})
+    await admin(f"/admin/accounts/{account['id']}/topups",
+                {"bucket": "credit", "amount_nanos": credit, "idempotency_key": "fund"})
+    key = await admin(f"/admin/accounts/{account['id']}/keys", {"name": "k", "policy": {}})
+    return account["id"], key["key"]
+
+
+async def get(session: aiohttp.ClientSession, url: str, key: str | None = None) -> tuple[int, Any]:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    async with session.get(url, headers=headers) as r:
+        return r.status, await r.json()
+
+
+async def test_views_read_from_the_standby_and_a_fresh_receipt_from_the_primary(
+        pair: Pair, mock_upstream: Mock, tmp_path: Path) -> None:
+    await mock_upstream.reset()
+    catalog = write_catalog(tmp_path / "c.toml", mock_upstream.url)
+    standby = await asyncpg.connect(pair.node(pair.standby_port))
+    env = {"TOKENSFORGE_READ_DATABASE_URL": pair.node(pair.standby_port)}
+    try:
+        with GatewayProcess(catalog, dsn=pair.url, env=env) as gateway:
+            async with aiohttp.ClientSession() as session, openai.AsyncOpenAI(
+                    base_url=gateway.url + "/v1", api_key="none", max_retries=0) as anon:
+                _, key = await new_account(session, gateway.url, 10**10)
+                client = anon.with_options(api_key=key)
+                first = (await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=MESSAGES, max_tokens=3)).model_extra["receipt"]
+                for _ in range(50):  # replicated (and applied) on the standby
+                    status, usage = await get(session, gateway.url + "/v1/usage", key)
+                    if status == 200 and usage["data"]:
+                        break
+                    await asyncio.sleep(0.1)
+                assert [u["request_id"] for u in usage["data"]] == [first["request_id"]]
+                # the standby stops applying WAL (it still confirms it, so the primary's commits go on)
+                await standby.execute("SELECT pg_wal_replay_pause()")
+                try:
+                    second = (await client.chat.completions.create(
+                        model="gpt-4o-mini", messages=MESSAGES, max_tokens=3)).model_extra["receipt"]
+                    # the views read the standby, which has not applied it ...
+                    status, usage = await get(session, gateway.url + "/v1/usage", key)
+                    assert status == 200 and [u["request_id"] for u in usage["data"]] == [first["request_id"]]
+                    status, ledger = await get(session, gateway.url + "/v1/ledger", key)
+                    assert status == 200 and second["ledger_entry_id"] not in [e["id"] for e in ledger["data"]]
+                    async with session.get(gateway.url + "/v1/usage?format=csv",
+                                           headers={"authorization": f"Bearer {key}"}) as r:
+                        csv = await r.text()
+                    assert first["request_id"] in csv and second["request_id"] not in csv
+                    # ... but the client that was just given a receipt finds it (read from the primary)
+                    status, receipt = await get(session, f"{gateway.url}/v1/receipts/{second['request_id']}", key)
+                    assert status == 200 and receipt["charge_nanos"] == second["charge_nanos"] > 0
+                finally:
+                    await standby.execute("SELECT pg_wal_replay_resume()")
+                for _ in range(50):
+                    status, usage = await get(session, gateway.url + "/v1/usage", key)
+                    if len(usage["data"]) == 2:
+                        break
+                    await asyncio.sleep(0.1)
+                assert [u["request_id"] for u in usage["data"]] == [second["request_id"], first["request_id"]]
+                status, ready = await get(session, gateway.url + "/readyz")
+                assert status == 200 and ready["database"]["primary"] == f"127.0.0.1:{pair.primary_port}"
+    finally:
+        await standby.close()
+
+
+@dataclass
+class Seen:
+    """What the load's clients were shown."""
+
+    receipts: list[dict[str, Any]] = field(default_factory=list)  # every receipt a client got
+    streamed_ids: list[str] = field(default_factory=list)  # x-request-id of every stream that started
+    ok_at: list[tuple[float, int]] = field(default_factory=list)  # (time, gateway) of each success
+    refusals: dict[str, int] = field(default_factory=dict)  # error code → count
+    slowest_refusal_s: float = 0.0
+    cut: int = 0
+
+
+async def test_a_primary_killed_under_load_is_followed_by_both_gateways_and_no_receipt_is_lost(
+        pair: Pair, mock_upstream: Mock, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    await mock_upstream.reset()
+    await mock_upstream.faults(**{"up-official": {"chunk_delay_ms": 20}})
+    catalog = write_catalog(tmp_path / "c.toml", mock_upstream.url)
+    env = {"TOKENSFORGE_DB_ACQUIRE_TIMEOUT_S": "1", "TOKENSFORGE_LEASE_TTL_S": "4",
+           "TOKENSFORGE_RESERVATION_TTL_S": "4", "TOKENSFORGE_TRACE_GRACE_S": "1"}
+    seen = Seen()
+    with GatewayProcess(catalog, dsn=pair.url, env=env) as a, GatewayProcess(catalog, dsn=pair.url, env=env) as b:
+        gateways = [a, b]
+        async with aiohttp.ClientSession() as session:
+            account_id, key = await new_account(session, a.url, 10**11)
+            clients = [openai.AsyncOpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=20)
+                       for g in gateways]
+            stop = asyncio.Event()
+
+            async def unary(worker: int) -> None:
+                for i in range(2000):
+                    if stop.is_set():
+                        return
+                    which = (worker + i) % 2
+                    started = time.monotonic()
+                    try:
+                        done = await clients[which].chat.completions.create(
+                            model="gpt-4o-mini", messages=MESSAGES, max_tokens=3)
+                        seen.receipts.append(done.model_extra["receipt"])
+                        seen.ok_at.append((time.monotonic(), which))
+                    except openai.APIStatusError as exc:
+                        code = exc.response.json()["error"]["code"]
+                        seen.refusals[code] = seen.refusals.get(code, 0) + 1
+                        seen.slowest_refusal_s = max(seen.slowest_refusal_s, time.monotonic() - started)
+                        await asyncio.sleep(0.02)
+
+            async def streamed(worker: int) -> None:
+                for i in range(2000):
+                    if stop.is_set():
+                        return
+                    which = (worker + i) % 2
+                    started = time.monotonic()
+                    try:
+                        stream = await clients[which].chat.completions.create(
+                            model="gpt-4o-mini", messages=MESSAGES, max_tokens=8, stream=True,
+                            stream_options={"include_usage": True})
+                        seen.streamed_ids.append(stream.response.headers["x-request-id"])
+                        receipt = None
+                        async for chunk in stream:
+                            if not chunk.choices and chunk.model_extra and "receipt" in chunk.model_extra:
+                                receipt = chunk.model_extra["receipt"]
+                        if receipt is not None:
+                            seen.receipts.append(receipt)
+                            seen.ok_at.append((time.monotonic(), which))
+                    except openai.APIStatusError as exc:
+                        code = exc.response.json()["error"]["code"]
+                        seen.refusals[code] = seen.refusals.get(code, 0) + 1
+                        seen.slowest_refusal_s = max(seen.slowest_refusal_s, time.monotonic() - started)
+                        await asyncio.sleep(0.02)
+                    except openai.APIError:  # the stream ended with an error event (the ledger went away)
+                        seen.cut += 1
+
+            load = [asyncio.create_task(unary(w)) for w in range(6)] + \
+                [asyncio.create_task(streamed(w)) for w in range(4)]
+            try:
+                await asyncio.sleep(2.0)
+                before = len(seen.receipts)
+                killed_at = time.monotonic()
+                await asyncio.to_thread(pair.run, "kill-primary", str(pair.base))
+                await asyncio.sleep(1.0)  # no primary: what a failover manager takes to decide
+                await asyncio.to_thread(pair.run, "promote", str(pair.base))
+                promoted_at = time.monotonic()
+                deadline = promoted_at + 15
+                while time.monotonic() < deadline and not all(
+                        any(t > promoted_at and g == which for t, g in seen.ok_at) for which in (0, 1)):
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.5)  # some traffic on the new primary
+            finally:
+                stop.set()
+                await asyncio.gather(*load, return_exceptions=True)
+                for client in clients:
+                    await client.close()
+            recovered = [min((t for t, g in seen.ok_at if t > promoted_at and g == which), default=None)
+                         for which in (0, 1)]
+            readies = [await get(session, g.url + "/readyz") for g in gateways]
+            async with session.get(a.url + "/metrics") as r:
+                metrics_text = await r.text()
+        # the gateways stop (SIGTERM): their leases go back, so nothing may stay reserved
+    new_primary = pair.node(pair.standby_port)
+    recovery = [None if t is None else round(t - promoted_at, 3) for t in recovered]
+    with capsys.disabled():
+        print(f"\nfailover: {before} receipts before the kill, {len(seen.receipts)} in all; refusals {seen.refusals},"
+              f" slowest refusal {seen.slowest_refusal_s:.3f} s, streams cut {seen.cut}; primary down"
+              f" {promoted_at - killed_at:.2f} s; first success after the promotion per gateway: {recovery} s;"
+              f" readyz last_outage_s {[r[1]['database']['last_outage_s'] for r in readies]}")
+    assert before >= 20, "too little traffic before the kill"
+    assert all(t is not None for t in recovery), f"a gateway did not serve again within 15 s: {recovery}"
+    assert max(t for t in recovery if t is not None) < 5.0
+    assert seen.refusals.get("ledger_unavailable", 0) > 0, "the failover was not felt"
+    assert set(seen.refusals) <= {"ledger_unavailable"}, seen.refusals
+    assert seen.slowest_refusal_s < 5.0, "a billable request waited too long for its 503"
+    for status, ready in readies:
+        assert status == 200 and ready["database"]["primary"] == f"127.0.0.1:{pair.standby_port}", ready
+        assert ready["database"]["last_outage_s"] is not None and ready["database"]["primary_changes"] == 1
+    assert f'tokensforge_database_primary{{host="127.0.0.1:{pair.standby_port}"}} 1.0' in metrics_text
+    assert f'tokensforge_database_primary{{host="127.0.0.1:{pair.primary_port}"}} 0.0' in metrics_text
+    conn = await asyncpg.connect(new_primary)
+    try:
+        assert not await conn.fetchval("SELECT pg_is_in_recovery()")
+        deadline = time.monotonic() + 20  # delayed settlements, the sweeper's expiries, lost streams' traces
+        while time.monotonic() < deadline and (
+                await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'")
+                or await conn.fetchval("SELECT count(*) FROM stream_traces")):
+            await asyncio.sleep(0.2)
+        rows = {r["request_id"]: r for r in await conn.fetch(
+            "SELECT request_id, charge_nanos, ledger_entry_id, status FROM usage_records WHERE account_id = $1",
+            account_id)}
+        missing = [r["request_id"] for r in seen.receipts if r["request_id"] not in rows]
+        assert not missing, f"{len(missing)} receipt(s) shown to clients are not on the new primary: {missing[:5]}"
+        wrong = [(r["request_id"], r["charge_nanos"], rows[r["request_id"]]["charge_nanos"]) for r in seen.receipts
+                 if (rows[r["request_id"]]["charge_nanos"], rows[r["request_id"]]["ledger_entry_id"])
+                 != (r["charge_nanos"], r["ledger_entry_id"])]
+        assert not wrong, f"receipts disagree with the new primary: {wrong[:5]}"
+        unrecorded = [rid for rid in seen.streamed_ids if rid not in rows]
+        assert not unrecorded, f"streams that started have no usage record: {unrecorded[:5]}"
+        assert await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'") == 0
+        assert await conn.fetchval("SELECT reserved_nanos FROM buckets WHERE account_id = $1 AND bucket = 'credit'",
+                                   account_id) == 0
+        charged = sum(r["charge_nanos"] for r in rows.values())
+        assert await conn.fetchval("SELECT balance_nanos FROM buckets WHERE account_id = $1 AND bucket = 'credit'",
+                                   account_id) == 10**11 - charged
+        await assert_ledger_invariants(conn)
+    finally:
+        await conn.close()
