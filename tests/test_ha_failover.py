@@ -16,26 +16,22 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
 import openai
-import orjson
 import pytest
 
 from tokensforge.db import migrate
 
-from .harness import ADMIN_TOKEN, Mock, free_port, write_catalog
-from .invariants import assert_ledger_invariants
+from .ha_load import MESSAGES, check_books, get, new_account, run_load
+from .harness import Mock, free_port, write_catalog
 from .procs import GatewayProcess
 
 PAIR = Path(__file__).resolve().parents[1] / "deploy" / "ha" / "pair.sh"
-MESSAGES = [{"role": "user", "content": "tell me about ledgers"}]
 
 
 @dataclass
@@ -73,26 +69,6 @@ def pair() -> Iterator[Pair]:
     finally:
         subprocess.run([str(PAIR), "stop", str(base)], capture_output=True, timeout=180)
         shutil.rmtree(base, ignore_errors=True)
-
-
-async def new_account(session: aiohttp.ClientSession, url: str, credit: int) -> tuple[str, str]:
-    async def admin(path: str, body: dict[str, Any]) -> Any:
-        async with session.post(url + path, data=orjson.dumps(body),
-                                headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
-            assert r.status == 201, await r.text()
-            return await r.json()
-
-    account = await admin("/admin/accounts", {"name": "ha"})
-    await admin(f"/admin/accounts/{account['id']}/topups",
-                {"bucket": "credit", "amount_nanos": credit, "idempotency_key": "fund"})
-    key = await admin(f"/admin/accounts/{account['id']}/keys", {"name": "k", "policy": {}})
-    return account["id"], key["key"]
-
-
-async def get(session: aiohttp.ClientSession, url: str, key: str | None = None) -> tuple[int, Any]:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    async with session.get(url, headers=headers) as r:
-        return r.status, await r.json()
 
 
 async def test_views_read_from_the_standby_and_a_fresh_receipt_from_the_primary(
@@ -146,18 +122,6 @@ async def test_views_read_from_the_standby_and_a_fresh_receipt_from_the_primary(
         await standby.close()
 
 
-@dataclass
-class Seen:
-    """What the load's clients were shown."""
-
-    receipts: list[dict[str, Any]] = field(default_factory=list)  # every receipt a client got
-    streamed_ids: list[str] = field(default_factory=list)  # x-request-id of every stream that started
-    ok_at: list[tuple[float, int]] = field(default_factory=list)  # (time, gateway) of each success
-    refusals: dict[str, int] = field(default_factory=dict)  # error code → count
-    slowest_refusal_s: float = 0.0
-    cut: int = 0
-
-
 async def test_a_primary_killed_under_load_is_followed_by_both_gateways_and_no_receipt_is_lost(
         pair: Pair, mock_upstream: Mock, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     await mock_upstream.reset()
@@ -165,92 +129,25 @@ async def test_a_primary_killed_under_load_is_followed_by_both_gateways_and_no_r
     catalog = write_catalog(tmp_path / "c.toml", mock_upstream.url)
     env = {"TOKENSFORGE_DB_ACQUIRE_TIMEOUT_S": "1", "TOKENSFORGE_LEASE_TTL_S": "4",
            "TOKENSFORGE_RESERVATION_TTL_S": "4", "TOKENSFORGE_TRACE_GRACE_S": "1"}
-    seen = Seen()
+
+    async def failover() -> None:
+        await asyncio.to_thread(pair.run, "kill-primary", str(pair.base))
+        await asyncio.sleep(1.0)  # no primary: what a failover manager takes to decide
+        await asyncio.to_thread(pair.run, "promote", str(pair.base))
+
     with GatewayProcess(catalog, dsn=pair.url, env=env) as a, GatewayProcess(catalog, dsn=pair.url, env=env) as b:
-        gateways = [a, b]
         async with aiohttp.ClientSession() as session:
             account_id, key = await new_account(session, a.url, 10**11)
-            clients = [openai.AsyncOpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=20)
-                       for g in gateways]
-            stop = asyncio.Event()
-
-            async def unary(worker: int) -> None:
-                for i in range(2000):
-                    if stop.is_set():
-                        return
-                    which = (worker + i) % 2
-                    started = time.monotonic()
-                    try:
-                        done = await clients[which].chat.completions.create(
-                            model="gpt-4o-mini", messages=MESSAGES, max_tokens=3)
-                        seen.receipts.append(done.model_extra["receipt"])
-                        seen.ok_at.append((time.monotonic(), which))
-                    except openai.APIStatusError as exc:
-                        code = exc.response.json()["error"]["code"]
-                        seen.refusals[code] = seen.refusals.get(code, 0) + 1
-                        seen.slowest_refusal_s = max(seen.slowest_refusal_s, time.monotonic() - started)
-                        await asyncio.sleep(0.02)
-
-            async def streamed(worker: int) -> None:
-                for i in range(2000):
-                    if stop.is_set():
-                        return
-                    which = (worker + i) % 2
-                    started = time.monotonic()
-                    try:
-                        stream = await clients[which].chat.completions.create(
-                            model="gpt-4o-mini", messages=MESSAGES, max_tokens=8, stream=True,
-                            stream_options={"include_usage": True})
-                        seen.streamed_ids.append(stream.response.headers["x-request-id"])
-                        receipt = None
-                        async for chunk in stream:
-                            if not chunk.choices and chunk.model_extra and "receipt" in chunk.model_extra:
-                                receipt = chunk.model_extra["receipt"]
-                        if receipt is not None:
-                            seen.receipts.append(receipt)
-                            seen.ok_at.append((time.monotonic(), which))
-                    except openai.APIStatusError as exc:
-                        code = exc.response.json()["error"]["code"]
-                        seen.refusals[code] = seen.refusals.get(code, 0) + 1
-                        seen.slowest_refusal_s = max(seen.slowest_refusal_s, time.monotonic() - started)
-                        await asyncio.sleep(0.02)
-                    except openai.APIError:  # the stream ended with an error event (the ledger went away)
-                        seen.cut += 1
-
-            load = [asyncio.create_task(unary(w)) for w in range(6)] + \
-                [asyncio.create_task(streamed(w)) for w in range(4)]
-            try:
-                await asyncio.sleep(2.0)
-                before = len(seen.receipts)
-                killed_at = time.monotonic()
-                await asyncio.to_thread(pair.run, "kill-primary", str(pair.base))
-                await asyncio.sleep(1.0)  # no primary: what a failover manager takes to decide
-                await asyncio.to_thread(pair.run, "promote", str(pair.base))
-                promoted_at = time.monotonic()
-                deadline = promoted_at + 15
-                while time.monotonic() < deadline and not all(
-                        any(t > promoted_at and g == which for t, g in seen.ok_at) for which in (0, 1)):
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(1.5)  # some traffic on the new primary
-            finally:
-                stop.set()
-                await asyncio.gather(*load, return_exceptions=True)
-                for client in clients:
-                    await client.close()
-            recovered = [min((t for t, g in seen.ok_at if t > promoted_at and g == which), default=None)
-                         for which in (0, 1)]
-            readies = [await get(session, g.url + "/readyz") for g in gateways]
+            seen = await run_load([a.url, b.url], key, failover)
+            readies = [await get(session, g.url + "/readyz") for g in (a, b)]
             async with session.get(a.url + "/metrics") as r:
                 metrics_text = await r.text()
         # the gateways stop (SIGTERM): their leases go back, so nothing may stay reserved
-    new_primary = pair.node(pair.standby_port)
-    recovery = [None if t is None else round(t - promoted_at, 3) for t in recovered]
+    recovery = seen.recovery_s(2)
     with capsys.disabled():
-        print(f"\nfailover: {before} receipts before the kill, {len(seen.receipts)} in all; refusals {seen.refusals},"
-              f" slowest refusal {seen.slowest_refusal_s:.3f} s, streams cut {seen.cut}; primary down"
-              f" {promoted_at - killed_at:.2f} s; first success after the promotion per gateway: {recovery} s;"
-              f" readyz last_outage_s {[r[1]['database']['last_outage_s'] for r in readies]}")
-    assert before >= 20, "too little traffic before the kill"
+        print(f"\nfailover (pg_ctl promote): {seen.summary(2)}; /readyz last_outage_s"
+              f" {[r[1]['database']['last_outage_s'] for r in readies]}")
+    assert seen.before >= 20, "too little traffic before the kill"
     assert all(t is not None for t in recovery), f"a gateway did not serve again within 15 s: {recovery}"
     assert max(t for t in recovery if t is not None) < 5.0
     assert seen.refusals.get("ledger_unavailable", 0) > 0, "the failover was not felt"
@@ -261,31 +158,4 @@ async def test_a_primary_killed_under_load_is_followed_by_both_gateways_and_no_r
         assert ready["database"]["last_outage_s"] is not None and ready["database"]["primary_changes"] == 1
     assert f'tokensforge_database_primary{{host="127.0.0.1:{pair.standby_port}"}} 1.0' in metrics_text
     assert f'tokensforge_database_primary{{host="127.0.0.1:{pair.primary_port}"}} 0.0' in metrics_text
-    conn = await asyncpg.connect(new_primary)
-    try:
-        assert not await conn.fetchval("SELECT pg_is_in_recovery()")
-        deadline = time.monotonic() + 20  # delayed settlements, the sweeper's expiries, lost streams' traces
-        while time.monotonic() < deadline and (
-                await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'")
-                or await conn.fetchval("SELECT count(*) FROM stream_traces")):
-            await asyncio.sleep(0.2)
-        rows = {r["request_id"]: r for r in await conn.fetch(
-            "SELECT request_id, charge_nanos, ledger_entry_id, status FROM usage_records WHERE account_id = $1",
-            account_id)}
-        missing = [r["request_id"] for r in seen.receipts if r["request_id"] not in rows]
-        assert not missing, f"{len(missing)} receipt(s) shown to clients are not on the new primary: {missing[:5]}"
-        wrong = [(r["request_id"], r["charge_nanos"], rows[r["request_id"]]["charge_nanos"]) for r in seen.receipts
-                 if (rows[r["request_id"]]["charge_nanos"], rows[r["request_id"]]["ledger_entry_id"])
-                 != (r["charge_nanos"], r["ledger_entry_id"])]
-        assert not wrong, f"receipts disagree with the new primary: {wrong[:5]}"
-        unrecorded = [rid for rid in seen.streamed_ids if rid not in rows]
-        assert not unrecorded, f"streams that started have no usage record: {unrecorded[:5]}"
-        assert await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'") == 0
-        assert await conn.fetchval("SELECT reserved_nanos FROM buckets WHERE account_id = $1 AND bucket = 'credit'",
-                                   account_id) == 0
-        charged = sum(r["charge_nanos"] for r in rows.values())
-        assert await conn.fetchval("SELECT balance_nanos FROM buckets WHERE account_id = $1 AND bucket = 'credit'",
-                                   account_id) == 10**11 - charged
-        await assert_ledger_invariants(conn)
-    finally:
-        await conn.close()
+    await check_books(pair.node(pair.standby_port), account_id, 10**11, seen)
