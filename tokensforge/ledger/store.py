@@ -46,8 +46,10 @@ _UNAVAILABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
-    # a multi-host URL with target_session_attrs=read-write while no host is a primary (mid-failover)
-    asyncpg.exceptions.TargetServerAttributeNotMatched,
+    # a multi-host URL with target_session_attrs=read-write while no host is a primary (mid-failover:
+    # TargetServerAttributeNotMatched), or a connection left in a broken state by a server killed under
+    # it ("cannot switch to state ...; another operation is in progress"): asyncpg's client-side errors
+    asyncpg.exceptions.InternalClientError,
     # a standby that was promoted under a session, or a primary demoted: writes refused as read-only
     asyncpg.ReadOnlySQLTransactionError,
 )
