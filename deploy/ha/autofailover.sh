@@ -131,6 +131,10 @@ stop() {
             running "$node" && kill -KILL -- "-$(cat "$dir/$node.pid")" 2>/dev/null || true
         fi
         rm -f "$dir/$node.pid"
+        # a PostgreSQL its keeper left behind (the keeper was killed): stop it too
+        if [[ -f "$dir/$node/postmaster.pid" ]]; then
+            as_pg "$bindir/pg_ctl" stop -D "$dir/$node" -m fast -w >/dev/null 2>&1 || true
+        fi
     done
 }
 

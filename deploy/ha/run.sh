@@ -14,7 +14,7 @@ base="${TF_HA_PORT:-6000}"
 
 echo "ha: starting the pg_auto_failover formation in $dir (monitor :$base, nodes :$((base + 1)) :$((base + 2)))..."
 urls="$("$here/autofailover.sh" start "$dir" "$base")"
-trap '"$here/autofailover.sh" stop "$dir"' EXIT
+trap 'trap "" INT TERM HUP PIPE; echo "ha: stopping the formation" >&2; "$here/autofailover.sh" stop "$dir" >/dev/null 2>&1' EXIT
 while IFS='=' read -r name value; do
     [[ -n "$name" ]] && export "$name=$value"
 done <<<"$urls"
@@ -25,12 +25,14 @@ cat <<TEXT
 ha: the gateway below writes to $TOKENSFORGE_DATABASE_URL
     and its views read from $TOKENSFORGE_READ_DATABASE_URL
 Watch a failover from another terminal:
-    $af state $dir              # who is the primary
-    $af failover $dir           # pg_autoctl perform failover (a planned switchover)
-    $af kill-primary $dir       # or SIGKILL the primary node; the monitor fails over, after
-                                # pgautofailover.primary_demote_timeout (TF_HA_DEMOTE_MS, 30 s by default)
-    $af start $dir              # brings a killed node back, as a standby
-    watch -n 0.5 "curl -s http://127.0.0.1:$port/readyz"   # database.primary, without_primary_s, last_outage_s
-    curl -s http://127.0.0.1:$port/metrics | grep tokensforge_database_
+  who is the primary:                  $af state $dir
+  a planned switchover:                $af failover $dir      (pg_autoctl perform failover)
+  a crash of the primary node:         $af kill-primary $dir
+      (SIGKILL; the monitor promotes the standby after pgautofailover.primary_demote_timeout,
+       TF_HA_DEMOTE_MS, 30 s by default)
+  bring a killed node back (standby):  $af start $dir
+  what the gateway sees:               watch -n 0.5 curl -s http://127.0.0.1:$port/readyz
+                                       curl -s http://127.0.0.1:$port/metrics | grep tokensforge_database_
 TEXT
-"$root/.venv/bin/tokensforge" demo --port "$port" --data-dir "$root/.tokensforge-ha"
+mkdir -p "$root/.tokensforge-ha"
+"${PYTHON:-$root/.venv/bin/python}" -m tokensforge demo --port "$port" --data-dir "$root/.tokensforge-ha"
