@@ -69,10 +69,11 @@ class Seen:
 
 async def run_load(urls: list[str], key: str, failover: Callable[[], Awaitable[None]], *,
                    unary: int = 6, streamed: int = 4, warmup_s: float = 2.0, after_s: float = 1.5,
-                   recover_within_s: float = 15.0) -> Seen:
-    """Unary and streamed clients over every gateway; after `warmup_s` the primary is killed: `failover()`
-    kills it and returns once a standby is writable (that moment is `promoted_at`). The load goes on
-    until every gateway served once after it (at most `recover_within_s`), then `after_s` more."""
+                   recover_within_s: float = 15.0, min_before: int = 20) -> Seen:
+    """Unary and streamed clients over every gateway; after `warmup_s` (and `min_before` receipts) the
+    primary is killed: `failover()` kills it and returns once a standby is writable (that moment is
+    `promoted_at`). The load goes on until every gateway served once after it (at most
+    `recover_within_s`), then `after_s` more."""
     seen = Seen()
     clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=20) for url in urls]
     stop = asyncio.Event()
@@ -125,6 +126,9 @@ async def run_load(urls: list[str], key: str, failover: Callable[[], Awaitable[N
         [asyncio.create_task(stream_worker(w)) for w in range(streamed)]
     try:
         await asyncio.sleep(warmup_s)
+        warm_until = time.monotonic() + 10  # a busy machine: at least some traffic before the kill
+        while len(seen.receipts) < min_before and time.monotonic() < warm_until:
+            await asyncio.sleep(0.1)
         seen.before = len(seen.receipts)
         seen.killed_at = time.monotonic()
         await failover()

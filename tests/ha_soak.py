@@ -98,8 +98,8 @@ async def soak(base: Path, port: int, demote_ms: int) -> int:
                         await check_books(f"postgresql://postgres@127.0.0.1:{after}/tokensforge", account_id, 10**11,
                                           seen, settle_within_s=30)
                         assert None not in seen.recovery_s(2), "a gateway did not serve again"
-                    assert set(seen.refusals) <= {"ledger_unavailable"}, f"refusals other than 503: {seen.refusals}"
-                    assert seen.slowest_refusal_s < 5.0, "a billable request waited too long for its 503"
+                        assert set(seen.refusals) <= {"ledger_unavailable"}, f"refusals other than 503: {seen.refusals}"
+                        assert seen.slowest_refusal_s < 5.0, "a billable request waited too long for its 503"
                         results.append(seen)
                         if round_name.startswith("kill"):  # the killed node comes back as a standby
                             formation("start", str(base), str(port), env=env)
