@@ -142,11 +142,26 @@ async def test_a_primary_killed_under_load_is_followed_by_both_gateways_and_no_r
             readies = [await get(session, g.url + "/readyz") for g in (a, b)]
             async with session.get(a.url + "/metrics") as r:
                 metrics_text = await r.text()
+            # the LISTEN connections (key revocations, catalog reloads, lease pressure) followed too
+            listeners = 0
+            conn = await asyncpg.connect(pair.node(pair.standby_port))
+            try:
+                for _ in range(50):
+                    listeners = await conn.fetchval("SELECT count(*) FROM pg_stat_activity"
+                                                    " WHERE query = 'LISTEN \"tokensforge\";'"
+                                                    " OR query = 'LISTEN tokensforge'"
+                                                    " OR query LIKE 'LISTEN %tokensforge%'")
+                    if listeners >= 2:
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                await conn.close()
         # the gateways stop (SIGTERM): their leases go back, so nothing may stay reserved
     recovery = seen.recovery_s(2)
     with capsys.disabled():
         print(f"\nfailover (pg_ctl promote): {seen.summary(2)}; /readyz last_outage_s"
               f" {[r[1]['database']['last_outage_s'] for r in readies]}")
+    assert listeners == 2, "a gateway's LISTEN connection did not follow the promotion"
     assert seen.before >= 20, "too little traffic before the kill"
     assert all(t is not None for t in recovery), f"a gateway did not serve again within 15 s: {recovery}"
     assert max(t for t in recovery if t is not None) < 5.0

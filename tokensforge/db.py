@@ -25,6 +25,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -122,6 +124,26 @@ def reads(pool: asyncpg.Pool) -> asyncpg.Pool:
     on a miss (LedgerStore.receipt)."""
     replica: asyncpg.Pool | None = getattr(pool, "replica", None)
     return replica if replica is not None else pool
+
+
+@asynccontextmanager
+async def view_connection(pool: asyncpg.Pool, *, timeout_s: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+    """A connection for an account view: from the standby's pool when one is attached and can be had in
+    time, else from `pool` (the primary's); released on exit."""
+    views = reads(pool)
+    if views is not pool:
+        try:
+            conn = await views.acquire(timeout=timeout_s)
+        except Exception as exc:  # the standby is away: the primary answers instead
+            log.debug("read replica unavailable, reading from the primary: %r", exc)
+        else:
+            try:
+                yield conn
+            finally:
+                await views.release(conn)
+            return
+    async with pool.acquire(timeout=timeout_s) as conn:
+        yield conn
 
 
 # ---------------------------------------------------------------------------------- the primary

@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from .db import reads, view_connection
 from .errors import LedgerUnavailable
 from .ledger.model import clean_record
 from .ledger.store import translated
@@ -156,19 +157,28 @@ class ReportStore:
 
     async def page(self, account_id: str, *, limit: int, after: int | None) -> list[asyncpg.Record]:
         """The account's reports, newest first (cursor: `seq`)."""
-        async with translated("research"):
-            rows: list[asyncpg.Record] = await self.pool.fetch(_LIST_SQL, account_id, after, limit)
+        async with translated("research"), view_connection(self.pool) as conn:  # a read replica if there is one
+            rows: list[asyncpg.Record] = await conn.fetch(_LIST_SQL, account_id, after, limit)
             return rows
 
     async def get(self, account_id: str, report_id: str) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
         """One report of this account with its sections, or None (also for another account's id)."""
-        async with translated("research"), self.pool.acquire() as conn:
-            row: asyncpg.Record | None = await conn.fetchrow(
-                "SELECT * FROM research_reports WHERE account_id = $1 AND id = $2", account_id, report_id)
-            if row is None:
-                return None
-            sections: list[asyncpg.Record] = await conn.fetch(_SECTIONS_SQL, report_id)
-            return row, sections
+        async with translated("research"), view_connection(self.pool) as conn:  # a read replica if there is one
+            found = await _report(conn, account_id, report_id)
+        if found is None and reads(self.pool) is not self.pool:  # not replicated yet: the primary has it
+            async with translated("research"), self.pool.acquire() as conn:
+                found = await _report(conn, account_id, report_id)
+        return found
+
+
+async def _report(conn: asyncpg.Connection, account_id: str, report_id: str
+                  ) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM research_reports WHERE account_id = $1 AND id = $2", account_id, report_id)
+    if row is None:
+        return None
+    sections: list[asyncpg.Record] = await conn.fetch(_SECTIONS_SQL, report_id)
+    return row, sections
 
 
 async def interrupt_stale_forever(store: ReportStore, *, idle_s: float, interval_s: float) -> None:

@@ -14,14 +14,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import asyncpg
 
 from .. import metrics
-from ..db import reads
+from ..db import reads, view_connection
 from ..errors import (
     BudgetExceeded,
     IdempotencyConflict,
@@ -224,26 +224,10 @@ class LedgerStore:
             rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
             return rows
 
-    @asynccontextmanager
-    async def _view_connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection for the account views: the standby's pool when one is attached (db.reads),
-        the primary's if the standby cannot be had."""
-        views = reads(self.pool)
-        if views is not self.pool:
-            try:
-                conn = await views.acquire(timeout=self.acquire_timeout_s)
-            except Exception as exc:
-                if not _unavailable(exc):
-                    raise
-                log.debug("read replica unavailable, reading from the primary: %r", exc)
-            else:
-                try:
-                    yield conn
-                finally:
-                    await views.release(conn)
-                return
-        async with self._connection() as conn:
-            yield conn
+    def _view_connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A connection for the account views: the standby's pool when one is attached (db.reads), the
+        primary's if the standby cannot be had (translated() turns a failure into LedgerUnavailable)."""
+        return view_connection(self.pool, timeout_s=self.acquire_timeout_s)
 
     async def _view(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async with translated("read"), self._view_connection() as conn:
