@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: run test venv venv-test postgres promtool chromium pgbouncer agents bench bench-peer chaos check clean fuzz
+.PHONY: run test venv venv-test postgres promtool chromium pgbouncer agents bench bench-peer chaos check clean fuzz \
+	auto-failover ha chaos-ha
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,10 @@ pgbouncer:
 agents:
 	@bash deploy/ensure-agents.sh >/dev/null
 
+# pg_auto_failover (pg_autoctl and the monitor's extension) for `make ha` and `make chaos-ha` (Debian's package).
+auto-failover: postgres
+	@bash deploy/ensure-auto-failover.sh >/dev/null
+
 run: venv postgres
 	$(BIN)/tokensforge demo --port $(PORT)
 
@@ -55,8 +60,19 @@ bench-peer: venv-test postgres
 
 # Chaos soak (a few minutes): two gateways, a flaky upstream, a gateway SIGKILL and a database crash per
 # 45 s, then exact reconciliation; fails on drift or any broken check. CHAOS_ARGS="--duration 60" shortens it.
-chaos: venv-test postgres
+# Then the failover soak: pg_auto_failover promotes the standby under load (tests/ha_soak.py, ~2 min).
+chaos: venv-test postgres auto-failover
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+	$(BIN)/python -m tests.ha_soak $(HA_ARGS)
+
+# High availability to watch (README "High availability"): a pg_auto_failover monitor, primary and synchronous
+# standby on loopback, and the demo gateway on $(PORT) following them; it prints how to fail over.
+ha: venv auto-failover
+	bash deploy/ha/run.sh $(PORT)
+
+# The failover soak alone (~2 min): pg_auto_failover promotes the standby under load, twice (tests/ha_soak.py).
+chaos-ha: venv-test auto-failover
+	$(BIN)/python -m tests.ha_soak $(HA_ARGS)
 
 # Long schemathesis run against GET /openapi.json's contract (tests/test_fuzz.py; `make test` runs a short one).
 # A new seed each time unless FUZZ_SEED is given; a failure prints it and the smallest failing curl.

@@ -403,7 +403,9 @@ class Soak:
     def gateway(self, name: str) -> GatewayProcess:
         env = {"TOKENSFORGE_RESERVATION_TTL_S": str(self.config.reservation_ttl_s),
                "TOKENSFORGE_LEASE_TTL_S": str(self.config.reservation_ttl_s),
-               "TOKENSFORGE_SWEEP_INTERVAL_S": "0.2", "TOKENSFORGE_BREAKER_COOLDOWN_S": "1"}
+               "TOKENSFORGE_SWEEP_INTERVAL_S": "0.2", "TOKENSFORGE_BREAKER_COOLDOWN_S": "1",
+               # a lost stream's trace waits this long after its lease ended before it is recorded (SPEC §5.9)
+               "TOKENSFORGE_TRACE_GRACE_S": str(self.config.reservation_ttl_s)}
         gw = GatewayProcess(self.catalog, dsn=self.dsn, env=env, log_path=self.workdir / f"gateway-{name}.log")
         self.gateways.append(gw)
         return gw
@@ -564,6 +566,9 @@ async def _reconcile(soak: Soak, accounts: list[Account]) -> None:
         while await conn.fetchval("SELECT count(*) FROM reservations WHERE status = 'open'") and \
                 time.monotonic() < deadline:
             await asyncio.sleep(0.2)
+        deadline = time.monotonic() + soak.config.reservation_ttl_s + 10  # lost streams' traces: recorded
+        while await conn.fetchval("SELECT count(*) FROM stream_traces") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
         books = await Books.load(conn)
         report = soak.report
         report.checks["receipts shown are in the ledger (SPEC §5.7)"] = books.shown_receipts(report.outcomes)
@@ -692,16 +697,16 @@ class Books:
         return bad
 
     def usage_records(self, outcomes: list[Outcome]) -> list[str]:
-        """SPEC §1: one usage record per request, whatever its outcome — except answers the gateway gave
-        because the database was down (it cannot record them then), and requests cut by their gateway's
-        death whose money was carved from its lease: they left no row behind (README, "What a crash costs");
-        a request that held a reservation of its own is recorded by the sweeper."""
+        """SPEC §1 and §5.9: one usage record per request, whatever its outcome — except answers the gateway
+        gave because the database was down (it cannot record them then). A request cut by its gateway's
+        death is recorded by the sweeper: from its reservation row, or, carved from a lease, from the trace
+        its stream left as it started (`failed` / `gateway_lost`). No missing record is allowed."""
         return [f"{o.kind} {o.model} pin={o.pin} {o.request_id}: answered {o.status} {o.error_code} "
-                f"{o.ending}, no usage record"
+                f"{o.ending}{' (held a reservation)' if o.request_id in self.reserved_requests else ''},"
+                " no usage record"
                 for o in outcomes
                 if o.request_id is not None and o.error_code != "ledger_unavailable"
-                and o.request_id not in self.usage
-                and not (o.ending in ("cut", "timeout") and o.request_id not in self.reserved_requests)]
+                and o.request_id not in self.usage]
 
     def balances(self) -> list[str]:
         bad = [f"{r['account_id']}/{r['bucket']}: balance {r['balance_nanos']} vs Σ ledger {r['total']}, "

@@ -94,8 +94,9 @@ async def test_eight_processes_never_overspend_a_tight_account_or_a_budget(dsn: 
                 await client.close()
 
 
-async def test_a_killed_process_leaves_its_lease_to_the_sweeper_and_the_stream_unbilled(
+async def test_a_killed_process_leaves_its_lease_to_the_sweeper_and_the_stream_a_gateway_lost_record(
         dsn: str, gw: Gw, tmp_path: Path) -> None:
+    """SPEC §5.9: the x-request-id the client saw has a usage record, `failed` / `gateway_lost`, charged 0."""
     account_id, key = await gw.account(credit=10**9)
     await gw.mock.faults(**{"up-official": {"chunk_delay_ms": 200}})
     catalog = write_catalog(tmp_path / "c.toml", gw.mock.url)
@@ -120,19 +121,31 @@ async def test_a_killed_process_leaves_its_lease_to_the_sweeper_and_the_stream_u
                                     " AND account_id = $1", account_id)
         assert lease["status"] == "open" and lease["amount_nanos"] > 0
         assert await conn.fetchval("SELECT count(*) FROM reservations WHERE request_id = $1", request_id) == 0
-        # no gateway is left to sweep: a new one starts and its sweeper voids the lease after the TTL
-        with GatewayProcess(catalog, dsn=dsn):
-            for _ in range(60):
+        # the stream was made durable as it started, without a row of its own holding money
+        traced = await conn.fetchval("SELECT lease_id FROM stream_traces WHERE request_id = $1", request_id)
+        assert traced == lease["id"]
+        # no gateway is left to sweep: a new one starts; its sweeper voids the lease after the TTL and then
+        # records the lost stream
+        with GatewayProcess(catalog, dsn=dsn, env={"TOKENSFORGE_TRACE_GRACE_S": "0"}):
+            for _ in range(80):
                 status = await conn.fetchval("SELECT status FROM reservations WHERE id = $1", lease["id"])
-                if status != "open":
+                record = await conn.fetchrow("SELECT status, charge_nanos, receipt FROM usage_records"
+                                             " WHERE request_id = $1", request_id)
+                if status != "open" and record is not None:
                     break
                 await asyncio.sleep(0.1)
         assert status == "expired"
-        # the stream in flight was carved from the lease: it leaves no usage record and no charge
-        assert await conn.fetchval("SELECT count(*) FROM usage_records WHERE request_id = $1", request_id) == 0
+        assert record is not None, "the stream the client saw has no usage record"
+        assert (record["status"], record["charge_nanos"]) == ("failed", 0)
+        assert orjson.loads(record["receipt"])["error"]["code"] == "gateway_lost"
+        assert await conn.fetchval("SELECT count(*) FROM stream_traces") == 0
         await assert_ledger_invariants(conn)
     finally:
         await conn.close()
+    status_code, receipt = await gw.get(f"/v1/receipts/{request_id}", key)
+    assert status_code == 200, receipt
+    assert receipt["status"] == "failed" and receipt["charge_nanos"] == 0 and receipt["error"]["code"] == "gateway_lost"
+    assert receipt["request_id"] == request_id and receipt["account_id"] == account_id
     balances = await gw.balances(key)
     assert balances["credit"]["reserved_nanos"] == 0 and balances["credit"]["leased_nanos"] == 0
     assert balances["credit"]["balance_nanos"] == 10**9 - charged

@@ -14,7 +14,7 @@ from .accounts import AccountStore
 from .api import admin, client, messages, openapi, ops, playground, research, responses, responses_store, views
 from .api.middleware import error_middleware
 from .catalog import Catalog
-from .db import create_pool, migrate
+from .db import attach_replica, create_pool, migrate, probe_primary
 from .ledger.leases import LeaseConfig, Wallet
 from .ledger.store import LedgerStore
 from .ledger.pools import PoolStore
@@ -58,6 +58,8 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
         pool = await create_pool(dsn, max_size=settings.db_pool_size, acquire_timeout_s=settings.db_acquire_timeout_s,
                                  statement_cache_size=settings.db_statement_cache_size)
         try:
+            await attach_replica(pool, max_size=settings.db_pool_size, acquire_timeout_s=settings.db_acquire_timeout_s,
+                                 statement_cache_size=settings.db_statement_cache_size)  # TOKENSFORGE_READ_DATABASE_URL
             accounts = AccountStore(pool)
             await accounts.ensure_buckets(catalog.buckets)
             ledger = LedgerStore(pool, reservation_ttl_s=settings.reservation_ttl_s,
@@ -115,12 +117,8 @@ def _background(dsn: str) -> CleanupCtx:
 
 
 async def probe_database(gw: Gateway, timeout_s: float = 0.8) -> bool:
-    """One `SELECT 1` through the pool; its answer and time are kept on the gateway for /readyz."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            up = bool(await gw.pool.fetchval("SELECT 1") == 1)
-    except Exception:  # unreachable, whatever the reason
-        up = False
+    """One query through the pool; its answer and time are kept on the gateway for /readyz."""
+    up = await probe_primary(gw.pool, timeout_s)  # which host is the primary, and spells without one
     gw.database_up, gw.database_checked_at = up, time.monotonic()
     metrics.DATABASE_UP.set(1 if up else 0)
     return up

@@ -260,9 +260,14 @@ class Lifecycle:
         return served.answer
 
     async def open_stream(self, exchange: Exchange) -> None:
-        """Walk until a channel's stream opens; its slot and response now belong to this lifecycle."""
+        """Walk until a channel's stream opens; its slot and response now belong to this lifecycle.
+        A stream carved from a lease is traced (SPEC §5.9) while the walk runs, durable before it starts."""
+        assert self._hold is not None
+        tracing = self.gw.wallet.trace_stream(self._hold, self._receipt())
         served = await self._serve(exchange)
         self._served = served
+        if tracing is not None:
+            await tracing  # LedgerUnavailable: the client gets a 503 and the exit ends the upstream
         self._reader = SseReader(served.response.content, max_line_bytes=MAX_SSE_LINE_BYTES,
                                  max_total_bytes=MAX_STREAM_BYTES)
         self._decoder = exchange.decoder(served.channel)

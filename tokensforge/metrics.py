@@ -45,6 +45,18 @@ LEDGER_OP_DURATION = Histogram(
     "tokensforge_ledger_op_duration_seconds", "Ledger database operation time.", ["op"], buckets=_LEDGER_BUCKETS)
 DATABASE_UP = Gauge(
     "tokensforge_database_up", "1 when this process reaches the ledger database.", multiprocess_mode="livemin")
+DATABASE_PRIMARY = Gauge(
+    "tokensforge_database_primary", "1 for the database host (host:port) this process writes to: the primary it"
+    " found last (a multi-host TOKENSFORGE_DATABASE_URL follows a promotion).", ["host"], multiprocess_mode="livemax")
+DATABASE_WITHOUT_PRIMARY = Gauge(
+    "tokensforge_database_without_primary_seconds", "Seconds this process has gone without a primary so far"
+    " (0 while it reaches one).", multiprocess_mode="livemax")
+DATABASE_LAST_OUTAGE = Gauge(
+    "tokensforge_database_last_outage_seconds", "How long this process's last spell without a primary lasted"
+    " (a failover's recovery time, as the gateway saw it).", multiprocess_mode="livemax")
+DATABASE_PRIMARY_CHANGES = Counter(
+    "tokensforge_database_primary_changes", "Times this process found the primary on another host than before"
+    " (a failover or switchover).")
 KEY_LOOKUPS = Counter(
     "tokensforge_key_lookups", "API key lookups that missed the in-memory cache, by who answered: the database"
     " or the unknown-key cache (a flood of bad keys shows here).", ["source"])

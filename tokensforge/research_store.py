@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 
+from .db import reads, view_connection
 from .errors import LedgerUnavailable
 from .ledger.model import clean_record
 from .ledger.store import translated
@@ -157,22 +158,31 @@ class ReportStore:
     async def page(self, account_id: str, *, limit: int, after: int | None,
                    project_id: str | None = None) -> list[asyncpg.Record]:
         """The account's reports (one project's, given `project_id`), newest first (cursor: `seq`)."""
-        async with translated("research"):
-            rows: list[asyncpg.Record] = await self.pool.fetch(_LIST_SQL, account_id, after, limit, project_id)
+        async with translated("research"), view_connection(self.pool) as conn:  # a read replica if there is one
+            rows: list[asyncpg.Record] = await conn.fetch(_LIST_SQL, account_id, after, limit, project_id)
             return rows
 
     async def get(self, account_id: str, report_id: str, project_id: str | None = None
                   ) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
         """One report of this account (of this project, given `project_id`) with its sections, or None
         (also for another account's or a sibling project's id)."""
-        async with translated("research"), self.pool.acquire() as conn:
-            row: asyncpg.Record | None = await conn.fetchrow(
-                "SELECT * FROM research_reports WHERE account_id = $1 AND id = $2"
-                " AND ($3::text IS NULL OR project_id = $3)", account_id, report_id, project_id)
-            if row is None:
-                return None
-            sections: list[asyncpg.Record] = await conn.fetch(_SECTIONS_SQL, report_id)
-            return row, sections
+        async with translated("research"), view_connection(self.pool) as conn:  # a read replica if there is one
+            found = await _report(conn, account_id, report_id, project_id)
+        if found is None and reads(self.pool) is not self.pool:  # not replicated yet: the primary has it
+            async with translated("research"), self.pool.acquire() as conn:
+                found = await _report(conn, account_id, report_id, project_id)
+        return found
+
+
+async def _report(conn: asyncpg.Connection, account_id: str, report_id: str, project_id: str | None
+                  ) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT * FROM research_reports WHERE account_id = $1 AND id = $2 AND ($3::text IS NULL OR project_id = $3)",
+        account_id, report_id, project_id)
+    if row is None:
+        return None
+    sections: list[asyncpg.Record] = await conn.fetch(_SECTIONS_SQL, report_id)
+    return row, sections
 
 
 async def interrupt_stale_forever(store: ReportStore, *, idle_s: float, interval_s: float) -> None:

@@ -14,6 +14,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from ..db import PRIMARY
 from ..state import GATEWAY
 from .common import json_response
 
@@ -41,7 +42,12 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = gw.database_up and age_s <= PROBE_MAX_AGE_S
         age_ms = round(age_s * 1000)
     ready = all(checks.values())
-    body = {"status": "ready" if ready else "not_ready", "checks": checks, "database_checked_ms_ago": age_ms}
+    body = {"status": "ready" if ready else "not_ready", "checks": checks, "database_checked_ms_ago": age_ms,
+            # high availability: the primary this process writes to (host:port, the last one seen while
+            # there is none), how long it has gone without one so far, and how long the last spell lasted
+            "database": {"primary": PRIMARY.host, "without_primary_s": round(PRIMARY.without_s(), 3),
+                         "last_outage_s": None if PRIMARY.last_outage_s is None else round(PRIMARY.last_outage_s, 3),
+                         "primary_changes": PRIMARY.changes}}
     return json_response(body, status=200 if ready else 503)
 
 

@@ -235,6 +235,17 @@ class Wallet:
                 self._leases.pop(lease.key, None)
         return False
 
+    def trace_stream(self, hold: Hold, receipt: dict[str, Any]) -> asyncio.Task[None] | None:
+        """A stream carved from a lease is about to start: write its trace (SPEC §5.9) in the background,
+        group-committed, so the caller awaits it only before the client sees the stream (by then the
+        upstream call has usually taken longer). None for a per-request reservation: its row carries
+        the receipt and the sweeper records it if the gateway dies."""
+        if hold.lease is None:
+            return None
+        task = asyncio.get_running_loop().create_task(self.store.trace(hold.lease.id, receipt))
+        task.add_done_callback(_retrieve)  # a stream that never opens does not await it
+        return task
+
     # ------------------------------------------------------------------ settling
 
     async def finish(self, hold: Hold, charge_nanos: int, record: dict[str, Any] | None) -> tuple[str | None, int]:
@@ -429,4 +440,9 @@ class Wallet:
 
     def leases(self) -> list[Lease]:
         return [*self._leases.values(), *self._retired.values()]
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 

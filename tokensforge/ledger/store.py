@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from .. import metrics
+from ..db import reads, view_connection
 from ..errors import (
     BudgetExceeded,
     IdempotencyConflict,
@@ -46,6 +47,12 @@ _UNAVAILABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
+    # a multi-host URL with target_session_attrs=read-write while no host is a primary (mid-failover:
+    # TargetServerAttributeNotMatched), or a connection left in a broken state by a server killed under
+    # it ("cannot switch to state ...; another operation is in progress"): asyncpg's client-side errors
+    asyncpg.exceptions.InternalClientError,
+    # a standby that was promoted under a session, or a primary demoted: writes refused as read-only
+    asyncpg.ReadOnlySQLTransactionError,
 )
 # SQLSTATE classes that say the server cannot work right now, whatever the data:
 # insufficient resources (disk full, out of memory), operator intervention, system error.
@@ -200,6 +207,8 @@ class LedgerStore:
         # (measured: 5,400 settles/s with 2, 4,800 with 4, 2,600 with 8; benchmarks/ledger_bench.py)
         self._lease_settles: _Batcher[_LeaseSettlement, tuple[str | None, int]] = _Batcher(
             self._lease_finish_many, max_batch, min(max_inflight_batches, 2))
+        self._traces: _Batcher[tuple[str, dict[str, Any]], None] = _Batcher(
+            self._trace_many, max_batch, min(max_inflight_batches, 2))
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -228,6 +237,16 @@ class LedgerStore:
 
     async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async with translated("read"), self._connection() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
+
+    def _view_connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A connection for the account views: the standby's pool when one is attached (db.reads), the
+        primary's if the standby cannot be had (translated() turns a failure into LedgerUnavailable)."""
+        return view_connection(self.pool, timeout_s=self.acquire_timeout_s)
+
+    async def _view(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with translated("read"), self._view_connection() as conn:
             rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
             return rows
 
@@ -398,6 +417,22 @@ class LedgerStore:
 
         return await self._patiently(items, ask, lambda item: f"request {item[1]}")
 
+    async def trace(self, lease_id: str, receipt: dict[str, Any]) -> None:
+        """Make a stream carved from a lease durable as it starts (0009_stream_traces.sql): if its
+        gateway dies before it settles, the sweeper writes its usage record (`gateway_lost`, charged 0).
+        Group-committed like settlements."""
+        await self._traces.submit((lease_id, clean_record(receipt)))
+
+    async def _trace_many(self, items: list[tuple[str, dict[str, Any]]]) -> list[None | Exception]:
+        await self._call("trace", "SELECT tf_trace_many($1, $2)", [i[0] for i in items], [i[1] for i in items])
+        return [None] * len(items)
+
+    async def close_lost(self, grace_s: float, limit: int = 100) -> int:
+        """The sweeper's pass over stream traces: forget settled ones, record the lost ones (SPEC §5.9)."""
+        rows = await self._call("expire", "SELECT tf_close_lost($1, $2) AS n", grace_s, limit)
+        count: int = rows[0]["n"]
+        return count
+
     async def lease_charge_late(
         self, lease_id: str, request_id: str, charge_nanos: int, record: dict[str, Any] | None,
         budgets: Sequence[BudgetLimit],
@@ -479,7 +514,7 @@ class LedgerStore:
     ) -> list[asyncpg.Record]:
         """The account's entries, newest first; for a project's key, the account's own entries (top-ups,
         grants, expiries) and the charges and refunds of that project's requests only."""
-        return await self._read(
+        return await self._view(
             "SELECT * FROM ledger_entries e WHERE e.account_id = $1"
             " AND ($2::bigint IS NULL OR e.seq < $2) AND ($3::text IS NULL OR e.bucket = $3)"
             " AND ($5::text IS NULL OR e.request_id IS NULL OR EXISTS (SELECT 1 FROM usage_records u"
@@ -492,7 +527,7 @@ class LedgerStore:
     ) -> list[asyncpg.Record]:
         """The account's usage records, newest first, narrowed by `filters` (a project's key: its project's)."""
         f = filters or UsageFilters()
-        return await self._read(
+        return await self._view(
             "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
             " AND ($2::bigint IS NULL OR seq < $2)"
             " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
@@ -506,10 +541,14 @@ class LedgerStore:
 
     async def receipt(self, account_id: str, request_id: str,
                       project_id: str | None = None) -> asyncpg.Record | None:
-        rows = await self._read(
-            "SELECT receipt, created_at, latency_ms FROM usage_records"
-            " WHERE account_id = $1 AND request_id = $2 AND ($3::text IS NULL OR project_id = $3)",
-            account_id, request_id, project_id)
+        """From the read replica, else (not replicated yet, or no replica) from the primary: a client
+        that was just given an answer always finds its receipt."""
+        sql = ("SELECT receipt, created_at, latency_ms FROM usage_records"
+               " WHERE account_id = $1 AND request_id = $2 AND ($3::text IS NULL OR project_id = $3)")
+        rows = await self._view(sql, account_id, request_id, project_id) if reads(self.pool) is not self.pool \
+            else []
+        if not rows:
+            rows = await self._read(sql, account_id, request_id, project_id)
         return rows[0] if rows else None
 
     async def entry(self, entry_id: str) -> asyncpg.Record | None:
@@ -522,7 +561,7 @@ class LedgerStore:
         `bin_s` seconds (UTC-aligned, by the database clock): per bucket and bin (empty bins included),
         the top models and routes, and the median tokens of its last `typical_of` requests that reported usage."""
         args = (account_id, bin_s, bins)
-        async with translated("read"), self._connection() as conn:
+        async with translated("read"), self._view_connection() as conn:
             series = await conn.fetch(_SPEND_SERIES_SQL, *args, project_id)
             models = await conn.fetch(_SPEND_TOP_SQL.format(key="model", extra=""), *args, top, project_id)
             routes = await conn.fetch(_SPEND_TOP_SQL.format(key="route_id", extra=", route_kind"), *args, top,
