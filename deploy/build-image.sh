@@ -48,8 +48,14 @@ if [[ ${ENGINE[0]} == podman ]]; then
 else
     export DOCKER_BUILDKIT=1
 fi
+previous=$("${ENGINE[@]}" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 start=$SECONDS
 say "${ENGINE[*]} ${ARGS[*]} ."
 "${ENGINE[@]}" "${ARGS[@]}" . >&2
 say "built $IMAGE on $BASE_IMAGE in $((SECONDS - start)) s"
+# the image this tag named before, now untagged: remove it (kept if another tag or container still uses it)
+current=$("${ENGINE[@]}" image inspect --format '{{.Id}}' "$IMAGE")
+if [[ -n $previous && $previous != "$current" ]]; then
+    "${ENGINE[@]}" rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "$IMAGE"

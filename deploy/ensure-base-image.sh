@@ -58,4 +58,8 @@ tar --numeric-owner -C "$ROOTFS" -c . | "${ENGINE[@]}" import --quiet \
     --change 'CMD ["python3"]' \
     - "$NAME" >/dev/null
 say "made $NAME in $((SECONDS - start)) s"
+# bases made from older inputs are not used any more: untag them (layers an image still uses stay)
+"${ENGINE[@]}" images --format '{{.Repository}}:{{.Tag}}' 2>/dev/null \
+    | grep -E '^(localhost/)?tokensforge-base:' | grep -vxF "$NAME" \
+    | while read -r old; do "${ENGINE[@]}" rmi "$old" >/dev/null 2>&1 || true; done
 echo "$NAME"

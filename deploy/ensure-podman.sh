@@ -21,9 +21,10 @@ if ! command -v podman >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1; the
         command -v sudo >/dev/null 2>&1 || { say "need root or sudo to apt-get install podman"; exit 1; }
         SUDO="sudo"
     fi
-    say "installing Debian's podman and runc packages"
+    # debootstrap too (deploy/ensure-base-image.sh needs it where no registry answers): one apt-get update
+    say "installing Debian's podman, runc and debootstrap packages"
     $SUDO apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends podman runc >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends podman runc debootstrap >&2
 fi
 command -v podman >/dev/null 2>&1 || { say "podman still not found after installing it"; exit 1; }
 echo "podman --runtime $(command -v runc)"

@@ -310,7 +310,7 @@ async def test_two_gateway_containers_as_compose_runs_them(image: Image, dsn: st
             image.start(name, env, args, mounts={str(catalog_path): "/etc/tokensforge/catalog.toml"},
                         stop_timeout=grace)
         for name, url in zip(names, urls, strict=True):
-            _wait(f"{name} /readyz", lambda url=url, name=name: _running(image, name) and _ready(url), 90,
+            _wait(f"{name} /readyz", lambda url=url, name=name: _alive(image, name) and _ready(url), 90,
                   lambda name=name: image.logs(name))
         _timed("two gateway containers start to /readyz", start)
 
@@ -373,11 +373,11 @@ async def test_two_gateway_containers_as_compose_runs_them(image: Image, dsn: st
             for url in urls:
                 with pytest.raises(OSError):
                     _ready(url)
-        await mock_upstream.reset()
         # every lease and reservation given back; the books still balance (SPEC §5)
         await _assert_ledger(dsn, account_id, funding, charged, drained=True)
         await assert_ledger_invariants(dsn)
     finally:
+        await mock_upstream.reset()
         for gw in gws:
             for client in gw.clients:
                 await client.close()
@@ -394,6 +394,13 @@ def mapping_value(block: dict[str, str], key: str) -> str:
 
 def _running(image: Image, name: str) -> bool:
     return bool(image.state(name)["Running"])
+
+
+def _alive(image: Image, name: str) -> bool:
+    """Still running (a container that exited fails at once, with its log)."""
+    state = image.state(name)
+    assert state["Running"], f"{name} exited with {state['ExitCode']}:\n{image.logs(name)}"
+    return True
 
 
 def _compose_gateway_env(name: str, dsn: str, bouncer: PgBouncer) -> dict[str, str]:
