@@ -1,14 +1,17 @@
 """The deployment files in deploy/ (Dockerfile, docker-compose.yml, k8s/, catalog.example.toml).
 
-Neither Docker nor kubectl runs where the suite runs, so these files are checked against the code they
+These are the fast text checks (`make test`); the image itself is built and run, two gateway containers
+as the compose file runs them, by tests/test_image.py (`make image-test`). No cluster runs here: the
+Kubernetes manifests are validated against the Kubernetes API schemas (kubernetes-validate, a test
+dependency) and checked below for what they must say. The files are checked against the code they
 deploy: every command line is parsed by the real `tokensforge.cli.build_parser()` and resolved with the
 real `Settings.from_env` (a renamed flag or environment variable breaks a test), the example catalog is
 loaded with the real `load_catalog`, and every port, path, probe, mount and secret reference is checked
 against the place it has to match.
 
-PyYAML is not a dependency of the project, so the YAML here is written in plain block style (flow lists
-as JSON) and read with the small indentation splitter below; a file that drifts from that style fails
-loudly rather than being misread.
+The YAML here is written in plain block style (flow lists as JSON) and most checks read it with the small
+indentation splitter below, so a file that drifts from that style fails loudly; the schema checks at the
+end read it with PyYAML (which kubernetes-validate brings).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import json
 import re
 import tomllib
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlparse
 
+import kubernetes_validate
 import pytest
+import yaml
 
 from tokensforge.catalog import Catalog, load_catalog
 from tokensforge.cli import build_parser
@@ -158,12 +164,13 @@ def catalog_key_envs() -> set[str]:
 
 
 def healthcheck_url(command: list[str]) -> str:
-    """The URL a `python -c "…urlopen('URL'…)"` healthcheck opens; the code must compile."""
+    """The URL a `python -c "…urlopen('URL'…)"` healthcheck opens (or its default where the URL may come from
+    TOKENSFORGE_HEALTHCHECK_URL: host networking, several containers on one host); the code must compile."""
     assert command[-3:-1] == ["python", "-c"], command
     code = command[-1]
     compile(code, "healthcheck", "exec")
     assert "urllib.request.urlopen(" in code, code
-    match = re.search(r"urlopen\('([^']+)'", code)
+    match = re.search(r"urlopen\((?:os\.environ\.get\('TOKENSFORGE_HEALTHCHECK_URL', )?'([^']+)'", code)
     assert match, code
     return match.group(1)
 
@@ -196,8 +203,13 @@ def docker_one(keyword: str) -> str:
 
 def test_dockerfile_base_user_install_and_copied_sources() -> None:
     instructions = dockerfile()
+    # both stages build on one base, a build argument whose default is the registry's python:3.11-slim
+    # (`make image` passes a Debian-built one where no registry can be reached: deploy/build-image.sh)
     bases = [rest.split()[0] for kw, rest in instructions if kw == "FROM"]
-    assert bases and all(base == "python:3.11-slim" for base in bases), bases
+    assert len(bases) == 2 and all(base == "${BASE_IMAGE}" for base in bases), bases
+    args = [rest for kw, rest in instructions if kw == "ARG"]
+    assert "BASE_IMAGE=python:3.11-slim" in args, args
+    assert instructions.index(("ARG", "BASE_IMAGE=python:3.11-slim")) < [kw for kw, _ in instructions].index("FROM")
 
     user = docker_one("USER").split(":")[0]
     assert user not in {"root", "0"}, "the image must not run as root"
@@ -656,3 +668,128 @@ def test_example_catalog_is_production_shaped() -> None:
         relays = [ref.channel for ref in routed.channels]
         assert len(relays) >= 2 and len(set(relays)) == len(relays), f"{routed.id}: a relay and a backup"
         assert routed.input_price < official.input_price
+
+
+# ----------------------------------------------------------------------------- Kubernetes API schemas
+# kubernetes-validate (PyPI) bundles the Kubernetes API's OpenAPI schemas per release and validates with
+# jsonschema, so every field name, type and required field is checked offline (kubectl --dry-run=server
+# would need a cluster; kubeconform is no Debian or PyPI package). Strict: an unknown field fails.
+
+K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())  # the oldest release we claim, the newest known
+
+
+def k8s_doc(name: str) -> dict[str, Any]:
+    docs = list(yaml.safe_load_all(read(K8S / name)))
+    assert len(docs) == 1 and isinstance(docs[0], dict), f"{name}: one document"
+    return docs[0]
+
+
+def k8s_pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    return dict(doc["spec"]["template"]["spec"])
+
+
+def k8s_quantity(value: str | int) -> float:
+    """A CPU or memory quantity in base units ("500m" → 0.5, "1Gi" → 2**30)."""
+    text = str(value)
+    suffixes = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    for suffix, factor in sorted(suffixes.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(suffix):
+            return float(text.removesuffix(suffix)) * factor
+    return float(text)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", sorted(p.name for p in K8S.glob("*.yaml")))
+def test_k8s_manifest_is_valid_for_the_kubernetes_api(name: str, version: str) -> None:
+    kubernetes_validate.validate(k8s_doc(name), version, strict=True)
+
+
+def test_the_schema_validator_is_real() -> None:
+    """What a typo or a wrong type in a manifest looks like to it: a failure, not a pass."""
+    doc = k8s_doc("deployment.yaml")
+    doc["spec"]["replica"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError, match="replica"):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    doc = k8s_doc("deployment.yaml")
+    k8s_pod_spec(doc)["containers"][0]["readinessProbe"]["httpGet"]["port"] = [8080]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("name", ["deployment.yaml", "migration-job.yaml"])
+def test_k8s_pods_run_as_non_root_with_resource_limits(name: str) -> None:
+    pod = k8s_pod_spec(k8s_doc(name))
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert str(pod["securityContext"]["runAsUser"]) == docker_one("USER").split(":")[0]
+    assert pod["automountServiceAccountToken"] is False
+    for ctr in pod["containers"]:
+        security = ctr["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+        assert security["readOnlyRootFilesystem"] is True
+        resources = ctr["resources"]
+        for what in ("cpu", "memory"):
+            request, limit = resources["requests"][what], resources["limits"][what]
+            assert 0 < k8s_quantity(request) <= k8s_quantity(limit), (name, what, request, limit)
+
+
+def test_k8s_gateway_probes_and_draining() -> None:
+    pod = k8s_pod_spec(k8s_doc("deployment.yaml"))
+    (ctr,) = pod["containers"]
+    port = next(p for p in ctr["ports"] if p["name"] == "http")["containerPort"]
+    assert port == serve_settings(ctr["args"]).port == CONTAINER_PORT
+    assert ctr["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # liveness must not fail on a database outage (that is readiness' job): only /healthz, and slower
+    assert ctr["livenessProbe"]["periodSeconds"] >= ctr["readinessProbe"]["periodSeconds"]
+    startup = ctr["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "migrations at start take time"
+    sleep = ctr["lifecycle"]["preStop"]["exec"]["command"]
+    assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + 10  # + the 10 s drain after SIGTERM
+
+
+def test_k8s_migration_job_applies_the_schema_once() -> None:
+    job = k8s_doc("migration-job.yaml")
+    assert job["kind"] == "Job" and job["spec"]["backoffLimit"] >= 1
+    pod = k8s_pod_spec(job)
+    assert pod["restartPolicy"] == "Never"
+    (ctr,) = pod["containers"]
+    assert parse(ctr["args"]).command == "migrate"
+    (gateway,) = k8s_pod_spec(k8s_doc("deployment.yaml"))["containers"]
+    assert ctr["image"] == gateway["image"], "the Job migrates to the schema of the image it deploys"
+
+
+def test_k8s_hpa_owns_the_gateway_count_within_the_database_connections() -> None:
+    hpa, deployment = k8s_doc("hpa.yaml"), k8s_doc("deployment.yaml")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": deployment["apiVersion"], "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert 2 <= hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"] < hpa["spec"]["maxReplicas"]
+    (ctr,) = k8s_pod_spec(deployment)["containers"]
+    env = {e["name"]: e.get("value") for e in ctr["env"]}
+    workers = serve_settings(ctr["args"]).workers
+    # each worker: its pool plus one LISTEN connection; the comment in deployment.yaml says the total
+    connections = hpa["spec"]["maxReplicas"] * workers * (int(env["TOKENSFORGE_DB_POOL_SIZE"]) + 1)
+    assert f"= {connections} connections at maxReplicas" in read(K8S / "deployment.yaml")
+
+
+def _pooled(url: str) -> bool:
+    parsed = urlparse(url)
+    return parsed.port == 6432 or "bouncer" in (parsed.hostname or "")
+
+
+def test_the_direct_database_url_is_set_wherever_a_pooler_is_used() -> None:
+    # compose: the gateways go through PgBouncer; migrations and LISTEN straight to postgres
+    for name in GATEWAYS:
+        env = compose_env(name)
+        assert _pooled(env["TOKENSFORGE_DATABASE_URL"]) and not _pooled(env["TOKENSFORGE_DIRECT_DATABASE_URL"])
+        assert env["TOKENSFORGE_DB_STATEMENT_CACHE_SIZE"] == "0"
+    assert not _pooled(compose_env("migrate")["TOKENSFORGE_DATABASE_URL"])
+    # Kubernetes: the Secret holds both URLs (the direct one never a pooler's), and both the gateway and the
+    # migration Job read both, so pointing TOKENSFORGE_DATABASE_URL at a pooler is a one-key change
+    data = secret_data()
+    assert not _pooled(data["TOKENSFORGE_DIRECT_DATABASE_URL"])
+    for name in ("deployment.yaml", "migration-job.yaml"):
+        (ctr,) = k8s_pod_spec(k8s_doc(name))["containers"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in ctr["env"] if "valueFrom" in e}
+        assert refs["TOKENSFORGE_DATABASE_URL"] == "TOKENSFORGE_DATABASE_URL", name
+        assert refs["TOKENSFORGE_DIRECT_DATABASE_URL"] == "TOKENSFORGE_DIRECT_DATABASE_URL", name
+    assert 'name: TOKENSFORGE_DB_STATEMENT_CACHE_SIZE\n            #   value: "0"' in read(K8S / "deployment.yaml")
