@@ -41,6 +41,14 @@ class Settings:
     lease_idle_s: float = 5.0  # unused lease money goes back after this long without a request
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 5.0
+    # webhook delivery (webhooks.py): every process polls the outbox; a failed POST is tried again after
+    # retry_base_s, doubling up to retry_max_s, until the event is webhook_give_up_s old
+    webhooks: bool = True
+    webhook_poll_interval_s: float = 1.0
+    webhook_timeout_s: float = 10.0
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_s: float = 3600.0
+    webhook_give_up_s: float = 24 * 3600.0
     channel_env: Mapping[str, str] = field(default_factory=dict, repr=False)  # api_key_env → secret
 
     @classmethod
@@ -84,6 +92,8 @@ _TUNABLE: dict[str, Callable[[str], object]] = {
     "http_keepalive_timeout_s": float, "body_read_timeout_s": float,
     "breaker_failure_threshold": int, "leases": _flag, "lease_ttl_s": float, "lease_fraction": float,
     "lease_idle_s": float, "breaker_cooldown_s": float,
+    "webhooks": _flag, "webhook_poll_interval_s": float, "webhook_timeout_s": float, "webhook_retry_base_s": float,
+    "webhook_retry_max_s": float, "webhook_give_up_s": float,
 }
 
 
