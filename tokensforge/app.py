@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from . import circuit_share, metrics
+from . import circuit_share, metrics, tracing
 from .accounts import AccountStore
 from .api import (admin, client, messages, openapi, ops, playground, research, responses, responses_store, views,
                   webhooks as webhook_api)
@@ -44,6 +44,8 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     app.add_routes(research.routes)
     app.add_routes(playground.routes)
     app.add_routes(openapi.routes)
+    if settings.tracing:
+        app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_database(settings, catalog, dsn))
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_background(settings.direct_dsn(dsn)))  # its LISTEN needs a session of its own
@@ -82,6 +84,12 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
         finally:
             await pool.close()
     return ctx
+
+
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    tracing.setup()
+    yield
+    await asyncio.to_thread(tracing.shutdown)  # exports what is buffered (a blocking HTTP call)
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tracing import wanted as tracing_wanted
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -43,6 +45,7 @@ class Settings:
     breaker_cooldown_s: float = 5.0
     # webhook delivery (webhooks.py): every process polls the outbox; a failed POST is tried again after
     # retry_base_s, doubling up to retry_max_s, until the event is webhook_give_up_s old
+    tracing: bool = False  # OpenTelemetry traces, on when the standard OTEL_* variables name an OTLP endpoint
     webhooks: bool = True
     webhook_poll_interval_s: float = 1.0
     webhook_timeout_s: float = 10.0
@@ -62,6 +65,7 @@ class Settings:
             "direct_database_url": env.get("TOKENSFORGE_DIRECT_DATABASE_URL") or None,
             "admin_token": env.get("TOKENSFORGE_ADMIN_TOKEN") or None,
             "channel_env": dict(env),
+            "tracing": tracing_wanted(env),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["direct_database_url"] and not values["database_url"]:
