@@ -404,3 +404,41 @@ async def test_a_gateway_killed_between_commit_and_delivery_leaves_it_to_its_suc
     assert receiver.bad_signatures == 0
     rows = await outbox(dsn, hook["id"])
     assert [r["id"] for r in rows] == [e["id"] for e in events] and all(r["status"] == "delivered" for r in rows)
+
+
+async def test_several_processes_share_delivery_each_event_once_in_order_per_webhook(
+        dsn: str, receiver: Receiver) -> None:
+    """Three deliverers (as in three gateway processes) on one outbox: SKIP LOCKED claims give each webhook to
+    one of them at a time, so every event arrives once and each webhook's in order."""
+    from tokensforge.db import create_pool
+    from tokensforge.webhook_model import NewWebhook
+    from tokensforge.webhooks import Deliverer, DeliveryConfig, WebhookStore
+
+    pool = await create_pool(dsn, min_size=1, max_size=6)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await pool.execute("INSERT INTO accounts (id, name) VALUES ('acct_w', 'w')")
+        store = WebhookStore(pool)
+        hooks = []
+        for n in range(4):
+            row, secret = await store.create("acct_w", NewWebhook(f"{receiver.url}/w{n}", ("pool.granted",), {}))
+            receiver.secrets[f"/w{n}"] = secret
+            hooks.append(row["id"])
+        for i in range(10):  # 10 events, each to all four webhooks, in one transaction each
+            await pool.execute("SELECT tf_webhook_emit('acct_w', 'pool.granted', $1::jsonb)", {"n": i})
+        # one webhook per claim: three deliverers must share four webhooks
+        config = DeliveryConfig(poll_interval_s=0.02, timeout_s=1, retry_base_s=0.05, retry_max_s=0.1, concurrency=1)
+        deliverers = [Deliverer(pool, config) for _ in range(3)]
+        tasks = [asyncio.create_task(d.run()) for d in deliverers]
+        for n in range(4):
+            events = await receiver.wait_for(f"/w{n}", 10)
+            assert [e["data"]["n"] for e in events] == list(range(10))
+        await asyncio.sleep(0.3)
+        assert sum(len(v) for v in receiver.received.values()) == 40 and len(set(receiver.arrivals)) == 40
+        assert sum(d.delivered for d in deliverers) == 40
+        assert sum(1 for d in deliverers if d.delivered) >= 2  # the work was shared
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pool.close()
