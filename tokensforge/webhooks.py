@@ -125,7 +125,7 @@ class Deliverer:
             while True:
                 try:
                     busy = await self.round(session)
-                except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                except Exception as exc:  # the database away, a connection cut: this loop must outlive it
                     log.warning("webhook delivery round failed (%s); trying again", type(exc).__name__)
                     busy = False
                 if not busy:
@@ -137,7 +137,11 @@ class Deliverer:
                                         self.config.concurrency, self.config.claim_s)
         if not claimed:
             return False
-        await asyncio.gather(*(self._deliver_head(session, r["id"], r["url"], r["secret"]) for r in claimed))
+        outcomes = await asyncio.gather(*(self._deliver_head(session, r["id"], r["url"], r["secret"]) for r in claimed),
+                                        return_exceptions=True)  # one failing must not orphan the others
+        failures = [o for o in outcomes if isinstance(o, Exception)]
+        if failures:
+            raise failures[0]  # their claims lapse after claim_s; the next round tries again
         return True
 
     async def _deliver_head(self, session: aiohttp.ClientSession, webhook_id: str, url: str, secret: str) -> None:
