@@ -126,16 +126,16 @@ class ChannelWalk:
     async def _attempt(self, ref: ChannelRef, exchange: Exchange, tag: str | None) -> Served | AttemptFailure:
         channel = self.channels[ref.channel]
         path, body, headers = exchange.payload(channel, ref.upstream_model)
-        span = None
-        if self.span is not None:
-            headers = dict(headers)  # + traceparent
-            span = tracing.attempt_span(self.span, channel.id, channel.kind, ref.upstream_model, self.trace.endpoint,
-                                        headers)
         slot = self.upstream.limit(channel)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
         keep = False
         await slot.acquire()
+        span = None
+        if self.span is not None:
+            headers = dict(headers)  # + traceparent
+            span = tracing.attempt_span(self.span, channel.id, channel.kind, ref.upstream_model, self.trace.endpoint,
+                                        headers)
         try:
             response = await self.upstream.open(channel, path, body, headers)
             self.trace.upstream_began = True  # its first byte is here: it has read (and bills) the prompt
