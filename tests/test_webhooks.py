@@ -322,14 +322,24 @@ async def test_budget_reaching_100_percent_is_an_event_in_the_same_transaction(h
                 raise RuntimeError("roll back")
         except RuntimeError:
             pass
+        # a project's budget: 80 % only, once
+        status, project = await hgw.admin("POST", f"/admin/accounts/{account_id}/projects", {
+            "name": "p", "policy": {"budget_nanos": 10_000, "budget_period": "month"}})
+        assert status == 201, project
+        scope = f"project:{project['id']}"
+        await conn.execute("INSERT INTO budgets (scope, period) VALUES ($1, '2026-12')", scope)
+        for spent in (7_000, 8_500, 9_000):
+            await conn.execute("UPDATE budgets SET spent_nanos = $2 WHERE scope = $1", scope, spent)
         await conn.execute("UPDATE budgets SET spent_nanos = 0")  # no request spent it: the books stay true
     finally:
         await conn.close()
     assert inside == 2  # 80 % and 100 % crossed at once
-    events = await receiver.wait_for("/budget", 2)
-    assert [e["data"]["percent"] for e in events] == [80, 100]
+    events = await receiver.wait_for("/budget", 3)
+    assert [e["data"]["percent"] for e in events] == [80, 100, 80]
+    assert events[2]["data"] == {"scope": "project", "project_id": project["id"], "period": "2026-12", "percent": 80,
+                                 "budget_nanos": 10_000, "spent_nanos": 8_500}
     await asyncio.sleep(0.3)
-    assert len(receiver.received["/budget"]) == 2
+    assert len(receiver.received["/budget"]) == 3
 
 
 async def test_a_receiver_down_for_a_while_gets_every_event_in_order_once_back(hgw: Gw, receiver: Receiver) -> None:
