@@ -81,6 +81,19 @@ SPREAD_SCENARIO = "chat-c32"  # the scenario the hot-account comparison repeats
 ALL_SCENARIOS = ("chat-c4", "chat-c32", "chat-c128", "stream-c4", "stream-c32", "stream-c128")
 QUICK_SCENARIOS = ("chat-c4", "chat-c32", "stream-c4", "stream-c32")
 BASE_TARGETS = ("direct", "passthrough", "gateway")
+TRACING_SCENARIOS = ("chat-c32", "stream-c32")
+#: an OTLP/HTTP traces endpoint that takes every export and drops it (the cost measured is the gateway's)
+OTLP_SINK = """
+import sys
+from aiohttp import web
+async def sink(request):
+    await request.read()
+    return web.Response(body=b"", content_type="application/x-protobuf")
+app = web.Application(client_max_size=64 * 1024 * 1024)
+app.router.add_post("/v1/traces", sink)
+app.router.add_get("/healthz", lambda request: web.Response(text="ok"))
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
 
 CHAT_BODY = {"model": "gpt-4o-mini", "max_tokens": 20,
              "messages": [{"role": "user", "content": "Say something short about benchmarks."}]}
@@ -165,6 +178,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="slow upstream's delay between chunks for the many-streams test (default: long "
                         "enough that the first stream outlives the ramp; 2,400 for 9,000 streams)")
     p.add_argument("--ledger-ops", type=int, default=None, help="ledger benchmark ops (10000; quick 1000; 0 skips)")
+    p.add_argument("--tracing-scenarios", nargs="*", choices=ALL_SCENARIOS, default=list(TRACING_SCENARIOS),
+                   help="scenarios measured again on a gateway exporting OpenTelemetry traces to a local OTLP "
+                        "sink (default: chat-c32 stream-c32, those of --scenarios; none: skip)")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results directory")
     p.add_argument("--profile", action="store_true",
                    help="also profile the gateway with py-spy (if installed) during an extra, unrecorded "
@@ -254,14 +270,15 @@ class Harness:
                     "TF_BENCH_UPSTREAM_KEY": UPSTREAM_KEY})
         return env
 
-    def start_gateway(self, name: str, upstream_base: str, workers: int) -> tuple[Proc, str]:
+    def start_gateway(self, name: str, upstream_base: str, workers: int,
+                      extra_env: dict[str, str] | None = None) -> tuple[Proc, str]:
         catalog = self.log_dir / f"{name}-catalog.toml"
         catalog.write_text(CATALOG.format(upstream=upstream_base), encoding="utf-8")
         port = free_port()
         cpus = self.pins["sut"] if workers == 1 else None
         proc = self.start(name, [self.python, "-m", "tokensforge", "serve", "--config", str(catalog),
                                  "--port", str(port), "--workers", str(workers)],
-                          cpus=cpus, env=self.gateway_env())
+                          cpus=cpus, env={**self.gateway_env(), **(extra_env or {})})
         url = f"http://127.0.0.1:{port}"
         proc.wait_http(url + "/readyz", timeout_s=120)
         return proc, url
@@ -640,6 +657,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                     log("   profiling the gateway with py-spy (extra, unrecorded run)")
                     results["profile"] = h.profile(targets[name], scenario, args.out)
 
+        tracing_rows(h, results, backend_url, targets["gateway"])
         gateway_requests = sum(r.get("requests", 0) for r in results["rows"] if r["target"].startswith("gateway"))
         results["ledger_check"] = h.ledger_check(gateway_requests)
         if "litellm" in targets:
@@ -670,6 +688,29 @@ def measure_logged(h: Harness, scenario: str, target: Target) -> dict[str, Any]:
     else:
         log(f"   error: {row.get('error', '')[:300]}")
     return row
+
+
+def tracing_rows(h: Harness, results: dict[str, Any], backend_url: str, gateway: Target) -> None:
+    """The --tracing-scenarios again on a second gateway (same database, same pinning) with the standard
+    OTEL_* variables pointing at a local OTLP sink; the off gateway stops meanwhile."""
+    scenarios = [s for s in h.args.tracing_scenarios if s in h.args.scenarios]
+    if not scenarios:
+        return
+    log("tracing on: a gateway exporting every request's spans over OTLP/HTTP to a local sink")
+    port = free_port()
+    sink = h.start("otlp-sink", [h.python, "-c", OTLP_SINK, str(port)], cpus=h.pins["load"])
+    sink.wait_http(f"http://127.0.0.1:{port}/healthz")
+    gateway.proc.stop()
+    try:
+        proc, url = h.start_gateway("gateway-traced", backend_url, h.args.workers, {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_SERVICE_NAME": "tokensforge-bench"})
+        keys = tuple(h.create_key(url, 2000 + i) for i in range(h.args.accounts))
+    except BenchError as exc:
+        results["rows"].append({"scenario": scenarios[0], "target": "gateway-traced", "error": str(exc)[-2000:]})
+        return
+    traced = Target("gateway-traced", url, proc, cpu_tree=h.args.workers > 1, keys=keys)
+    for scenario in scenarios:
+        results["rows"].append(measure_logged(h, scenario, traced))
 
 
 def accounts_rows(h: Harness, gateway: Target) -> list[dict[str, Any]]:
@@ -937,6 +978,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             if d and r:
                 lines.append(f"| {scenario} | {name} | {_fmt(round(r['p50_ms'] - d['p50_ms'], 3), 3)} | "
                              f"{_fmt(round(r['p99_ms'] - d['p99_ms'], 3), 3)} |")
+    lines += _render_tracing(results)
     peer_rows: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     for sc in ALL_SCENARIOS:
         g, lt = _row(results, sc, "gateway"), _row(results, sc, "litellm")
@@ -1031,6 +1073,25 @@ def render_markdown(results: dict[str, Any]) -> str:
                   + (f"; `{p['command']}`" if p.get("command") else "")]
     lines += render_targets(results["targets"])
     return "\n".join(lines) + "\n"
+
+
+def _render_tracing(results: dict[str, Any]) -> list[str]:
+    pairs = [(r["scenario"], _row(results, r["scenario"], "gateway"), r) for r in results["rows"]
+             if r["target"] == "gateway-traced" and "rps" in r]
+    pairs = [(sc, off, on) for sc, off, on in pairs if off is not None]
+    if not pairs:
+        return []
+    lines = ["", "## Tracing (OpenTelemetry, OTLP/HTTP to a local sink)", "",
+             ("Off (the `gateway` rows) nothing is created per request: one flag is read. On, every request "
+              "exports a server span and its children (admission, hold, each upstream attempt, settlement)."),
+             "", "| scenario | rps off | rps on | on / off | CPU s / 1k off | CPU s / 1k on | CPU µs added / request |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for sc, off, on in pairs:
+        added = (round((on["cpu_s_per_1k"] - off["cpu_s_per_1k"]) * 1000)
+                 if on.get("cpu_s_per_1k") is not None and off.get("cpu_s_per_1k") is not None else None)
+        lines.append(f"| {sc} | {_fmt(off['rps'])} | {_fmt(on['rps'])} | {_fmt(round(on['rps'] / off['rps'], 2), 2)} "
+                     f"| {_fmt(off['cpu_s_per_1k'], 3)} | {_fmt(on['cpu_s_per_1k'], 3)} | {_fmt(added, 0)} |")
+    return lines
 
 
 def render_targets(targets: list[TargetResult]) -> list[str]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import hypothesis
 import hypothesis.errors
 import pytest
@@ -246,3 +247,44 @@ async def test_a_non_object_stream_options_is_a_400(gw: Gw) -> None:
     status, answer, _ = await gw.post("/v1/chat/completions", key, {
         "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": 5})
     assert status == 400, answer
+
+
+async def test_a_405_says_which_methods_are_allowed(gw: Gw) -> None:
+    async with gw.session.delete(gw.url + "/v1/chat/completions") as r:
+        assert r.status == 405 and r.headers["allow"] == "POST"
+        assert (await r.json())["error"]["message"] == "method DELETE is not allowed here"
+    async with gw.session.put(gw.url + "/admin/accounts/acct_x/webhooks") as r:
+        assert r.status == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD", "POST"}
+
+
+async def test_an_oversized_body_is_one_413_logged_at_info_and_its_rest_is_never_a_request(
+        dsn: str, mock_upstream: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from .harness import gateway_settings, start_gateway, write_catalog
+
+    caplog.set_level(logging.DEBUG)
+    settings = gateway_settings(write_catalog(tmp_path / "catalog.toml", mock_upstream.url), max_body_bytes=1000)
+    ctx, url, _ = await start_gateway(settings, dsn)
+    async with ctx:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        smuggled = b"POST /admin/accounts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ADMIN_TOKEN.encode() + \
+            b"\r\nContent-Length: 15\r\n\r\n{\"name\": \"zz\"}\n"
+        body = b'{"name": "' + b"a" * 5000 + b'"}' + smuggled * 4
+        writer.write(b"POST /admin/accounts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + ADMIN_TOKEN.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # up to EOF: the gateway closes the connection
+        writer.close()
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 413 ")
+    assert b'"code":"request_too_large"' in answer and b"Connection: close" in answer
+    refused = [r for r in caplog.records if "413" in r.getMessage()]
+    assert refused and all(r.levelno == logging.INFO and r.exc_info is None for r in refused)
+    ours = ("tokensforge", "aiohttp")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(ours)]
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM accounts") == 0  # nothing smuggled was run
+    finally:
+        await conn.close()

@@ -230,3 +230,67 @@ async def test_models_and_quotes_show_every_class_price_and_the_cached_turn(gw: 
     assert quote["cached_turn_example"] == routed["cached_turn_example"]
     status, embed, _ = await _call(gw, "GET", "/v1/models/embed-small", key)
     assert status == 200 and all("cached_turn_example" not in r for r in embed["routes"])
+
+
+# ---------------------------------------------------------------- the document accepts what the API accepts
+
+
+def _request_validator(method: str, path: str) -> Draft202012Validator:
+    schema = DOCUMENT["paths"][path][method.lower()]["requestBody"]["content"]["application/json"]["schema"]
+    return Draft202012Validator({**DOCUMENT, **schema})
+
+
+def _param_validator(method: str, path: str, name: str) -> Draft202012Validator:
+    params = DOCUMENT["paths"][path][method.lower()]["parameters"]
+    return Draft202012Validator(next(p["schema"] for p in params if p["name"] == name))
+
+
+async def test_the_document_says_what_the_api_accepts(gw: Gw) -> None:
+    """What the fuzzer found the document and the API disagreeing on: empty model names, empty cursors, NUL in
+    query strings, empty or blank admin strings, extra properties. Each case: valid by the document exactly
+    when the API takes it."""
+    from .harness import ADMIN_TOKEN
+
+    account_id, key = await gw.account(credit=10**9, routed=10**9)
+    acct = f"/admin/accounts/{account_id}"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    bodies: list[tuple[str, str, str, str, dict[str, Any]]] = [
+        # (document path, url path, token, why, body)
+        ("/v1/chat/completions", "/v1/chat/completions", key, "empty model", {**chat, "model": ""}),
+        ("/v1/quote", "/v1/quote", key, "a model", {**chat, "model": "gpt-4o-mini"}),
+        ("/v1/quote", "/v1/quote", key, "empty model", {**chat, "model": ""}),
+        ("/v1/embeddings", "/v1/embeddings", key, "empty model", {"model": "", "input": "a"}),
+        ("/v1/responses", "/v1/responses", key, "empty model", {"model": "", "input": "a"}),
+        ("/admin/accounts", "/admin/accounts", ADMIN_TOKEN, "blank name", {"name": "  "}),
+        ("/admin/accounts", "/admin/accounts", ADMIN_TOKEN, "extra property", {"name": "a", "extra": 1}),
+        ("/admin/accounts/{account_id}/projects", f"{acct}/projects", ADMIN_TOKEN, "policy extra property",
+         {"name": "p", "policy": {"extra": 1}}),
+        ("/admin/accounts/{account_id}/projects", f"{acct}/projects", ADMIN_TOKEN, "empty model in a policy",
+         {"name": "p", "policy": {"allowed_models": [""]}}),
+        ("/admin/accounts/{account_id}/projects", f"{acct}/projects", ADMIN_TOKEN, "empty preference list",
+         {"name": "p", "policy": {"route_preference": []}}),
+        ("/admin/accounts/{account_id}/keys", f"{acct}/keys", ADMIN_TOKEN, "empty project id",
+         {"name": "k", "project_id": ""}),
+        ("/admin/accounts/{account_id}/topups", f"{acct}/topups", ADMIN_TOKEN, "blank idempotency key",
+         {"bucket": "credit", "amount_nanos": 5, "idempotency_key": " "}),
+        ("/admin/accounts/{account_id}/topups", f"{acct}/topups", ADMIN_TOKEN, "empty note",
+         {"bucket": "credit", "amount_nanos": 5, "idempotency_key": "n", "note": ""}),
+        ("/admin/accounts/{account_id}/webhooks", f"{acct}/webhooks", ADMIN_TOKEN, "balance.low, no threshold",
+         {"url": "http://127.0.0.1:9/h", "events": ["balance.low"]}),
+        ("/admin/accounts/{account_id}/webhooks", f"{acct}/webhooks", ADMIN_TOKEN, "not http",
+         {"url": "ftp://127.0.0.1/h", "events": ["pool.granted"]}),
+        ("/admin/accounts/{account_id}/webhooks", f"{acct}/webhooks", ADMIN_TOKEN, "extra property",
+         {"url": "http://127.0.0.1:9/h", "events": ["pool.granted"], "extra": 1}),
+    ]
+    for doc_path, url_path, token, why, body in bodies:
+        documented_ok = _request_validator("POST", doc_path).is_valid(body)
+        status, answer, _ = await _call(gw, "POST", url_path, token, body)
+        assert documented_ok == (status < 300), (why, doc_path, documented_ok, status, answer)
+    queries = [("/v1/usage", "after", ""), ("/v1/ledger", "after", ""), ("/v1/usage", "after", "12"),
+               ("/v1/usage", "model", "a\x00"), ("/v1/usage", "route_kind", "\x00"), ("/v1/ledger", "bucket", "\x00"),
+               ("/v1/usage", "model", "gpt-4o-mini")]
+    for path, name, value in queries:
+        documented_ok = _param_validator("GET", path, name).is_valid(value)
+        async with gw.session.get(gw.url + path, params={name: value},
+                                  headers={"authorization": f"Bearer {key}"}) as r:
+            assert documented_ok == (r.status < 300), (path, name, value, documented_ok, r.status, await r.text())

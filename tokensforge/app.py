@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from . import circuit_share, metrics
+from . import circuit_share, metrics, tracing
 from .accounts import AccountStore
-from .api import admin, client, messages, openapi, ops, playground, research, responses, responses_store, views
+from .api import (admin, client, messages, openapi, ops, playground, research, responses, responses_store, views,
+                  webhooks as webhook_api)
 from .api.middleware import error_middleware
 from .catalog import Catalog
 from .db import attach_replica, create_pool, migrate, probe_primary
@@ -25,6 +26,7 @@ from .settings import Settings
 from .state import GATEWAY, Gateway, KeyCache
 from .upstream.client import UpstreamClient, new_session
 from .upstream.health import BreakerConfig, HealthRegistry
+from .webhooks import Deliverer, DeliveryConfig
 
 log = logging.getLogger("tokensforge")
 
@@ -33,6 +35,7 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app.add_routes(ops.routes)
     app.add_routes(admin.routes)
+    app.add_routes(webhook_api.routes)
     app.add_routes(views.routes)
     app.add_routes(client.routes)
     app.add_routes(responses.routes)
@@ -41,6 +44,8 @@ def create_app(settings: Settings, catalog: Catalog, dsn: str) -> web.Applicatio
     app.add_routes(research.routes)
     app.add_routes(playground.routes)
     app.add_routes(openapi.routes)
+    if settings.tracing:
+        app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_database(settings, catalog, dsn))
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_background(settings.direct_dsn(dsn)))  # its LISTEN needs a session of its own
@@ -83,6 +88,12 @@ def _database(settings: Settings, catalog: Catalog, dsn: str) -> CleanupCtx:
     return ctx
 
 
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    tracing.setup()
+    yield
+    await asyncio.to_thread(tracing.shutdown)  # exports what is buffered (a blocking HTTP call)
+
+
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
     session = new_session()
@@ -93,8 +104,8 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 
 
 def _background(dsn: str) -> CleanupCtx:
-    """The sweepers (reservations, dead runs' reports), the pools' tick, the database probe and the NOTIFY
-    listener, in every process."""
+    """The sweepers (reservations, dead runs' reports), the pools' tick, the database probe, the NOTIFY
+    listener and webhook delivery, in every process."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         gw = app[GATEWAY]
         await probe_database(gw)  # /readyz has an answer before the first request
@@ -108,12 +119,21 @@ def _background(dsn: str) -> CleanupCtx:
                  asyncio.create_task(_probe_database(gw)),
                  asyncio.create_task(gw.wallet.run()),
                  asyncio.create_task(listen_forever(gw, dsn))]
+        if gw.settings.webhooks:
+            tasks.append(asyncio.create_task(_deliverer(gw).run()))
         yield
         tasks += list(gw.tasks)  # delayed settlements still waiting: their reservations expire
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return ctx
+
+
+def _deliverer(gw: Gateway) -> Deliverer:
+    s = gw.settings
+    return Deliverer(gw.pool, DeliveryConfig(
+        poll_interval_s=s.webhook_poll_interval_s, timeout_s=s.webhook_timeout_s, retry_base_s=s.webhook_retry_base_s,
+        retry_max_s=s.webhook_retry_max_s, give_up_s=s.webhook_give_up_s))
 
 
 async def probe_database(gw: Gateway, timeout_s: float = 0.8) -> bool:

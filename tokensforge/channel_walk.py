@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from . import metrics
+from . import metrics, tracing
 from .canonical import Frame, MalformedUpstream, Response, Usage
 from .catalog import Channel, ChannelRef, Model, Route
 from .errors import InvalidRequest, NoHealthyChannel, RateLimited, TokensForgeError, UpstreamError, UpstreamTimeout
@@ -80,8 +80,9 @@ class Served:
 
 class ChannelWalk:
     def __init__(self, upstream: UpstreamClient, health: HealthRegistry, channels: Mapping[str, Channel],
-                 trace: Trace) -> None:
+                 trace: Trace, *, span: Any = None) -> None:
         self.upstream, self.health, self.channels, self.trace = upstream, health, channels, trace
+        self.span = span  # the request's trace span; None while tracing is off
 
     async def walk(self, route: Route, exchange: Exchange, tag: str | None) -> Served | TokensForgeError:
         """Try the chain (primary, backups, again) up to max_attempts; the first answer wins."""
@@ -130,6 +131,11 @@ class ChannelWalk:
         response: aiohttp.ClientResponse | None = None
         keep = False
         await slot.acquire()
+        span = None
+        if self.span is not None:
+            headers = dict(headers)  # + traceparent
+            span = tracing.attempt_span(self.span, channel.id, channel.kind, ref.upstream_model, self.trace.endpoint,
+                                        headers)
         try:
             response = await self.upstream.open(channel, path, body, headers)
             self.trace.upstream_began = True  # its first byte is here: it has read (and bills) the prompt
@@ -141,13 +147,19 @@ class ChannelWalk:
                 except MalformedUpstream as exc:
                     raise AttemptFailure("malformed", f"channel {channel.id}: {exc}", status=response.status) from None
             self._done(ref.channel, "ok", response.status, started, tag)
+            if span is not None:
+                tracing.end_attempt(span, "ok", response.status, None)
             self.trace.upstream_model, self.trace.served_by = ref.upstream_model, ref.channel
             keep = exchange.stream
             return Served(response, channel, ref, answer, slot if keep else None)
         except AttemptFailure as failure:
             self._done(ref.channel, failure.outcome, failure.status, started, tag, failure.message)
+            if span is not None:
+                tracing.end_attempt(span, failure.outcome, failure.status, failure.message)
             return failure
         finally:
+            if span is not None and span.is_recording():  # cancelled, or an error nobody planned for
+                tracing.end_attempt(span, "interrupted", None, None)
             if not keep:
                 if response is not None:
                     response.release()

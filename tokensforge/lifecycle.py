@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from . import metrics
+from . import metrics, tracing
 from .accounts import KeyIdentity
 from .canonical import (Finish, Frame, MalformedUpstream, ReasoningDelta, Response, TextDelta, ToolCallDelta,
                         UpstreamFailure, Usage)
@@ -93,7 +93,9 @@ class Lifecycle:
         self.model: Model | None = None
         self.pinned = False
         self.native = False  # the serving channel speaks the client's API: its answer is relayed as received
-        self._walk = ChannelWalk(gw.upstream, gw.health, gw.catalog.channels, self.trace)
+        # the request's span (None while tracing is off: then nothing below creates a span)
+        self._span, self._own_span = tracing.request_span(endpoint) if tracing.ON else (None, False)
+        self._walk = ChannelWalk(gw.upstream, gw.health, gw.catalog.channels, self.trace, span=self._span)
         self._hold: Hold | None = None
         self._later = False  # a retry task owns the settlement (and the hold)
         self._renewal: asyncio.Task[None] | None = None
@@ -136,6 +138,8 @@ class Lifecycle:
                 self.gw.wallet.discard(self._hold)
             if renewal is not None:
                 await asyncio.wait([renewal])
+            if self._span is not None:
+                tracing.finish_request(self._span, self.trace, end=self._own_span)
 
     def _end_upstream(self, *, abort: bool) -> None:
         served, self._served = self._served, None
@@ -193,9 +197,21 @@ class Lifecycle:
 
     async def admit(self, sizing: Reservation) -> None:
         """Apply rate limits and hold the money (raises the refusal); keeps the hold alive while the request runs."""
+        if self._span is not None:
+            return await self._admit_traced(sizing)
         if self.policy.rate_limits:  # keys without rpm/tpm cost nothing here
             await shared_rates(self.gw).admit(self.policy.rate_limits, sizing.input_tokens + sizing.output_tokens)
         await self._reserve(self.route, sizing.amount_nanos, self.trace.request_id)
+
+    async def _admit_traced(self, sizing: Reservation) -> None:
+        with tracing.child(self._span, "tokensforge.admission") as admission:
+            if self.policy.rate_limits:
+                await shared_rates(self.gw).admit(self.policy.rate_limits, sizing.input_tokens + sizing.output_tokens)
+            with tracing.child(admission, "tokensforge.hold") as span:
+                assert span is not None
+                span.set_attributes({"tokensforge.bucket": self.route.bucket,
+                                     "tokensforge.reserved_nanos": sizing.amount_nanos})
+                await self._reserve(self.route, sizing.amount_nanos, self.trace.request_id)
 
     async def _reserve(self, route: Route, amount_nanos: int, reservation_id: str) -> None:
         """Hold the money, shielded: a client that leaves mid-call still has its hold recorded, so the
@@ -455,13 +471,17 @@ class Lifecycle:
         if charged is not None:
             t.charge_nanos, t.price_nanos = charge_for(charged, route, t.reserved_nanos)
         receipt = self._receipt()
-        try:
-            entry_id, balance = await shielded(self.gw.wallet.finish(hold, t.charge_nanos, receipt))
-        except LedgerRejected:  # the database refused this receipt's data: post the money with the bare facts
-            log.error("request %s: the ledger refused its receipt; settling with a minimal one", t.request_id)
-            t.attempts, t.error, t.notes = [], {"code": "receipt_rejected", "message": "receipt details dropped"}, []
-            receipt = self._receipt()
-            entry_id, balance = await shielded(self.gw.wallet.finish(hold, t.charge_nanos, receipt))
+        with tracing.child(self._span, "tokensforge.settlement") as span:
+            if span is not None:
+                span.set_attributes({"tokensforge.status": status, "tokensforge.charge_nanos": t.charge_nanos})
+            try:
+                entry_id, balance = await shielded(self.gw.wallet.finish(hold, t.charge_nanos, receipt))
+            except LedgerRejected:  # the database refused this receipt's data: post the money with the bare facts
+                log.error("request %s: the ledger refused its receipt; settling with a minimal one", t.request_id)
+                t.attempts, t.notes = [], []
+                t.error = {"code": "receipt_rejected", "message": "receipt details dropped"}
+                receipt = self._receipt()
+                entry_id, balance = await shielded(self.gw.wallet.finish(hold, t.charge_nanos, receipt))
         self._settled = True
         self._hold = None
         metrics.RESERVATIONS_INFLIGHT.dec()

@@ -48,6 +48,12 @@ USD: Schema = {"type": "string", "pattern": r"^-?\d+\.\d{9}$", "description": "t
 BOOL: Schema = {"type": "boolean"}
 TIME: Schema = {"type": "string", "format": "date-time"}
 PRICE: Schema = {"type": "string", "pattern": r"^\d+(\.\d+)?$", "description": "USD per 1M tokens, exact decimal"}
+#: text bound for PostgreSQL, which cannot hold NUL: refused with a 400 (api/common.py check_text)
+NO_NUL: Schema = {"type": "string", "pattern": "^[^\\x00]*$"}
+#: a required name or key: not empty, not only spaces, no NUL (api/common.py require_str)
+NAME: Schema = {"type": "string", "minLength": 1, "pattern": "^[^\\x00]*[^\\s\\x00][^\\x00]*$"}
+#: a model id in a request: "" names no model (400 or 404)
+MODEL: Schema = {"type": "string", "minLength": 1}
 
 
 def body(schema: Schema, *, required: bool = True) -> Schema:
@@ -96,11 +102,14 @@ def path_param(name: str, description: str) -> Schema:
 
 
 def query(name: str, schema: Schema, description: str) -> Schema:
+    if schema.get("type") == "string" and "pattern" not in schema:
+        schema = {**schema, **NO_NUL}  # a NUL in a query string is a 400 (check_text), whatever the parameter
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
 LIMIT = query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "page size")
-AFTER = query("after", {"type": "string", "pattern": r"^\d{1,18}$"}, "next_cursor of the previous page")
+AFTER = query("after", {"type": "string", "pattern": r"^\d{0,18}$"},
+              "next_cursor of the previous page (empty: the first page)")
 ROUTE_HEADER: Schema = {"name": "x-tokensforge-route", "in": "header", "required": False, "schema": STR,
                         "description": "pin a route: route id or route kind (SPEC §1)"}
 
@@ -117,6 +126,42 @@ ERROR_CODES = ["invalid_request", "invalid_api_key", "insufficient_balance", "mo
                "route_not_allowed", "budget_exceeded", "permission_denied", "admin_disabled", "model_not_found",
                "not_found", "request_too_large", "rate_limited", "idempotency_conflict", "upstream_error",
                "no_healthy_channel", "ledger_unavailable", "upstream_timeout", "internal_error"]
+
+# ---------------------------------------------------------------- webhooks (SPEC §2 "Webhooks")
+
+EVENT_TYPE: Schema = {"enum": ["balance.low", "budget.threshold", "pool.granted", "pool.expired"]}
+WEBHOOK_SCHEMAS: dict[str, Schema] = {
+    "WebhookRequest": {
+        **obj(["url", "events"],
+              url={"type": "string", "minLength": 1, "maxLength": 2048,
+                   "pattern": "^https?://[^\\s\\x00/?#]+([/?#][^\\s\\x00]*)?$"},
+              events={**array(EVENT_TYPE), "minItems": 1},
+              thresholds={"type": "object", "description": "bucket → nano-USD: balance.low fires when the "
+                                                           "bucket's available amount falls below it",
+                          "additionalProperties": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}),
+        # balance.low needs a threshold to fall below
+        "if": {"properties": {"events": {"contains": {"const": "balance.low"}}}, "required": ["events"]},
+        "then": {"required": ["thresholds"], "properties": {"thresholds": {"minProperties": 1}}},
+    },
+    "Webhook": obj(["id", "object", "account_id", "url", "events", "thresholds", "created_at"],
+                   id=STR, object={"const": "webhook"}, account_id=STR, url=STR, events=array(EVENT_TYPE),
+                   thresholds={"type": "object", "additionalProperties": INT}, created_at=TIME,
+                   pending_events=INT),
+    "WebhookCreated": {"allOf": [ref("Webhook"), obj(["secret"], secret={
+        **STR, "description": "signs every delivery (HMAC-SHA256 key: its UTF-8 bytes); returned only here"})]},
+    "WebhookList": obj(["object", "data", "has_more", "next_cursor"], object={"const": "list"},
+                       data=array(ref("Webhook")), has_more=BOOL, next_cursor=nullable(STR)),
+    "WebhookDeleted": obj(["id", "object", "deleted"], id=STR, object={"const": "webhook"}, deleted=BOOL),
+    "WebhookDelivery": obj(
+        ["id", "object", "event_id", "type", "attempt", "status_code", "ok", "error", "duration_ms", "event_status",
+         "created_at"],
+        id=STR, object={"const": "webhook.delivery"}, event_id=STR, type=EVENT_TYPE, attempt=INT,
+        status_code=nullable(INT), ok=BOOL, error=nullable(STR), duration_ms=INT,
+        event_status={"enum": ["pending", "delivered", "failed", "cancelled"]}, created_at=TIME),
+    "WebhookDeliveryList": obj(["object", "data", "has_more", "next_cursor"], object={"const": "list"},
+                               data=array(ref("WebhookDelivery")), has_more=BOOL, next_cursor=nullable(STR)),
+}
+
 
 SCHEMAS: dict[str, Schema] = {
     "Error": obj(
@@ -246,7 +291,7 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object", "required": ["model", "messages"],
         "description": "OpenAI chat completions; unknown fields are forwarded to the upstream.",
         "properties": {
-            "model": STR, "messages": {**array(ref("ChatMessage")), "minItems": 1},
+            "model": MODEL, "messages": {**array(ref("ChatMessage")), "minItems": 1},
             "stream": BOOL, "stream_options": obj(include_usage=BOOL),
             "max_tokens": {"type": "integer", "minimum": 1}, "max_completion_tokens": {"type": "integer", "minimum": 1},
             "n": {"type": "integer", "minimum": 1}, "temperature": {"type": "number"},
@@ -262,7 +307,7 @@ SCHEMAS: dict[str, Schema] = {
     },
     "EmbeddingRequest": {
         "type": "object", "required": ["model", "input"],
-        "properties": {"model": STR,
+        "properties": {"model": MODEL,
                        "input": {"anyOf": [STR, array(STR), array(INT), array(array(INT))]},
                        "encoding_format": {"enum": ["float", "base64"]}, "dimensions": {"type": "integer"},
                        "user": STR, "route": STR},
@@ -290,8 +335,8 @@ SCHEMAS: dict[str, Schema] = {
         "description": "Omitted fields: every model, route kind and bucket; route_preference official; "
                        "no cross-route fallback; no budget; no rate limit.",
         "properties": {
-            "allowed_models": array(STR), "allowed_route_kinds": array(STR), "allowed_buckets": array(STR),
-            "route_preference": {"anyOf": [{"enum": ["official", "cheapest"]}, array(STR)]},
+            "allowed_models": array(MODEL), "allowed_route_kinds": array(MODEL), "allowed_buckets": array(MODEL),
+            "route_preference": {"anyOf": [{"enum": ["official", "cheapest"]}, {**array(MODEL), "minItems": 1}]},
             "allow_cross_route_fallback": BOOL,
             "budget_nanos": {"type": "integer", "minimum": 1}, "budget_period": {"enum": ["day", "month", "total"]},
             "rpm": {"type": "integer", "minimum": 1}, "tpm": {"type": "integer", "minimum": 1},
@@ -308,13 +353,13 @@ SCHEMAS: dict[str, Schema] = {
     "Account": obj(["object", "id", "name", "created_at", "buckets"], object={"const": "account"}, id=STR,
                    name=STR, created_at=TIME, buckets=array(ref("Bucket")),
                    projects=array(ref("Project")), keys=array(ref("ApiKey"))),
-    "TopupRequest": obj(["bucket", "amount_nanos", "idempotency_key"], bucket=STR,
+    "TopupRequest": obj(["bucket", "amount_nanos", "idempotency_key"], bucket=NAME,
                         amount_nanos={"type": "integer", "minimum": 1, "maximum": 10**18},
-                        idempotency_key={"type": "string", "minLength": 1}, note=nullable(STR)),
+                        idempotency_key=NAME, note=nullable(NO_NUL)),
     "Topup": {"allOf": [ref("LedgerEntry"), obj(["replayed"], replayed={
         **BOOL, "description": "true: this idempotency key was already used; nothing was credited again"})]},
-    "SubscriptionRequest": obj(["plan", "bucket", "allowance_nanos", "period"], plan=STR, bucket=STR,
-                               allowance_nanos={"type": "integer", "minimum": 1},
+    "SubscriptionRequest": obj(["plan", "bucket", "allowance_nanos", "period"], plan={**NAME, "maxLength": 200},
+                               bucket=STR, allowance_nanos={"type": "integer", "minimum": 1, "maximum": 10**15},
                                period={"enum": ["day", "month"]}, starts_at=TIME),
     "Subscription": obj(["id", "account_id", "plan", "bucket", "allowance_nanos", "period"], id=STR,
                         account_id=STR, plan=STR, bucket=STR, allowance_nanos=NANOS,
@@ -328,11 +373,12 @@ SCHEMAS: dict[str, Schema] = {
                          last_error=nullable(STR), routes=array(STR)),
     "RoutesHealth": obj(["object", "data"], object={"const": "list"}, data=array(ref("ChannelHealth"))),
     "CatalogReloaded": obj(["reloaded", "source", "models"], reloaded=BOOL, source=nullable(STR), models=INT),
+    **WEBHOOK_SCHEMAS,
     # ---------------------------------------------------------------- research (SPEC §7)
     "ResearchRequest": {
         "type": "object", "required": ["topic", "model", "max_charge_nanos"],
         "properties": {
-            "topic": {"type": "string", "minLength": 1, "maxLength": 500}, "model": STR,
+            "topic": {"type": "string", "minLength": 1, "maxLength": 500}, "model": MODEL,
             "sections": {**array({"type": "string", "minLength": 1}), "minItems": 1, "maxItems": 12},
             "max_charge_nanos": {"type": "integer", "minimum": 1}, "dry_run": BOOL, "stream": BOOL,
             "route": STR, "context": {**STR, "description": "the user's own notes every section may use"},
@@ -371,7 +417,7 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object", "required": ["model"],
         "description": "OpenAI Responses API; translated to the route's upstream.",
         "properties": {
-            "model": STR,
+            "model": MODEL,
             "input": {"anyOf": [STR, array({"type": "object", "description": "message, function_call or "
                                                                              "function_call_output item"})]},
             "instructions": nullable(STR), "max_output_tokens": nullable({"type": "integer", "minimum": 1}),
@@ -398,7 +444,7 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object", "required": ["model", "messages", "max_tokens"],
         "description": "Anthropic Messages API.",
         "properties": {
-            "model": STR, "max_tokens": {"type": "integer", "minimum": 1},
+            "model": MODEL, "max_tokens": {"type": "integer", "minimum": 1},
             "messages": array(obj(["role", "content"], role={"enum": ["user", "assistant"]},
                                   content={"anyOf": [STR, array({"type": "object"})]})),
             "system": {"anyOf": [STR, array({"type": "object"})]}, "stream": BOOL,
@@ -415,7 +461,7 @@ SCHEMAS: dict[str, Schema] = {
                              cache_creation=obj(ephemeral_5m_input_tokens=INT, ephemeral_1h_input_tokens=INT)),
                    receipt=ref("Receipt")),
     "CountTokensRequest": {"type": "object", "required": ["model", "messages"],
-                           "properties": {"model": STR, "messages": array({"type": "object"}),
+                           "properties": {"model": MODEL, "messages": array({"type": "object"}),
                                           "system": {"anyOf": [STR, array({"type": "object"})]},
                                           "tools": array({"type": "object"})}},
     "CountTokens": obj(["input_tokens"], input_tokens=INT),
@@ -585,20 +631,20 @@ PATHS: dict[str, Schema] = {
     # ---------------------------------------------------------------- admin
     "/admin/accounts": {"post": op(
         "Create an account", tag="admin", security="AdminToken", op_id="createAccount",
-        request=body(obj(["name"], name={"type": "string", "minLength": 1})),
+        request=body(obj(["name"], name=NAME)),
         responses={"201": ok(ref("Account"), "created"), **errors(400, *ADMIN, 413)})},
     "/admin/accounts/{account_id}": {"get": op(
         "An account with its buckets, projects and keys (no secrets)", tag="admin", security="AdminToken",
         op_id="getAccount", params=[_ACCOUNT], responses={"200": ok(ref("Account")), **errors(*ADMIN, 404)})},
     "/admin/accounts/{account_id}/projects": {"post": op(
         "Create a project with its policy", tag="admin", security="AdminToken", op_id="createProject",
-        params=[_ACCOUNT], request=body(obj(["name"], name={"type": "string", "minLength": 1},
+        params=[_ACCOUNT], request=body(obj(["name"], name=NAME,
                                             policy=nullable(ref("Policy")))),
         responses={"201": ok(ref("Project"), "created"), **errors(400, *ADMIN, 404, 413)})},
     "/admin/accounts/{account_id}/keys": {"post": op(
         "Create an API key; the plaintext is returned only here", tag="admin", security="AdminToken",
         op_id="createKey", params=[_ACCOUNT],
-        request=body(obj(["name"], name={"type": "string", "minLength": 1}, project_id=nullable(STR),
+        request=body(obj(["name"], name=NAME, project_id=nullable(NAME),
                          policy=nullable(ref("Policy")))),
         responses={"201": ok(ref("ApiKeyCreated"), "created"), **errors(400, *ADMIN, 404, 413)})},
     "/admin/keys/{key_id}/revoke": {"post": op(
@@ -621,6 +667,22 @@ PATHS: dict[str, Schema] = {
         "End a subscription at its period end", tag="admin", security="AdminToken", op_id="cancelSubscription",
         params=[path_param("subscription_id", "subscription id")],
         responses={"200": ok(ref("Subscription")), **errors(*ADMIN, 404, 409)})},
+    "/admin/accounts/{account_id}/webhooks": {
+        "post": op("Add a webhook: events POSTed signed (x-tokensforge-signature); its secret is returned only here",
+                   tag="admin", security="AdminToken", op_id="createWebhook", params=[_ACCOUNT],
+                   request=body(ref("WebhookRequest")),
+                   responses={"201": ok(ref("WebhookCreated"), "created"), **errors(400, *ADMIN, 404, 413)}),
+        "get": op("The account's webhooks (no secrets)", tag="admin", security="AdminToken", op_id="listWebhooks",
+                  params=[_ACCOUNT], responses={"200": ok(ref("WebhookList")), **errors(*ADMIN, 404)}),
+    },
+    "/admin/webhooks/{webhook_id}": {"delete": op(
+        "Remove a webhook (its pending events are not delivered)", tag="admin", security="AdminToken",
+        op_id="deleteWebhook", params=[path_param("webhook_id", "webhook id (wh_…)")],
+        responses={"200": ok(ref("WebhookDeleted")), **errors(*ADMIN, 404)})},
+    "/admin/webhooks/{webhook_id}/deliveries": {"get": op(
+        "Delivery attempts, newest first, paginated", tag="admin", security="AdminToken", op_id="listDeliveries",
+        params=[path_param("webhook_id", "webhook id (wh_…)"), LIMIT, AFTER],
+        responses={"200": ok(ref("WebhookDeliveryList")), **errors(400, *ADMIN, 404)})},
     "/admin/routes/health": {"get": op(
         "Per channel: circuit state, success rate, latency p50/p95, consecutive failures, last error",
         tag="admin", security="AdminToken", op_id="routesHealth",

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tracing import wanted as tracing_wanted
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -41,6 +43,15 @@ class Settings:
     lease_idle_s: float = 5.0  # unused lease money goes back after this long without a request
     breaker_failure_threshold: int = 5
     breaker_cooldown_s: float = 5.0
+    # webhook delivery (webhooks.py): every process polls the outbox; a failed POST is tried again after
+    # retry_base_s, doubling up to retry_max_s, until the event is webhook_give_up_s old
+    tracing: bool = False  # OpenTelemetry traces, on when the standard OTEL_* variables name an OTLP endpoint
+    webhooks: bool = True
+    webhook_poll_interval_s: float = 1.0
+    webhook_timeout_s: float = 10.0
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_s: float = 3600.0
+    webhook_give_up_s: float = 24 * 3600.0
     channel_env: Mapping[str, str] = field(default_factory=dict, repr=False)  # api_key_env → secret
 
     @classmethod
@@ -54,6 +65,7 @@ class Settings:
             "direct_database_url": env.get("TOKENSFORGE_DIRECT_DATABASE_URL") or None,
             "admin_token": env.get("TOKENSFORGE_ADMIN_TOKEN") or None,
             "channel_env": dict(env),
+            "tracing": tracing_wanted(env),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["direct_database_url"] and not values["database_url"]:
@@ -84,6 +96,8 @@ _TUNABLE: dict[str, Callable[[str], object]] = {
     "http_keepalive_timeout_s": float, "body_read_timeout_s": float,
     "breaker_failure_threshold": int, "leases": _flag, "lease_ttl_s": float, "lease_fraction": float,
     "lease_idle_s": float, "breaker_cooldown_s": float,
+    "webhooks": _flag, "webhook_poll_interval_s": float, "webhook_timeout_s": float, "webhook_retry_base_s": float,
+    "webhook_retry_max_s": float, "webhook_give_up_s": float,
 }
 
 
