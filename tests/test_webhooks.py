@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 
 from tokensforge.errors import InvalidRequest
-from tokensforge.webhook_model import parse_webhook, retry_delay_s, signature, verify
+from tokensforge.webhook_model import parse_webhook, retry_delay_s, secrets_key, signature, verify
 
 from .harness import ADMIN_TOKEN, Gw, Mock, free_port, gateway_of, gateway_settings, start_gateway, write_catalog
 from .procs import GatewayProcess
@@ -211,6 +211,12 @@ async def test_admin_creates_lists_and_deletes_webhooks_and_shows_the_secret_onc
     assert status == 200 and [h["id"] for h in listed["data"]] == [hook["id"]]
     assert "secret" not in listed["data"][0] and hook["secret"] not in orjson.dumps(listed).decode()
     assert all(hook["secret"] not in r.getMessage() for r in caplog.records)  # never logged
+    conn = await asyncpg.connect(hgw.dsn)  # nor stored: the database keeps a salt the secret is derived from
+    try:
+        columns = await conn.fetchrow("SELECT * FROM webhooks WHERE id = $1", hook["id"])
+    finally:
+        await conn.close()
+    assert hook["secret"] not in orjson.dumps(dict(columns), default=str).decode()
 
     status, error = await hgw.admin("POST", f"/admin/accounts/{account_id}/webhooks",
                                     {"url": "http://127.0.0.1:1/x", "events": ["balance.low"]})
@@ -428,7 +434,8 @@ async def test_several_processes_share_delivery_each_event_once_in_order_per_web
     tasks: list[asyncio.Task[None]] = []
     try:
         await pool.execute("INSERT INTO accounts (id, name) VALUES ('acct_w', 'w')")
-        store = WebhookStore(pool)
+        key = secrets_key("test-secret-key", None)
+        store = WebhookStore(pool, key)
         hooks = []
         for n in range(4):
             row, secret = await store.create("acct_w", NewWebhook(f"{receiver.url}/w{n}", ("pool.granted",), {}))
@@ -438,7 +445,7 @@ async def test_several_processes_share_delivery_each_event_once_in_order_per_web
             await pool.execute("SELECT tf_webhook_emit('acct_w', 'pool.granted', $1::jsonb)", {"n": i})
         # one webhook per claim: three deliverers must share four webhooks
         config = DeliveryConfig(poll_interval_s=0.02, timeout_s=1, retry_base_s=0.05, retry_max_s=0.1, concurrency=1)
-        deliverers = [Deliverer(pool, config) for _ in range(3)]
+        deliverers = [Deliverer(pool, config, key) for _ in range(3)]
         tasks = [asyncio.create_task(d.run()) for d in deliverers]
         for n in range(4):
             events = await receiver.wait_for(f"/w{n}", 10)

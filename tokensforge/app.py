@@ -26,6 +26,7 @@ from .settings import Settings
 from .state import GATEWAY, Gateway, KeyCache
 from .upstream.client import UpstreamClient, new_session
 from .upstream.health import BreakerConfig, HealthRegistry
+from .webhook_model import secrets_key
 from .webhooks import Deliverer, DeliveryConfig
 
 log = logging.getLogger("tokensforge")
@@ -133,7 +134,7 @@ def _deliverer(gw: Gateway) -> Deliverer:
     s = gw.settings
     return Deliverer(gw.pool, DeliveryConfig(
         poll_interval_s=s.webhook_poll_interval_s, timeout_s=s.webhook_timeout_s, retry_base_s=s.webhook_retry_base_s,
-        retry_max_s=s.webhook_retry_max_s, give_up_s=s.webhook_give_up_s))
+        retry_max_s=s.webhook_retry_max_s, give_up_s=s.webhook_give_up_s), secrets_key(s.secret_key, s.admin_token))
 
 
 async def probe_database(gw: Gateway, timeout_s: float = 0.8) -> bool:

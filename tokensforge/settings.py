@@ -18,6 +18,8 @@ class Settings:
     # transaction-mode pooler (PgBouncer) in TOKENSFORGE_DATABASE_URL does not give: they use this URL.
     direct_database_url: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
+    #: what webhook signing secrets are derived from (webhook_model.secrets_key); the admin token when unset
+    secret_key: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path(".tokensforge")
@@ -64,6 +66,7 @@ class Settings:
             "database_url": env.get("TOKENSFORGE_DATABASE_URL") or None,
             "direct_database_url": env.get("TOKENSFORGE_DIRECT_DATABASE_URL") or None,
             "admin_token": env.get("TOKENSFORGE_ADMIN_TOKEN") or None,
+            "secret_key": env.get("TOKENSFORGE_SECRET_KEY") or None,
             "channel_env": dict(env),
             "tracing": tracing_wanted(env),
         }

@@ -3,6 +3,7 @@ when a failed one is tried again. No I/O: `webhooks.py` stores and delivers."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -70,9 +71,26 @@ def _thresholds(raw: Any, buckets: Collection[str]) -> dict[str, int]:
     return out
 
 
-def new_secret() -> str:
-    """The signing secret, shown once; its UTF-8 bytes are the HMAC key."""
-    return "whsec_" + secrets.token_urlsafe(32)
+def new_salt() -> str:
+    """A webhook's public salt: stored, useless without the server's key (`derive_secret`)."""
+    return secrets.token_hex(16)
+
+
+def secrets_key(secret_key: str | None, admin_token: str | None) -> bytes | None:
+    """The server key webhook secrets are derived from: TOKENSFORGE_SECRET_KEY, else one derived from the admin
+    token (which every webhook's creator had to hold); None when the server has neither."""
+    base = secret_key or admin_token
+    if not base:
+        return None
+    return hmac.new(base.encode(), b"tokensforge webhook secrets", hashlib.sha256).digest()
+
+
+def derive_secret(key: bytes, webhook_id: str, salt: str) -> str:
+    """The webhook's signing secret, recomputed whenever it signs: the database keeps only the salt, so a copy
+    of the database cannot forge a delivery (the project stores no secret in plaintext). Its UTF-8 bytes are
+    the receiver's HMAC key."""
+    mac = hmac.new(key, f"{webhook_id}:{salt}".encode(), hashlib.sha256).digest()
+    return "whsec_" + base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:

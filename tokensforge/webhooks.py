@@ -32,7 +32,8 @@ from .webhook_model import (
     SIGNATURE_HEADER,
     NewWebhook,
     event_body,
-    new_secret,
+    derive_secret,
+    new_salt,
     retry_delay_s,
     signature,
 )
@@ -41,12 +42,16 @@ log = logging.getLogger("tokensforge.webhooks")
 
 
 class WebhookStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, key: bytes | None = None) -> None:
         self.pool = pool
+        self.key = key  # webhook_model.secrets_key: what signing secrets are derived from
 
     async def create(self, account_id: str, hook: NewWebhook) -> tuple[dict[str, Any], str]:
-        """The new webhook's row and its secret (the only time it leaves the database)."""
-        secret = new_secret()
+        """The new webhook's row and its secret (shown only now; derived again when signing, never stored)."""
+        if self.key is None:
+            raise InvalidRequest("webhooks need TOKENSFORGE_SECRET_KEY (or an admin token) to derive their secrets")
+        webhook_id, salt = "wh_" + secrets.token_hex(12), new_salt()
+        secret = derive_secret(self.key, webhook_id, salt)
         async with self.pool.acquire() as conn, conn.transaction():
             if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1 FOR SHARE", account_id) is None:
                 raise NotFound(f"no account {account_id!r}")
@@ -55,9 +60,9 @@ class WebhookStore:
             if count >= MAX_WEBHOOKS_PER_ACCOUNT:
                 raise InvalidRequest(f"an account has at most {MAX_WEBHOOKS_PER_ACCOUNT} webhooks")
             row = await conn.fetchrow(
-                "INSERT INTO webhooks (id, account_id, url, events, thresholds, secret) VALUES ($1, $2, $3, $4, $5, $6)"
-                " RETURNING id, account_id, url, events, thresholds, created_at",
-                "wh_" + secrets.token_hex(12), account_id, hook.url, list(hook.events), hook.thresholds, secret)
+                "INSERT INTO webhooks (id, account_id, url, events, thresholds, secret_salt)"
+                " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, account_id, url, events, thresholds, created_at",
+                webhook_id, account_id, hook.url, list(hook.events), hook.thresholds, salt)
         return dict(row), secret
 
     async def of_account(self, account_id: str) -> list[dict[str, Any]]:
@@ -112,9 +117,10 @@ class DeliveryConfig:
 class Deliverer:
     """The background delivery loop of one process (`run()`), on its own HTTP session."""
 
-    def __init__(self, pool: asyncpg.Pool, config: DeliveryConfig) -> None:
+    def __init__(self, pool: asyncpg.Pool, config: DeliveryConfig, key: bytes | None) -> None:
         self.pool = pool
         self.config = config
+        self.key = key  # None: this process cannot sign (no secret key, no admin token), so it delivers nothing
         self.holder = f"{os.getpid()}-{secrets.token_hex(4)}"
         self.delivered = 0  # attempts that got a 2xx (tests and logs)
 
@@ -133,11 +139,16 @@ class Deliverer:
 
     async def round(self, session: aiohttp.ClientSession) -> bool:
         """Claim due webhooks and deliver the oldest pending event of each; True if any was claimed."""
+        if self.key is None:
+            return False
+        key = self.key
         claimed = await self.pool.fetch("SELECT * FROM tf_webhook_claim($1, $2, $3)", self.holder,
                                         self.config.concurrency, self.config.claim_s)
         if not claimed:
             return False
-        outcomes = await asyncio.gather(*(self._deliver_head(session, r["id"], r["url"], r["secret"]) for r in claimed),
+        outcomes = await asyncio.gather(*(self._deliver_head(session, r["id"], r["url"],
+                                                           derive_secret(key, r["id"], r["secret_salt"]))
+                                        for r in claimed),
                                         return_exceptions=True)  # one failing must not orphan the others
         failures = [o for o in outcomes if isinstance(o, Exception)]
         if failures:

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from ..errors import InvalidRequest
 from ..ledger.model import parse_cursor
-from ..webhook_model import delivery_view, parse_webhook, webhook_view
+from ..webhook_model import delivery_view, parse_webhook, secrets_key, webhook_view
 from ..webhooks import WebhookStore
 from .admin import _gateway
 from .common import check_json_text, json_response, path_param, query_limit, read_json
@@ -23,7 +23,8 @@ async def create_webhook(request: web.Request) -> web.Response:
     gw = _gateway(request)
     body = check_json_text(await read_json(request), "body")
     hook = parse_webhook(body, gw.catalog.buckets)
-    row, secret = await WebhookStore(gw.pool).create(path_param(request, "account_id"), hook)
+    key = secrets_key(gw.settings.secret_key, gw.settings.admin_token)
+    row, secret = await WebhookStore(gw.pool, key).create(path_param(request, "account_id"), hook)
     log.info("webhook %s for account %s (%s)", row["id"], row["account_id"], ", ".join(hook.events))
     return json_response(webhook_view(row, secret=secret), status=201)
 

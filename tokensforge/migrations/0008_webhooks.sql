@@ -23,7 +23,7 @@ CREATE TABLE webhooks (
     events           text[] NOT NULL CHECK (cardinality(events) > 0 AND events <@ ARRAY[
                          'balance.low', 'budget.threshold', 'pool.granted', 'pool.expired']),
     thresholds       jsonb NOT NULL DEFAULT '{}',           -- bucket → nanos, for balance.low
-    secret           text NOT NULL,                         -- signs deliveries; never returned after creation
+    secret_salt      text NOT NULL,                         -- the signing secret is HMAC(server key, id:salt): never stored
     created_at       timestamptz NOT NULL DEFAULT now(),
     deleted_at       timestamptz,
     -- delivery state: the next attempt's time (backoff) and the process that holds it
@@ -170,7 +170,7 @@ CREATE TRIGGER budgets_webhook_events AFTER UPDATE OF spent_nanos ON budgets
 -- those another process holds (row locks, SKIP LOCKED) or has claimed (claim_until): each webhook
 -- is delivered by one process at a time, one event after the other.
 CREATE FUNCTION tf_webhook_claim(p_holder text, p_limit integer, p_claim_s double precision)
-RETURNS TABLE (id text, url text, secret text) LANGUAGE sql AS $$
+RETURNS TABLE (id text, url text, secret_salt text) LANGUAGE sql AS $$
     WITH due AS (
         SELECT w.id FROM webhooks w
         WHERE w.deleted_at IS NULL AND w.next_attempt_at <= now()
@@ -182,7 +182,7 @@ RETURNS TABLE (id text, url text, secret text) LANGUAGE sql AS $$
     )
     UPDATE webhooks w SET claimed_by = p_holder, claim_until = now() + make_interval(secs => p_claim_s)
     FROM due WHERE w.id = due.id
-    RETURNING w.id, w.url, w.secret
+    RETURNING w.id, w.url, w.secret_salt
 $$;
 
 -- The outcome of one delivery attempt of the webhook's oldest pending event: the attempt is logged;
