@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tokensforge.embedded_pg import EmbeddedPostgres
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -391,3 +393,39 @@ def postgres_version(bindir: Path) -> str:
         return proc.stdout.strip() or "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+# --------------------------------------------------------------------------- durable PostgreSQL, py-spy
+
+TOOLS_DIR = BENCH_DIR / ".tools"  # py-spy, installed on first use (pip --target), git-ignored
+PY_SPY_REQUIREMENT = "py-spy>=0.3.14"
+
+
+def durable_throwaway(*, durable: bool = True) -> EmbeddedPostgres:
+    """A throwaway cluster (fresh dir under /tmp, removed by close()) with PostgreSQL's durability
+    defaults — fsync, synchronous_commit and full_page_writes on — unless `durable=False` (the
+    test suite's settings: all three off). The product promises a receipt's ledger entry is on disk
+    before the answer leaves, so every headline figure is measured on the durable one."""
+    pg = EmbeddedPostgres.throwaway()
+    pg.durable = durable  # read by initdb (no --no-sync) and the server options; set before start()
+    return pg
+
+
+def ensure_py_spy(log: Path) -> str | None:
+    """Path of a py-spy binary: on PATH, next to this Python, or installed from PyPI into
+    benchmarks/.tools on first use. None (and the reason in `log`) when that fails."""
+    for candidate in (shutil.which("py-spy"), str(Path(sys.executable).parent / "py-spy"),
+                      str(TOOLS_DIR / "bin" / "py-spy")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    step = [sys.executable, "-m", "pip", "install", "-q", "--target", str(TOOLS_DIR), PY_SPY_REQUIREMENT]
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(step)}\n")
+        out.flush()
+        try:
+            proc = subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, timeout=600,
+                                  stdin=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired:
+            return None
+    found = TOOLS_DIR / "bin" / "py-spy"
+    return str(found) if proc.returncode == 0 and found.exists() else None

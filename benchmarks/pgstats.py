@@ -19,6 +19,7 @@ from /proc (`common.cpu_seconds(pid, tree=True)`).
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 from typing import Any
 
@@ -91,3 +92,43 @@ def commits_per_request(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if requests > 0:
         out["commits_per_request"] = round(commits / requests, 3)
     return out
+
+
+_DURABILITY = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method")
+
+
+def durability_probe(dsn: str, commits: int = 300) -> dict[str, Any]:
+    """The server's durability settings (SHOW) and the latency of a one-row commit: `commits`
+    INSERTs into a logged table, one transaction each, one after another on one connection. On a
+    durable server each waits for the WAL flush (fdatasync), so its p50 is what the disk adds to
+    every settlement that commits alone (at c=4 batches are one item) — the number to read beside
+    the added latency at c=4."""
+    async def run() -> dict[str, Any]:
+        conn = await asyncpg.connect(dsn, timeout=30)
+        try:
+            settings = {name: await conn.fetchval(f"SHOW {name}") for name in _DURABILITY}
+            await conn.execute("CREATE TABLE IF NOT EXISTS bench_commit_probe (id bigint, at timestamptz)")
+            times: list[float] = []
+            for i in range(commits + 20):
+                t = time.perf_counter()
+                await conn.execute("INSERT INTO bench_commit_probe VALUES ($1, now())", i)
+                if i >= 20:  # the first few warm the connection and the table's pages
+                    times.append((time.perf_counter() - t) * 1000)
+            await conn.execute("DROP TABLE bench_commit_probe")
+        finally:
+            await conn.close(timeout=5)
+        times.sort()
+        return {"settings": settings, "commits": len(times),
+                "commit_ms": {"p50": round(times[len(times) // 2], 3),
+                              "p99": round(times[min(len(times) - 1, int(len(times) * 0.99))], 3),
+                              "mean": round(sum(times) / len(times), 3)}}
+
+    loop = asyncio.new_event_loop()
+    try:
+        result = loop.run_until_complete(run())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        return result
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        loop.close()

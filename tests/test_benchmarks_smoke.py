@@ -68,13 +68,15 @@ def test_quick_benchmark_runs_and_reports_every_target(tmp_path: Path) -> None:
         assert data["streams"]["gateway_peak_rss_mb"] > 0 and data["streams"]["kb_per_open_stream"] > 0
         assert data["streams"]["listen_overflows"] >= 0, data["streams"]
         targets = {t["name"]: t for t in data["targets"]}
-        assert len(targets) == 11, list(targets)
+        assert len(targets) == 15, list(targets)
         measured = [n for n, t in targets.items() if t["value"] is not None]
-        for needle in ("throughput, non-streamed c=32", "first content byte", "hot account", "commits",
+        for needle in ("throughput, non-streamed c=32", "first content byte", "hot account", "commits", "CPU per",
                        "PostgreSQL CPU", "ledger settles"):
             assert any(needle in n for n in measured), (needle, measured)
         assert targets["gateway / LiteLLM throughput, non-streamed c=32"]["verdict"] == "not run"
+        assert data["durability"]["settings"]["fsync"] == "on" and data["durability"]["commit_ms"]["p50"] > 0
         md = (out / "latest.md").read_text()
+        assert "**durable**" in md, md[:1500]
         assert "| chat-c32 | gateway |" in md and "CPUs" in md and "wrk" in md
         assert md.rindex("## Targets") > md.rindex("## PostgreSQL per proxied request"), "targets table last"
     finally:

@@ -149,6 +149,17 @@ CHUNKS: list[tuple[dict[str, Any], tuple[Any, ...]]] = [
     ({"choices": [{"index": 1, "delta": {}, "finish_reason": "stop"}]}, (Finish("stop", 1),)),
     ({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}, (UsageReport(Usage(1, 2)),)),
     ({"error": {"message": "boom"}}, (UpstreamFailure("boom"),)),
+    # the common chunk's short path must read exactly what the full one reads
+    ({"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+     ()),
+    ({"choices": [{"delta": None}]}, ()),
+    ({"choices": [{"index": 0, "delta": {"content": None, "refusal": None}, "logprobs": None}]}, ()),
+    ({"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": "length"}]},
+     (TextDelta("a"), Finish("length"))),
+    ({"choices": [{"index": 3, "delta": {"content": "a"}}]}, (TextDelta("a", 3),)),
+    ({"choices": [{"index": 0, "delta": {"content": "a"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 2}},
+     (TextDelta("a"), UsageReport(Usage(1, 2)))),
+    ({"choices": [{"index": 0, "delta": {"content": "a"}}], "error": "ignored beside choices"}, (TextDelta("a"),)),
 ]
 
 
@@ -160,7 +171,11 @@ def test_stream_chunks(chunk: dict[str, Any], events: tuple[Any, ...]) -> None:
 
 @pytest.mark.parametrize("data", [b"not json", b"[1]", b'{"choices": 1}', b'{"choices": [{"delta": "x"}]}',
                                   b'{"choices": [{"delta": {"content": 3}}]}', b'{"choices": [{"index": -1}]}',
-                                  b'{"choices": [{"delta": {"tool_calls": {}}}]}'])
+                                  b'{"choices": [{"delta": {"tool_calls": {}}}]}',
+                                  b'{"choices": [{"index": true, "delta": {"content": "a"}}]}',
+                                  b'{"choices": [{"index": 0, "delta": {"content": ["a"]}}]}',
+                                  b'{"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": 1}]}',
+                                  b'{"choices": [7]}', b'{"choices": [{"delta": [1]}]}'])
 def test_malformed_chunks(data: bytes) -> None:
     with pytest.raises(MalformedUpstream):
         upstream.StreamDecoder().feed(None, data)
@@ -204,3 +219,16 @@ def test_sse_line_over_the_cap_is_malformed() -> None:
 def test_sse_stream_over_the_total_cap_is_malformed() -> None:
     with pytest.raises(MalformedUpstream):
         _read([b"data: 1\n\n"] * 200, total=1000)
+
+
+def test_sse_event_ready_says_whether_the_next_event_is_already_buffered() -> None:
+    async def run() -> list[bool]:
+        reader = SseReader(_Source([b"data: 1\n\ndata: 2\r\n\r\ndata: 3\n\ndata: 4", b"\n\n"]),
+                           max_line_bytes=100, max_total_bytes=1000)
+        seen = [reader.event_ready()]  # nothing read yet
+        while await reader.next() is not None:
+            seen.append(reader.event_ready())
+        return seen
+
+    # after 1: 2 is whole (CRLF framing); after 2: 3 is; after 3: 4 has no blank line yet; after 4: the end
+    assert asyncio.run(run()) == [False, True, True, False, False]

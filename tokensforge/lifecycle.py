@@ -367,6 +367,10 @@ class Lifecycle:
             self._end_stream(f"the upstream stream broke ({type(exc).__name__})")
         return None
 
+    def frame_ready(self) -> bool:
+        """Whether the next frame is already buffered (`next_frame` will not wait for the upstream)."""
+        return self._reader is not None and not self._stream_done and self._reader.event_ready()
+
     def _absorb(self, frame: Frame) -> bool:
         """Account for a frame's events; True if it ended the stream (an upstream error)."""
         for event in frame.events:

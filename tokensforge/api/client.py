@@ -117,20 +117,35 @@ async def stream_answer(request: web.Request, life: Lifecycle, exchange: ModelEx
     await life.open_stream(exchange)
     encoder = native if native is not None and life.native else translated
     response = web.StreamResponse(headers={**SSE_HEADERS, **proxy_headers(life, answered=True)})
+    # Events that arrived in one read leave in one write: a write is a syscall and a chunk of aiohttp's
+    # framing, the largest per-event cost of a relay. Nothing waits in `batch` while the upstream is
+    # awaited: it is written as soon as no further event is already buffered. `next_frame` counts the
+    # previous frame as delivered; `unsent` is what it counted of frames still in `batch`, taken back
+    # if their write fails (a client that leaves is billed for what was written to it).
+    batch, unsent = b"", 0
     try:
         await response.prepare(request)
         request[STREAM] = response
-        head = encoder.start()
-        if head:
-            await response.write(head)
-        while (frame := await life.next_frame()) is not None:
-            data = encoder.feed(frame)
-            if data:
-                await response.write(data)
+        batch = encoder.start()
+        while True:
+            counted = life.delivered
+            frame = await life.next_frame()
+            if batch:
+                unsent += life.delivered - counted
+            if frame is None:
+                break
+            batch += encoder.feed(frame)
+            if batch and not life.frame_ready():
+                await response.write(batch)
+                batch, unsent = b"", 0
+        if batch:
+            await response.write(batch)
+            batch, unsent = b"", 0
         outcome = await life.finish_stream()
         if on_settled is not None:  # before the client hears the end (a follow-up may come at once)
             await on_settled(outcome)
     except ConnectionError:
+        life.delivered -= unsent
         life.client_gone()
         return response
     except Exception as exc:  # a gateway bug after the answer started: end the stream, the exit settles

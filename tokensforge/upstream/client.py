@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from ..catalog import Channel
 
@@ -59,6 +60,31 @@ def _upstream_message(raw: bytes) -> str:
         return ""
 
 
+class _Prepared:
+    """One channel's per-request constants (UpstreamClient._prepare)."""
+
+    __slots__ = ("channel", "headers", "timeout", "_urls")
+
+    def __init__(self, channel: Channel, headers: dict[str, str]) -> None:
+        self.channel = channel
+        self.headers = headers  # never mutated: a request with extra headers gets a copy
+        # `total` bounds the whole exchange, body and stream included. A `sock_read` equal to it could
+        # never fire first (it restarts on every read) yet re-arms a timer on every chunk received:
+        # ~15 µs of CPU per request, more per stream. So it is set only for a shorter first-byte bound.
+        first_byte_s = channel.first_byte_timeout_s
+        self.timeout = aiohttp.ClientTimeout(
+            total=channel.timeout_s, sock_connect=channel.connect_timeout_s,
+            sock_read=first_byte_s if first_byte_s and first_byte_s < channel.timeout_s else None)
+        self._urls: dict[str, URL] = {}
+
+    def url(self, path: str) -> URL:
+        """base_url + path, parsed once (aiohttp parses a string URL on every request)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.channel.base_url + path)
+        return url
+
+
 class UpstreamClient:
     """Opens requests to channels; concurrency per channel is capped by its max_concurrency.
 
@@ -71,6 +97,7 @@ class UpstreamClient:
         self.env = env
         self.max_body_bytes = max_body_bytes
         self._limits: dict[str, asyncio.Semaphore] = {}
+        self._prepared: dict[str, _Prepared] = {}
 
     def _headers(self, channel: Channel) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
@@ -95,21 +122,24 @@ class UpstreamClient:
         secret = self.env.get(channel.api_key_env) if channel.api_key_env else None
         return text.replace(secret, "<secret>") if secret else text
 
+    def _prepare(self, channel: Channel) -> _Prepared:
+        """What every request to `channel` shares, built once per channel object (a catalog reload
+        makes new ones): its timeouts, headers and parsed URLs."""
+        prepared = self._prepared.get(channel.id)
+        if prepared is None or prepared.channel is not channel:
+            prepared = self._prepared[channel.id] = _Prepared(channel, self._headers(channel))
+        return prepared
+
     async def open(self, channel: Channel, path: str, payload: bytes,
                    extra_headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
         """POST and wait for the status line; non-2xx answers become AttemptFailure."""
-        # `total` bounds the whole exchange, body and stream included. A `sock_read` equal to it could
-        # never fire first (it restarts on every read) yet re-arms a timer on every chunk received:
-        # ~15 µs of CPU per request, more per stream. So it is set only for a shorter first-byte bound.
-        first_byte_s = channel.first_byte_timeout_s
-        timeout = aiohttp.ClientTimeout(
-            total=channel.timeout_s, sock_connect=channel.connect_timeout_s,
-            sock_read=first_byte_s if first_byte_s and first_byte_s < channel.timeout_s else None)
+        prepared = self._prepare(channel)
         try:
-            headers = self._headers(channel)
+            headers = prepared.headers
             if extra_headers:
-                headers.update(extra_headers)
-            response = await self.session.post(channel.base_url + path, data=payload, headers=headers, timeout=timeout)
+                headers = {**headers, **extra_headers}
+            response = await self.session.post(prepared.url(path), data=payload, headers=headers,
+                                               timeout=prepared.timeout)
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise AttemptFailure("timeout", f"channel {channel.id} timed out") from None
         except aiohttp.ClientConnectorError:

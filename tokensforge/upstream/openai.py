@@ -246,6 +246,18 @@ class StreamDecoder:
             raise MalformedUpstream("the upstream sent an event that is not JSON") from None
         if not isinstance(chunk, dict):
             raise MalformedUpstream("the upstream sent an event that is not a JSON object")
+        choices = chunk.get("choices")
+        # the common chunk — one choice at index 0 with plain text or nothing, unfinished, no usage, no error —
+        # checked field by field as _chunk_events would, without its lists; anything else takes that path
+        if type(choices) is list and len(choices) == 1 and chunk.get("usage") is None and "error" not in chunk:
+            choice = choices[0]
+            if type(choice) is dict and choice.get("finish_reason") is None:
+                index = choice.get("index", 0)
+                delta = choice.get("delta") or {}
+                if type(index) is int and index == 0 and type(delta) is dict and delta.get("tool_calls") is None:
+                    content = delta.get("content")
+                    if content is None or type(content) is str:
+                        return Frame((TextDelta(content, 0),) if content else (), chunk)
         if "error" in chunk and not chunk.get("choices"):
             problem = error_in(chunk) or "the upstream reported an error mid-stream"
             return Frame((UpstreamFailure(problem),), chunk)

@@ -52,6 +52,12 @@ class SseReader:
             raise MalformedUpstream("an upstream stream line is longer than the gateway accepts")
         return line.rstrip(b"\r")
 
+    def event_ready(self) -> bool:
+        """Whether a whole event is already buffered: `next()` will return without reading the network
+        (a relay writes what it has once this is False, so events that arrived together leave together)."""
+        lines = self._lines
+        return b"" in lines or b"\r" in lines or (self._eof and bool(lines or self._buffer))
+
     def __aiter__(self) -> SseReader:
         return self
 
