@@ -460,23 +460,22 @@ class LedgerStore:
     async def ledger(
         self, account_id: str, *, limit: int, after: int | None, bucket: str | None = None,
     ) -> list[asyncpg.Record]:
+        # `seq < coalesce($2, max)` and a statement per filter shape: a pooled connection's generic
+        # plan can still walk an index backwards from the cursor (ledger_by_account[_bucket])
+        if bucket is None:
+            return await self._read(
+                "SELECT * FROM ledger_entries WHERE account_id = $1 AND seq < coalesce($2::bigint, " + _MAX_SEQ + ")"
+                " ORDER BY seq DESC LIMIT $3", account_id, after, limit)
         return await self._read(
-            "SELECT * FROM ledger_entries WHERE account_id = $1"
-            " AND ($2::bigint IS NULL OR seq < $2) AND ($3::text IS NULL OR bucket = $3)"
-            " ORDER BY seq DESC LIMIT $4",
+            "SELECT * FROM ledger_entries WHERE account_id = $1 AND bucket = $3"
+            " AND seq < coalesce($2::bigint, " + _MAX_SEQ + ") ORDER BY seq DESC LIMIT $4",
             account_id, after, bucket, limit)
 
     async def usage(
         self, account_id: str, *, limit: int, after: int | None, filters: dict[str, str | None],
     ) -> list[asyncpg.Record]:
-        return await self._read(
-            "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
-            " AND ($2::bigint IS NULL OR seq < $2)"
-            " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
-            " AND ($5::text IS NULL OR bucket = $5) AND ($6::text IS NULL OR status = $6)"
-            " ORDER BY seq DESC LIMIT $7",
-            account_id, after, filters.get("model"), filters.get("route_kind"),
-            filters.get("bucket"), filters.get("status"), limit)
+        sql, args = usage_query(account_id, after=after, filters=filters)
+        return await self._read(sql + f" LIMIT ${len(args) + 1}", *args, limit)
 
     async def receipt(self, account_id: str, request_id: str) -> asyncpg.Record | None:
         rows = await self._read(
@@ -500,6 +499,26 @@ class LedgerStore:
             routes = await conn.fetch(_SPEND_TOP_SQL.format(key="route_id", extra=", route_kind"), *args, top)
             typical = await conn.fetch(_TYPICAL_SQL, account_id, typical_of)
         return {"series": series, "models": models, "routes": routes, "typical": typical}
+
+
+_MAX_SEQ = "9223372036854775807"
+
+#: the /v1/usage filters (query parameter → usage_records column); each has its (account_id, column, seq) index
+USAGE_FILTERS = {"model": "model", "route_kind": "route_kind", "bucket": "bucket", "status": "status"}
+
+
+def usage_query(account_id: str, *, after: int | None, filters: dict[str, str | None],
+                columns: str = "seq, receipt, created_at, latency_ms") -> tuple[str, list[Any]]:
+    """The account's usage records newest first, from before the cursor, narrowed by the filters given.
+    Only the filters present are in the text (one statement per filter shape), so even a generic plan
+    has `column = $n` to use an index with; the caller appends LIMIT (or streams it all)."""
+    args: list[Any] = [account_id, after]
+    sql = f"SELECT {columns} FROM usage_records WHERE account_id = $1 AND seq < coalesce($2::bigint, {_MAX_SEQ})"
+    for name, column in USAGE_FILTERS.items():
+        if filters.get(name) is not None:
+            args.append(filters[name])
+            sql += f" AND {column} = ${len(args)}"
+    return sql + " ORDER BY seq DESC", args
 
 
 _BALANCES_SQL = """
