@@ -28,11 +28,11 @@ CSV_COLUMNS = ("request_id", "created_at", "status", "model", "route_id", "route
 EXPORTS_PER_KEY = 2
 #: exports one process serves at once (each holds a database connection while it streams)
 EXPORTS_PER_PROCESS = 4
-#: an export's pace (bytes of CSV a second, ~12,000 rows: a 1,000,000-row export takes ~85 s): exports are
-#: background work; the database
-#: stops producing rows while the gateway waits (COPY's backpressure), so the pace caps its CPU too
 #: an export may take this long (the pool's command timeout is for ordinary statements)
 EXPORT_TIMEOUT_S = 3600.0
+#: an export's pace in CSV bytes a second (~12,000 rows: 1,000,000 rows take ~85 s). Exports are background
+#: work; while the gateway waits the database stops producing rows (COPY's backpressure), so the pace caps
+#: the export's database CPU as well as the gateway's
 EXPORT_BYTES_PER_S = 2_000_000
 
 _CHARGE = "coalesce((receipt ->> 'charge_nanos')::bigint, 0)"
