@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,6 +19,8 @@ import asyncpg
 
 from .errors import RateLimited
 from .ledger.store import usage_query
+
+log = logging.getLogger("tokensforge.history")
 
 #: the columns of the usage CSV, in order
 CSV_COLUMNS = ("request_id", "created_at", "status", "model", "route_id", "route_kind", "bucket", "prompt_tokens",
@@ -107,3 +110,23 @@ async def stream_usage_csv(pool: asyncpg.Pool, key_id: str, account_id: str, wri
                 return sent
         finally:
             await pool.release(conn)
+
+
+#: months of partitions kept ready ahead of the current one, and how often every process checks
+PARTITION_MONTHS_AHEAD = 2
+PARTITION_CHECK_S = 3600.0
+
+
+async def partitions_forever(pool: asyncpg.Pool, *, interval_s: float = PARTITION_CHECK_S) -> None:
+    """Keep the history tables' monthly partitions made PARTITION_MONTHS_AHEAD months ahead (every
+    process, harmlessly in parallel; a lock that is not free at once is left to the next pass)."""
+    while True:
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SET LOCAL lock_timeout = '2s'")
+                made = await conn.fetchval("SELECT tf_history_ensure_partitions($1)", PARTITION_MONTHS_AHEAD)
+            if made:
+                log.info("made %d history partition(s) ahead", made)
+        except Exception as exc:  # keep checking whatever one pass hit; the months ahead leave time
+            log.warning("history partitions: %s (will retry)", exc)
+        await asyncio.sleep(interval_s)
