@@ -97,6 +97,14 @@ async def test_migration_converts_existing_history_and_keeps_every_rule(own_db: 
         with pytest.raises(asyncpg.RaiseError, match="append-only"):
             await conn.execute("UPDATE ledger_entries SET note = 'x' WHERE request_id = 'req_0'")
         await assert_ledger_invariants(conn)
+        # the spend summary's hourly rollup holds exactly what the records say (converted rows and new ones)
+        assert await conn.fetch("""
+            SELECT account_id, hour, bucket, model, route_id, route_kind, charge_nanos, requests FROM usage_hourly
+            EXCEPT
+            SELECT account_id, date_trunc('hour', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+                   coalesce(bucket, ''), coalesce(model, ''), coalesce(route_id, ''), coalesce(route_kind, ''),
+                   sum(charge_nanos), count(*) FROM usage_records GROUP BY 1, 2, 3, 4, 5, 6""") == []
+        assert await conn.fetchval("SELECT sum(requests) FROM usage_hourly") == 4
     finally:
         await conn.close()
 

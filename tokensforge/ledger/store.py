@@ -495,8 +495,9 @@ class LedgerStore:
         args = (account_id, bin_s, bins)
         async with translated("read"), self._connection() as conn:
             series = await conn.fetch(_SPEND_SERIES_SQL, *args)
-            models = await conn.fetch(_SPEND_TOP_SQL.format(key="model", extra=""), *args, top)
-            routes = await conn.fetch(_SPEND_TOP_SQL.format(key="route_id", extra=", route_kind"), *args, top)
+            models = await conn.fetch(_SPEND_TOP_SQL.format(key="model", extra="", group=""), *args, top)
+            routes = await conn.fetch(_SPEND_TOP_SQL.format(
+                key="route_id", extra=", nullif(h.route_kind, '') AS route_kind", group=", h.route_kind"), *args, top)
             typical = await conn.fetch(_TYPICAL_SQL, account_id, typical_of)
         return {"series": series, "models": models, "routes": routes, "typical": typical}
 
@@ -554,12 +555,13 @@ WITH w AS (
            date_bin(make_interval(secs => $2), now(), timestamptz '1970-01-01 00:00:00+00')
                - make_interval(secs => $2 * ($3 - 1)) AS start
 )"""
+# Both read the hourly rollup (usage_hourly, kept by the inserting transaction): a window is whole hours.
 _SPEND_SERIES_SQL = _SPEND_WINDOW + """,
 used AS (
-    SELECT u.bucket, date_bin(w.step, u.created_at, timestamptz '1970-01-01 00:00:00+00') AS t,
-           sum(u.charge_nanos)::bigint AS charge_nanos
-    FROM usage_records u, w
-    WHERE u.account_id = $1 AND u.created_at >= w.start AND u.bucket IS NOT NULL
+    SELECT h.bucket, date_bin(w.step, h.hour, timestamptz '1970-01-01 00:00:00+00') AS t,
+           sum(h.charge_nanos)::bigint AS charge_nanos
+    FROM usage_hourly h, w
+    WHERE h.account_id = $1 AND h.hour >= w.start AND h.bucket <> ''
     GROUP BY 1, 2
 )
 SELECT b.bucket, s.t, coalesce(used.charge_nanos, 0)::bigint AS charge_nanos
@@ -569,11 +571,11 @@ CROSS JOIN LATERAL generate_series(w.start, w.start + w.step * ($3 - 1), w.step)
 LEFT JOIN used ON used.bucket = b.bucket AND used.t = s.t
 ORDER BY b.bucket, s.t"""
 _SPEND_TOP_SQL = _SPEND_WINDOW + """
-SELECT u.{key}{extra}, sum(u.charge_nanos)::bigint AS charge_nanos, count(*)::bigint AS requests
-FROM usage_records u, w
-WHERE u.account_id = $1 AND u.created_at >= w.start AND u.{key} IS NOT NULL
-GROUP BY u.{key}{extra}
-ORDER BY charge_nanos DESC, requests DESC, u.{key}
+SELECT h.{key}{extra}, sum(h.charge_nanos)::bigint AS charge_nanos, sum(h.requests)::bigint AS requests
+FROM usage_hourly h, w
+WHERE h.account_id = $1 AND h.hour >= w.start AND h.{key} <> ''
+GROUP BY h.{key}{group}
+ORDER BY charge_nanos DESC, requests DESC, h.{key}
 LIMIT $4"""
 _TYPICAL_SQL = """
 SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY prompt_tokens) AS prompt_tokens,
