@@ -14,7 +14,7 @@ import asyncpg
 
 _GENERATE = """
 WITH g AS (
-    SELECT i, $3::timestamptz + $4::interval * i AS t, (1000 + (i * 7919) % 50000)::bigint AS c,
+    SELECT i, $3::timestamptz + $4::interval * i AS t, (1000 + (i::bigint * 7919) % 50000) AS c,
            $1 || '_h' || $7 || '_' || i AS rid,
            (ARRAY['gpt-4o-mini', 'gpt-4o', 'claude-haiku'])[1 + i % 3] AS model,
            (ARRAY['official', 'routed'])[1 + i % 2] AS kind
@@ -63,7 +63,7 @@ async def generate_history(conn: asyncpg.Connection, account_id: str, n: int, *,
     """n consistent usage records + charges for an existing account (its bucket row is made if missing);
     returns the total charged. `tag` keeps request ids unique across calls for one account."""
     total = int(await conn.fetchval(
-        "SELECT coalesce(sum((1000 + (i * 7919) % 50000)::bigint), 0) FROM generate_series(1, $1::integer) i", n))
+        "SELECT coalesce(sum((1000 + (i::bigint * 7919) % 50000)), 0) FROM generate_series(1, $1::integer) i", n))
     await ensure_months(conn, start - dt.timedelta(seconds=1), start + step * n)
     async with conn.transaction():
         await conn.execute("INSERT INTO accounts (id, name) VALUES ($1, 'generated') ON CONFLICT DO NOTHING",
