@@ -63,9 +63,9 @@ _slots = asyncio.Semaphore(EXPORTS_PER_PROCESS)
 
 
 def export_query(account_id: str, *, filters: dict[str, str | None], since: dt.datetime | None,
-                 until: dt.datetime | None) -> tuple[str, list[Any]]:
-    """The usage export's SELECT (newest first, every matching row) and its arguments."""
-    sql, args = usage_query(account_id, after=None, filters=filters, columns=_EXPORT_COLUMNS)
+                 until: dt.datetime | None, after: int | None = None) -> tuple[str, list[Any]]:
+    """The usage export's SELECT (newest first, every matching row older than the cursor) and its arguments."""
+    sql, args = usage_query(account_id, after=after, filters=filters, columns=_EXPORT_COLUMNS)
     where, order = sql.rsplit(" ORDER BY ", 1)
     for op, bound in ((">=", since), ("<", until)):
         if bound is not None:
@@ -76,14 +76,15 @@ def export_query(account_id: str, *, filters: dict[str, str | None], since: dt.d
 
 async def stream_usage_csv(pool: asyncpg.Pool, key_id: str, account_id: str, write: Callable[[bytes], Awaitable[None]],
                            *, filters: dict[str, str | None], since: dt.datetime | None = None,
-                           until: dt.datetime | None = None, acquire_timeout_s: float = 5.0) -> int:
+                           until: dt.datetime | None = None, after: int | None = None,
+                           acquire_timeout_s: float = 5.0) -> int:
     """Stream the account's usage records as CSV (a header, then every matching row) to `write`;
     returns the bytes written. Raises RateLimited before writing anything if the key already runs
     EXPORTS_PER_KEY exports (in any process) or this process runs EXPORTS_PER_PROCESS."""
     if _slots.locked():
         raise RateLimited("too many usage exports are running on this gateway; retry shortly",
                           retry_after_s=1)
-    sql, args = export_query(account_id, filters=filters, since=since, until=until)
+    sql, args = export_query(account_id, filters=filters, since=since, until=until, after=after)
     async with _slots:
         conn = await pool.acquire(timeout=acquire_timeout_s)
         try:

@@ -224,8 +224,9 @@ def _query_time(request: web.Request, name: str) -> dt.datetime | None:
 
 async def usage_csv(request: web.Request, gw: Gateway, identity: KeyIdentity, filters: dict[str, str | None],
                     policy: EffectivePolicy) -> web.StreamResponse:
-    """Every usage record matching the filters and `since` ≤ created_at < `until`, newest first. An export
-    counts against the key's rpm like any request, and a key runs at most history.EXPORTS_PER_KEY at once."""
+    """Every usage record matching the filters, `since` ≤ created_at < `until` and older than the `after`
+    cursor, newest first. An export counts against the key's rpm like any request, and a key runs at most
+    history.EXPORTS_PER_KEY at once."""
     since, until = _query_time(request, "since"), _query_time(request, "until")
     if policy.rate_limits:
         await shared_rates(gw).admit(policy.rate_limits, 0)
@@ -240,7 +241,8 @@ async def usage_csv(request: web.Request, gw: Gateway, identity: KeyIdentity, fi
 
     async with translated("read"):
         await history.stream_usage_csv(gw.pool, identity.key_id, identity.account_id, write, filters=filters,
-                                       since=since, until=until, acquire_timeout_s=gw.ledger.acquire_timeout_s)
+                                       since=since, until=until, after=_cursor(request),
+                                       acquire_timeout_s=gw.ledger.acquire_timeout_s)
     if not response.prepared:
         await response.prepare(request)
     await response.write_eof()
