@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
 
-.PHONY: run test venv venv-test postgres promtool chromium pgbouncer agents bench bench-peer chaos check clean fuzz \
-	auto-failover ha chaos-ha image image-test
+.PHONY: run test venv venv-test postgres promtool chromium pgbouncer agents bench bench-peer bench-growth chaos check \
+	clean fuzz auto-failover ha chaos-ha image image-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ bench: venv-test postgres
 
 bench-peer: venv-test postgres
 	$(BIN)/python -m benchmarks.run --peer $(BENCH_ARGS)
+
+# Data growth: views, export and settlements on an empty database and after N records
+# (GROWTH_ARGS="--quick" for a CI-sized run, "--records 1500000" medium; the default is 10 M records)
+bench-growth: venv-test postgres
+	$(BIN)/python -m benchmarks.growth_bench $(GROWTH_ARGS)
 
 # Chaos soak (a few minutes): two gateways, a flaky upstream, a gateway SIGKILL and a database crash per
 # 45 s, then exact reconciliation; fails on drift or any broken check. CHAOS_ARGS="--duration 60" shortens it.

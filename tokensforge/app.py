@@ -20,6 +20,7 @@ from .ledger.leases import LeaseConfig, Wallet
 from .ledger.store import LedgerStore
 from .ledger.pools import PoolStore
 from .research_store import ReportStore, interrupt_stale_forever
+from . import history
 from .ledger.sweeper import sweep_forever, tick_pools_forever
 from .notify import listen_forever
 from .settings import Settings
@@ -118,6 +119,7 @@ def _background(dsn: str) -> CleanupCtx:
                      ReportStore(gw.pool), idle_s=gw.settings.reservation_ttl_s,
                      interval_s=max(gw.settings.sweep_interval_s, 1.0) * 6)),
                  asyncio.create_task(_probe_database(gw)),
+                 asyncio.create_task(history.partitions_forever(gw.pool)),
                  asyncio.create_task(gw.wallet.run()),
                  asyncio.create_task(listen_forever(gw, dsn))]
         if gw.settings.webhooks:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 import uvloop
 
-from . import mock_upstream, research_cli
+from . import archive, mock_upstream, research_cli
 from .catalog import CatalogError, load_catalog
 from .db import migrate
 from .demo import run_demo
@@ -48,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     mock = sub.add_parser("mock-upstream", help="the simulated OpenAI-compatible upstream")
     mock_upstream.add_arguments(mock)
+
+    keep = os.environ.get("TOKENSFORGE_HISTORY_RETENTION_MONTHS")
+    arch = sub.add_parser("archive", help="move closed months of usage and ledger history to checksummed files")
+    arch.add_argument("--keep-months", type=int, default=int(keep) if keep else 12,
+                      help="closed months kept in the database (TOKENSFORGE_HISTORY_RETENTION_MONTHS; default 12)")
+    arch.add_argument("--dir", type=Path, default=Path(os.environ.get("TOKENSFORGE_ARCHIVE_DIR", "archive")),
+                      help="where the .jsonl.gz files and their manifests go (TOKENSFORGE_ARCHIVE_DIR)")
+    arch.add_argument("--data-dir", type=Path, default=Path(".tokensforge"))
     return parser
 
 
@@ -94,6 +103,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         with database(settings) as db:
             applied = asyncio.run(migrate(settings.direct_dsn(db.dsn)))
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+        return 0
+    if args.command == "archive":
+        settings = Settings.from_env(data_dir=args.data_dir)
+        with database(settings) as db:
+            done = asyncio.run(archive.archive(settings.direct_dsn(db.dsn), keep_months=args.keep_months,
+                                               directory=args.dir))
+        for a in done:
+            print(f"archived {a.table} {a.month:%Y-%m}: {a.rows} rows → {a.file} (sha256 {a.sha256})")
+        if not done:
+            print("nothing to archive")
         return 0
     raise AssertionError(args.command)
 

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from ..accounts import KeyIdentity
+from .. import history
 from ..catalog import Model, Route
 from ..errors import InvalidRequest, ModelNotFound, NotFound, PermissionDenied
 from ..ledger.model import entry_view, parse_cursor, pool_view
 from ..ledger.pools import PoolStore
-from ..ledger.store import UsageFilters
+from ..ledger.store import UsageFilters, translated
 from ..money import ROUNDING, usd
 from ..policy import EffectivePolicy
+from ..accounts import KeyIdentity
 from ..canonical import Request
 from ..dialects import anthropic_messages, openai_chat, openai_responses
+from ..ratelimit_store import shared_rates
 from ..pricing import cached_turn_example, class_rates, size_embedding, size_request, unpriced_cache_classes
 from ..receipts import request_id_of
 from ..routing import allowed_routes, find_model, select_route
@@ -214,47 +214,48 @@ def usage_filters(request: web.Request, identity: KeyIdentity) -> UsageFilters:
 
 
 @routes.get("/v1/usage")
-async def usage(request: web.Request) -> web.Response:
-    gw, identity, _ = await authenticate(request)
+async def usage(request: web.Request) -> web.StreamResponse:
+    gw, identity, policy = await authenticate(request)
     output = request.query.get("format", "json")
     if output not in ("json", "csv"):
         raise InvalidRequest("'format' must be 'json' or 'csv'", param="format")
     filters = usage_filters(request, identity)
     if output == "csv":
-        rows = await gw.ledger.usage(identity.account_id, limit=CSV_MAX_ROWS, after=_cursor(request),
-                                     filters=filters)
-        return _csv_response(rows)
+        return await usage_csv(request, gw, identity, filters, policy)
     limit = query_limit(request)
     rows = await gw.ledger.usage(identity.account_id, limit=limit + 1, after=_cursor(request), filters=filters)
     return json_response(_page(rows, limit, _usage_view))
 
 
-#: a CSV export holds at most this many rows (newest first); older ones are reached with `after`
-CSV_MAX_ROWS = 10_000
-CSV_COLUMNS = ("request_id", "created_at", "status", "model", "route_id", "route_kind", "bucket", "prompt_tokens",
-               "completion_tokens", "reserved_nanos", "charge_nanos", "charge_usd", "ledger_entry_id", "latency_ms",
-               "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens", "reasoning_tokens")
+# --- the CSV export: every matching row, streamed (tokensforge/history.py) ---
+
+CSV_COLUMNS = history.CSV_COLUMNS
 
 
-def csv_row(row: Any) -> list[Any]:
-    """One usage record as a CSV row in CSV_COLUMNS order (money as exact integers and USD strings)."""
-    r = row["receipt"]
-    route = r.get("route") or {}
-    used = r.get("usage") or {}
-    charge = int(r.get("charge_nanos") or 0)
-    return [r.get("request_id"), row["created_at"].isoformat(), r.get("status"), r.get("selected_model"),
-            route.get("id"), route.get("kind"), r.get("bucket"), used.get("prompt_tokens"),
-            used.get("completion_tokens"), int(r.get("reserved_nanos") or 0), charge, usd(charge),
-            r.get("ledger_entry_id"), row["latency_ms"], *(used.get(k, 0) for k in CSV_COLUMNS[-4:])]
+async def usage_csv(request: web.Request, gw: Gateway, identity: KeyIdentity, filters: UsageFilters,
+                    policy: EffectivePolicy) -> web.StreamResponse:
+    """Every usage record matching the filters, `since` ≤ created_at < `until` and older than the `after`
+    cursor, newest first. An export counts against the key's rpm like any request, and a key runs at most
+    history.EXPORTS_PER_KEY at once."""
+    if policy.rate_limits:
+        await shared_rates(gw).admit(policy.rate_limits, 0)
+    response = web.StreamResponse(headers={
+        "content-type": "text/csv; charset=utf-8", "cache-control": "no-store",
+        "content-disposition": 'attachment; filename="tokensforge-usage.csv"'})
 
+    async def write(chunk: bytes) -> None:
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write(chunk)
 
-def _csv_response(rows: list[Any]) -> web.Response:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows(csv_row(r) for r in rows)
-    return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8", headers={
-        "content-disposition": 'attachment; filename="tokensforge-usage.csv"', "cache-control": "no-store"})
+    async with translated("read"):
+        await history.stream_usage_csv(gw.pool, identity.key_id, identity.account_id, write, filters=filters,
+                                       after=_cursor(request),
+                                       acquire_timeout_s=gw.ledger.acquire_timeout_s)
+    if not response.prepared:
+        await response.prepare(request)
+    await response.write_eof()
+    return response
 
 
 #: window → (bin size in seconds, number of bins)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -513,31 +513,28 @@ class LedgerStore:
         project_id: str | None = None,
     ) -> list[asyncpg.Record]:
         """The account's entries, newest first; for a project's key, the account's own entries (top-ups,
-        grants, expiries) and the charges and refunds of that project's requests only."""
-        return await self._view(
-            "SELECT * FROM ledger_entries e WHERE e.account_id = $1"
-            " AND ($2::bigint IS NULL OR e.seq < $2) AND ($3::text IS NULL OR e.bucket = $3)"
-            " AND ($5::text IS NULL OR e.request_id IS NULL OR EXISTS (SELECT 1 FROM usage_records u"
-            "      WHERE u.request_id = e.request_id AND u.account_id = $1 AND u.project_id = $5))"
-            " ORDER BY e.seq DESC LIMIT $4",
-            account_id, after, bucket, limit, project_id)
+        grants, expiries) and the charges and refunds of that project's requests only. `seq < coalesce($2,
+        max)` and a statement per filter shape: a pooled connection's generic plan can still walk an index
+        backwards from the cursor (ledger_by_account[_bucket])."""
+        args: list[Any] = [account_id, after, limit]
+        sql = ("SELECT * FROM ledger_entries e WHERE e.account_id = $1"
+               " AND e.seq < coalesce($2::bigint, " + _MAX_SEQ + ")")
+        if bucket is not None:
+            args.append(bucket)
+            sql += f" AND e.bucket = ${len(args)}"
+        if project_id is not None:
+            args.append(project_id)
+            sql += (f" AND (e.request_id IS NULL OR EXISTS (SELECT 1 FROM usage_records u"
+                    f" WHERE u.request_id = e.request_id AND u.account_id = $1 AND u.project_id = ${len(args)}))")
+        return await self._view(sql + " ORDER BY e.seq DESC LIMIT $3", *args)
 
     async def usage(
-        self, account_id: str, *, limit: int, after: int | None, filters: UsageFilters | None = None,
+        self, account_id: str, *, limit: int, after: int | None,
+        filters: UsageFilters | Mapping[str, Any] | None = None,
     ) -> list[asyncpg.Record]:
         """The account's usage records, newest first, narrowed by `filters` (a project's key: its project's)."""
-        f = filters or UsageFilters()
-        return await self._view(
-            "SELECT seq, receipt, created_at, latency_ms FROM usage_records WHERE account_id = $1"
-            " AND ($2::bigint IS NULL OR seq < $2)"
-            " AND ($3::text IS NULL OR model = $3) AND ($4::text IS NULL OR route_kind = $4)"
-            " AND ($5::text IS NULL OR bucket = $5) AND ($6::text IS NULL OR status = $6)"
-            " AND ($8::text IS NULL OR key_id = $8) AND ($9::text IS NULL OR project_id = $9)"
-            " AND ($10::timestamptz IS NULL OR created_at >= $10) AND ($11::timestamptz IS NULL OR created_at < $11)"
-            " AND ($12::text IS NULL OR request_id = $12)"
-            " ORDER BY seq DESC LIMIT $7",
-            account_id, after, f.model, f.route_kind, f.bucket, f.status, limit, f.key_id, f.project_id,
-            f.since, f.until, f.request_id)
+        sql, args = usage_query(account_id, after=after, filters=filters)
+        return await self._view(sql + f" LIMIT ${len(args) + 1}", *args, limit)
 
     async def receipt(self, account_id: str, request_id: str,
                       project_id: str | None = None) -> asyncpg.Record | None:
@@ -561,13 +558,47 @@ class LedgerStore:
         `bin_s` seconds (UTC-aligned, by the database clock): per bucket and bin (empty bins included),
         the top models and routes, and the median tokens of its last `typical_of` requests that reported usage."""
         args = (account_id, bin_s, bins)
+        # the account's summary reads the hourly rollup; a project's (not in the rollup) its usage records
+        series_sql, top_sql = (_SPEND_SERIES_SQL, _SPEND_TOP_SQL) if project_id is None else (
+            _PROJECT_SPEND_SERIES_SQL, _PROJECT_SPEND_TOP_SQL)
+        scope = () if project_id is None else (project_id,)
         async with translated("read"), self._view_connection() as conn:
-            series = await conn.fetch(_SPEND_SERIES_SQL, *args, project_id)
-            models = await conn.fetch(_SPEND_TOP_SQL.format(key="model", extra=""), *args, top, project_id)
-            routes = await conn.fetch(_SPEND_TOP_SQL.format(key="route_id", extra=", route_kind"), *args, top,
-                                      project_id)
+            series = await conn.fetch(series_sql, *args, *scope)
+            models = await conn.fetch(top_sql.format(key="model", extra="", group=""), *args, top, *scope)
+            routes = await conn.fetch(top_sql.format(
+                key="route_id", extra=", nullif(h.route_kind, '') AS route_kind", group=", h.route_kind"), *args,
+                top, *scope)
             typical = await conn.fetch(_TYPICAL_SQL, account_id, typical_of, project_id)
         return {"series": series, "models": models, "routes": routes, "typical": typical}
+
+
+_MAX_SEQ = "9223372036854775807"
+
+#: the /v1/usage equality filters (UsageFilters field → usage_records column); each has an index led by
+#: (account_id, column) or is selective by itself (request_id)
+USAGE_FILTERS = {"model": "model", "route_kind": "route_kind", "bucket": "bucket", "status": "status",
+                 "key_id": "key_id", "project_id": "project_id", "request_id": "request_id"}
+
+
+def usage_query(account_id: str, *, after: int | None, filters: UsageFilters | Mapping[str, Any] | None,
+                columns: str = "seq, receipt, created_at, latency_ms") -> tuple[str, list[Any]]:
+    """The account's usage records newest first, from before the cursor, narrowed by the filters given
+    (a UsageFilters, or a mapping of its field names). Only the filters present are in the text (one
+    statement per filter shape), so even a generic plan has `column = $n` to use an index with; the caller
+    appends LIMIT (or streams it all)."""
+    f = filters if isinstance(filters, UsageFilters) else UsageFilters(**(filters or {}))
+    args: list[Any] = [account_id, after]
+    sql = f"SELECT {columns} FROM usage_records WHERE account_id = $1 AND seq < coalesce($2::bigint, {_MAX_SEQ})"
+    for name, column in USAGE_FILTERS.items():
+        value = getattr(f, name)
+        if value is not None:
+            args.append(value)
+            sql += f" AND {column} = ${len(args)}"
+    for value, condition in ((f.since, "created_at >= "), (f.until, "created_at < ")):
+        if value is not None:
+            args.append(value)
+            sql += f" AND {condition}${len(args)}"
+    return sql + " ORDER BY seq DESC", args
 
 
 _BALANCES_SQL = """
@@ -603,13 +634,13 @@ WITH w AS (
            date_bin(make_interval(secs => $2), now(), timestamptz '1970-01-01 00:00:00+00')
                - make_interval(secs => $2 * ($3 - 1)) AS start
 )"""
+# Both read the hourly rollup (usage_hourly, kept by the inserting transaction): a window is whole hours.
 _SPEND_SERIES_SQL = _SPEND_WINDOW + """,
 used AS (
-    SELECT u.bucket, date_bin(w.step, u.created_at, timestamptz '1970-01-01 00:00:00+00') AS t,
-           sum(u.charge_nanos)::bigint AS charge_nanos
-    FROM usage_records u, w
-    WHERE u.account_id = $1 AND u.created_at >= w.start AND u.bucket IS NOT NULL
-      AND ($4::text IS NULL OR u.project_id = $4)
+    SELECT h.bucket, date_bin(w.step, h.hour, timestamptz '1970-01-01 00:00:00+00') AS t,
+           sum(h.charge_nanos)::bigint AS charge_nanos
+    FROM usage_hourly h, w
+    WHERE h.account_id = $1 AND h.hour >= w.start AND h.bucket <> ''
     GROUP BY 1, 2
 )
 SELECT b.bucket, s.t, coalesce(used.charge_nanos, 0)::bigint AS charge_nanos
@@ -619,12 +650,34 @@ CROSS JOIN LATERAL generate_series(w.start, w.start + w.step * ($3 - 1), w.step)
 LEFT JOIN used ON used.bucket = b.bucket AND used.t = s.t
 ORDER BY b.bucket, s.t"""
 _SPEND_TOP_SQL = _SPEND_WINDOW + """
-SELECT u.{key}{extra}, sum(u.charge_nanos)::bigint AS charge_nanos, count(*)::bigint AS requests
-FROM usage_records u, w
-WHERE u.account_id = $1 AND u.created_at >= w.start AND u.{key} IS NOT NULL
-  AND ($5::text IS NULL OR u.project_id = $5)
-GROUP BY u.{key}{extra}
-ORDER BY charge_nanos DESC, requests DESC, u.{key}
+SELECT h.{key}{extra}, sum(h.charge_nanos)::bigint AS charge_nanos, sum(h.requests)::bigint AS requests
+FROM usage_hourly h, w
+WHERE h.account_id = $1 AND h.hour >= w.start AND h.{key} <> ''
+GROUP BY h.{key}{group}
+ORDER BY charge_nanos DESC, requests DESC, h.{key}
+LIMIT $4"""
+# A project's summary: the rollup has no project, so its usage records (covering (account_id, created_at)).
+_PROJECT_SPEND_SERIES_SQL = _SPEND_WINDOW + """,
+used AS (
+    SELECT u.bucket, date_bin(w.step, u.created_at, timestamptz '1970-01-01 00:00:00+00') AS t,
+           sum(u.charge_nanos)::bigint AS charge_nanos
+    FROM usage_records u, w
+    WHERE u.account_id = $1 AND u.created_at >= w.start AND u.bucket IS NOT NULL
+      AND u.project_id = $4
+    GROUP BY 1, 2
+)
+SELECT b.bucket, s.t, coalesce(used.charge_nanos, 0)::bigint AS charge_nanos
+FROM (SELECT DISTINCT bucket FROM used) b
+CROSS JOIN w
+CROSS JOIN LATERAL generate_series(w.start, w.start + w.step * ($3 - 1), w.step) AS s(t)
+LEFT JOIN used ON used.bucket = b.bucket AND used.t = s.t
+ORDER BY b.bucket, s.t"""
+_PROJECT_SPEND_TOP_SQL = _SPEND_WINDOW + """
+SELECT h.{key}{extra}, sum(h.charge_nanos)::bigint AS charge_nanos, count(*)::bigint AS requests
+FROM usage_records h, w
+WHERE h.account_id = $1 AND h.created_at >= w.start AND h.{key} IS NOT NULL AND h.project_id = $5
+GROUP BY h.{key}{group}
+ORDER BY charge_nanos DESC, requests DESC, h.{key}
 LIMIT $4"""
 _TYPICAL_SQL = """
 SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY prompt_tokens) AS prompt_tokens,
