@@ -185,6 +185,10 @@ CREATE TRIGGER ledger_once BEFORE INSERT ON ledger_entries
     FOR EACH ROW WHEN (NEW.kind IN ('charge', 'grant')) EXECUTE FUNCTION tf_ledger_once();
 CREATE TRIGGER usage_once BEFORE INSERT ON usage_records
     FOR EACH ROW EXECUTE FUNCTION tf_usage_once();
+-- 0008's webhook outbox trigger went with the old table: it follows the new one (a statement trigger with
+-- a transition table sees the rows of every partition)
+CREATE TRIGGER ledger_webhook_events AFTER INSERT ON ledger_entries
+    REFERENCING NEW TABLE AS new_entries FOR EACH STATEMENT EXECUTE FUNCTION tf_webhook_ledger();
 
 -- 6. Writers: `ON CONFLICT (request_id)` needs a unique index the partitioned table cannot have;
 -- every function that uses it (whatever migration made it) is recreated with a bare ON CONFLICT,
@@ -194,13 +198,17 @@ DECLARE
     f record;
     v_def text;
 BEGIN
+    -- only inserts into the partitioned tables: other tables (stream_traces…) keep their own unique keys
     FOR f IN SELECT p.oid, p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-             WHERE n.nspname = current_schema() AND p.prosrc ~* 'on\s+conflict\s*\(\s*request_id\s*\)' LOOP
+             WHERE n.nspname = current_schema()
+               AND p.prosrc ~* 'insert\s+into\s+(usage_records|ledger_entries)\M[^;]*?on\s+conflict\s*\(\s*request_id\s*\)' LOOP
         v_def := pg_get_functiondef(f.oid);
-        IF v_def ~* 'on\s+conflict\s*\(\s*request_id\s*\)\s*do\s+update' THEN
+        IF v_def ~* 'insert\s+into\s+(usage_records|ledger_entries)\M[^;]*?on\s+conflict\s*\(\s*request_id\s*\)\s*do\s+update' THEN
             RAISE EXCEPTION 'function % upserts by request_id: rewrite it for partitioned history', f.proname;
         END IF;
-        EXECUTE regexp_replace(v_def, 'on\s+conflict\s*\(\s*request_id\s*\)', 'ON CONFLICT', 'gi');
+        EXECUTE regexp_replace(v_def,
+            '(insert\s+into\s+(usage_records|ledger_entries)\M[^;]*?)on\s+conflict\s*\(\s*request_id\s*\)',
+            '\1ON CONFLICT', 'gi');
     END LOOP;
 END $$;
 
