@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import history
+from ..db import reads
 from ..catalog import Model, Route
 from ..errors import InvalidRequest, ModelNotFound, NotFound, PermissionDenied
 from ..ledger.model import entry_view, parse_cursor, pool_view
@@ -249,7 +250,7 @@ async def usage_csv(request: web.Request, gw: Gateway, identity: KeyIdentity, fi
         await response.write(chunk)
 
     async with translated("read"):
-        await history.stream_usage_csv(gw.pool, identity.key_id, identity.account_id, write, filters=filters,
+        await history.stream_usage_csv(reads(gw.pool), identity.key_id, identity.account_id, write, filters=filters,
                                        after=_cursor(request),
                                        acquire_timeout_s=gw.ledger.acquire_timeout_s)
     if not response.prepared:
