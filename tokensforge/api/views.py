@@ -28,7 +28,7 @@ from ..state import Gateway
 from .admin import account_buckets
 from .auth import authenticate
 from .client import route_pin
-from .common import json_response, path_param, query_limit, query_text, read_json
+from .common import REQUEST_ID, json_response, path_param, query_limit, query_text, read_json
 
 routes = web.RouteTableDef()
 
@@ -241,6 +241,7 @@ async def usage_csv(request: web.Request, gw: Gateway, identity: KeyIdentity, fi
     if policy.rate_limits:
         await shared_rates(gw).admit(policy.rate_limits, 0)
     response = web.StreamResponse(headers={
+        "x-request-id": request[REQUEST_ID],  # prepared here, before the middleware could add it
         "content-type": "text/csv; charset=utf-8", "cache-control": "no-store",
         "content-disposition": 'attachment; filename="tokensforge-usage.csv"'})
 
