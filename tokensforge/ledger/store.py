@@ -634,6 +634,14 @@ WITH w AS (
            date_bin(make_interval(secs => $2), now(), timestamptz '1970-01-01 00:00:00+00')
                - make_interval(secs => $2 * ($3 - 1)) AS start
 )"""
+# Every bucket's spend per bin of the window, empty bins included, from the CTE `used` (bucket, t, charge_nanos).
+_SPEND_SERIES_TAIL = """
+SELECT b.bucket, s.t, coalesce(used.charge_nanos, 0)::bigint AS charge_nanos
+FROM (SELECT DISTINCT bucket FROM used) b
+CROSS JOIN w
+CROSS JOIN LATERAL generate_series(w.start, w.start + w.step * ($3 - 1), w.step) AS s(t)
+LEFT JOIN used ON used.bucket = b.bucket AND used.t = s.t
+ORDER BY b.bucket, s.t"""
 # Both read the hourly rollup (usage_hourly, kept by the inserting transaction): a window is whole hours.
 _SPEND_SERIES_SQL = _SPEND_WINDOW + """,
 used AS (
@@ -642,13 +650,7 @@ used AS (
     FROM usage_hourly h, w
     WHERE h.account_id = $1 AND h.hour >= w.start AND h.bucket <> ''
     GROUP BY 1, 2
-)
-SELECT b.bucket, s.t, coalesce(used.charge_nanos, 0)::bigint AS charge_nanos
-FROM (SELECT DISTINCT bucket FROM used) b
-CROSS JOIN w
-CROSS JOIN LATERAL generate_series(w.start, w.start + w.step * ($3 - 1), w.step) AS s(t)
-LEFT JOIN used ON used.bucket = b.bucket AND used.t = s.t
-ORDER BY b.bucket, s.t"""
+)""" + _SPEND_SERIES_TAIL
 _SPEND_TOP_SQL = _SPEND_WINDOW + """
 SELECT h.{key}{extra}, sum(h.charge_nanos)::bigint AS charge_nanos, sum(h.requests)::bigint AS requests
 FROM usage_hourly h, w
@@ -665,13 +667,7 @@ used AS (
     WHERE u.account_id = $1 AND u.created_at >= w.start AND u.bucket IS NOT NULL
       AND u.project_id = $4
     GROUP BY 1, 2
-)
-SELECT b.bucket, s.t, coalesce(used.charge_nanos, 0)::bigint AS charge_nanos
-FROM (SELECT DISTINCT bucket FROM used) b
-CROSS JOIN w
-CROSS JOIN LATERAL generate_series(w.start, w.start + w.step * ($3 - 1), w.step) AS s(t)
-LEFT JOIN used ON used.bucket = b.bucket AND used.t = s.t
-ORDER BY b.bucket, s.t"""
+)""" + _SPEND_SERIES_TAIL
 _PROJECT_SPEND_TOP_SQL = _SPEND_WINDOW + """
 SELECT h.{key}{extra}, sum(h.charge_nanos)::bigint AS charge_nanos, count(*)::bigint AS requests
 FROM usage_records h, w
