@@ -122,10 +122,16 @@ class Lifecycle:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        exc = exc or self._interruption
+        if self._settled and self._renewal is None:
+            # the common way out: settled, nothing renews a hold; what is left never awaits, so no task is
+            # made to shield it (one per request was ~15 µs of CPU, a measurable share of a proxied request)
+            self._end_upstream(abort=exc is not None or self.stream_error is not None)
+            self._let_go()
+            return
         await shielded(self._exit(exc))
 
     async def _exit(self, exc: BaseException | None) -> None:
-        exc = exc or self._interruption
         self._end_upstream(abort=exc is not None or self.stream_error is not None or not self._settled)
         renewal, self._renewal = self._renewal, None
         if renewal is not None:
@@ -134,12 +140,16 @@ class Lifecycle:
             if not self._settled:
                 await self._settle_on_exit(exc)
         finally:
-            if self._hold is not None and not self._later:  # not settled, and nobody will: let the money go
-                self.gw.wallet.discard(self._hold)
+            self._let_go()
             if renewal is not None:
                 await asyncio.wait([renewal])
-            if self._span is not None:
-                tracing.finish_request(self._span, self.trace, end=self._own_span)
+
+    def _let_go(self) -> None:
+        """Give back a hold nobody will settle; end the request's span."""
+        if self._hold is not None and not self._later:  # not settled, and nobody will: let the money go
+            self.gw.wallet.discard(self._hold)
+        if self._span is not None:
+            tracing.finish_request(self._span, self.trace, end=self._own_span)
 
     def _end_upstream(self, *, abort: bool) -> None:
         served, self._served = self._served, None
