@@ -132,15 +132,18 @@ class H1Response:
             await self._wait()
 
     async def readany(self) -> bytes:
-        """The next bytes of the body; b"" at its end. What came before a failure is returned first."""
-        while not self._chunks:
+        """Every byte of the body buffered now (waiting for some if none); b"" at its end. What came before a
+        failure is returned first. All of it at once: events that arrived together are relayed together."""
+        chunks = self._chunks
+        while not chunks:
             if self._error is not None:
                 raise self._error
             if self._complete:
                 return b""
             await self._wait()
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
         conn = self._conn
         if conn is not None and conn.paused and self._buffered < LOW_WATER:
             conn.resume()
