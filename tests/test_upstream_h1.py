@@ -143,6 +143,16 @@ async def test_keep_alive_connections_are_reused_and_both_body_framings_read() -
     assert not pool._conns
 
 
+async def test_a_body_delimited_by_the_end_of_the_connection_is_read_and_not_pooled() -> None:
+    pool = H1Pool()
+    async with Upstream(answering(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end", keep=False)) as server:
+        response = await send(pool, server)
+        assert response.content_length is None and await response.read() == b"until the end"
+        response.release()
+        assert not pool._idle.get(response_key(server))
+    await pool.close()
+
+
 async def test_a_slow_reader_pauses_the_transport_and_reading_resumes_it() -> None:
     size = 4 * 1024 * 1024
     async with Upstream(answering(ok(b"z" * size))) as server:
