@@ -375,6 +375,19 @@ async def test_gzip_and_deflate_answers_are_decoded() -> None:
     await pool.close()
 
 
+async def test_a_decompression_bomb_is_malformed_without_filling_the_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(h1, "MAX_DECODED_UNREAD", 1024 * 1024)
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024))  # ~64 KiB on the wire
+    pool = H1Pool()
+    async with Upstream(answering(ok(bomb, b"content-encoding: gzip\r\n"))) as server:
+        response = await send(pool, server)
+        with pytest.raises(H1Error) as failure:
+            await response.read()
+        assert failure.value.outcome == "malformed" and response._buffered <= 1024 * 1024
+        response.release()
+    await pool.close()
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("tls")

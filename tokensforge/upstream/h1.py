@@ -232,11 +232,12 @@ class H1Response:
             return
         decoder = self._decoder
         if decoder is not None:
+            room = MAX_DECODED_UNREAD - self._buffered
             try:
-                data = decoder.decompress(data)
+                data = decoder.decompress(data, room + 1)  # a bomb stops here, not after it filled the memory
             except zlib.error:
                 raise H1Error("malformed", "sent a body that does not decode") from None
-            if self._buffered + len(data) > MAX_DECODED_UNREAD:
+            if len(data) > room:
                 raise H1Error("malformed", "sent a body that decodes to more than the gateway accepts")
             if not data:
                 return
@@ -248,7 +249,7 @@ class H1Response:
         self._wake()
 
     def _finish(self, keep_alive: bool) -> None:
-        if self._decoder is not None:
+        if self._decoder is not None and not self._draining:
             try:
                 tail = self._decoder.flush()
             except zlib.error:
