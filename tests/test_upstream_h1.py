@@ -417,17 +417,31 @@ async def test_https_with_a_verified_certificate(tls_files: tuple[Path, Path]) -
         await default.close()
 
 
-def test_keep_alive_on_uvloop() -> None:
-    """The gateway runs on uvloop: the same exchange there (pool, pause/resume, close on shutdown)."""
+def test_keep_alive_timeouts_and_tls_on_uvloop(tls_files: tuple[Path, Path]) -> None:
+    """The gateway runs on uvloop: the same exchanges there (pool, timers, TLS, close on shutdown)."""
+    cert, key = tls_files
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        if n == 3:
+            return await until_cut(writer)
+        writer.write(ok(b"u" * 1_000_000) if n == 1 else chunked(b"a", b"b"))
+        return True
+
     async def scenario() -> None:
-        pool = H1Pool()
-        async with Upstream(answering(ok(b"u" * 1_000_000), chunked(b"a", b"b"))) as server:
-            for expected in (b"u" * 1_000_000, b"ab"):
-                response = await send(pool, server)
-                assert await response.read() == expected
-                response.release()
-            assert server.connections == 1
+        pool = H1Pool(ssl.create_default_context(cafile=str(cert)))
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(cert, key)
+        for context, scheme, host in ((None, "http", "127.0.0.1"), (server_context, "https", "localhost")):
+            async with Upstream(answer, context) as server:
+                for expected in (b"u" * 1_000_000, b"ab"):
+                    response = await send(pool, server, scheme=scheme, host=host)
+                    assert await response.read() == expected
+                    response.release()
+                with pytest.raises(TimeoutError):
+                    await send(pool, server, first_byte_s=0.1, scheme=scheme, host=host)
+                assert server.connections == 1
         await pool.close()
+        assert not pool._conns
     uvloop.run(scenario())
 
 
