@@ -25,7 +25,8 @@ from .ledger.sweeper import sweep_forever, tick_pools_forever
 from .notify import listen_forever
 from .settings import Settings
 from .state import GATEWAY, Gateway, KeyCache
-from .upstream.client import UpstreamClient, new_session
+from .upstream.client import UpstreamClient
+from .upstream.h1 import H1Pool
 from .upstream.health import BreakerConfig, HealthRegistry
 from .webhook_model import secrets_key
 from .webhooks import Deliverer, DeliveryConfig
@@ -98,11 +99,10 @@ async def _tracing(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY]
-    session = new_session()
-    gw.upstream = UpstreamClient(session, gw.settings.channel_env,
-                                 max_body_bytes=gw.settings.max_upstream_body_bytes)
+    pool = H1Pool()
+    gw.upstream = UpstreamClient(pool, gw.settings.channel_env, max_body_bytes=gw.settings.max_upstream_body_bytes)
     yield
-    await session.close()
+    await pool.close()  # every upstream connection, idle or not, is gone before the loop closes
 
 
 def _background(dsn: str) -> CleanupCtx:

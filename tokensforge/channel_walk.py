@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
-
 from . import metrics, tracing
 from .canonical import Frame, MalformedUpstream, Response, Usage
 from .catalog import Channel, ChannelRef, Model, Route
@@ -24,6 +22,7 @@ from .errors import InvalidRequest, NoHealthyChannel, RateLimited, TokensForgeEr
 from .pricing import Reservation
 from .receipts import Attempt, Trace
 from .upstream.client import AttemptFailure, UpstreamClient
+from .upstream.h1 import H1Response
 from .upstream.health import HALF_OPEN, STATE_VALUE, HealthRegistry
 
 
@@ -61,7 +60,7 @@ class Exchange(Protocol):
 class Served:
     """A channel answered: the response (a stream still open) and, for a stream, its slot."""
 
-    response: aiohttp.ClientResponse
+    response: H1Response
     channel: Channel
     ref: ChannelRef
     answer: Response | None = None
@@ -128,7 +127,7 @@ class ChannelWalk:
         path, body, headers = exchange.payload(channel, ref.upstream_model)
         slot = self.upstream.limit(channel)
         started = time.perf_counter()
-        response: aiohttp.ClientResponse | None = None
+        response: H1Response | None = None
         keep = False
         await slot.acquire()
         span = None

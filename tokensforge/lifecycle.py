@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-import aiohttp
-
 from . import metrics, tracing
 from .accounts import KeyIdentity
 from .canonical import (Finish, Frame, MalformedUpstream, ReasoningDelta, Response, TextDelta, ToolCallDelta,
@@ -54,6 +52,7 @@ from .ratelimit_store import shared_rates
 from .receipts import Attempt, Trace, build_receipt, finish_receipt
 from .routing import fallback_routes
 from .state import Gateway
+from .upstream.h1 import H1Error
 from .upstream.streaming import ByteSource, Prefetch, SseReader
 
 log = logging.getLogger("tokensforge.lifecycle")
@@ -374,7 +373,7 @@ class Lifecycle:
                     return frame
         except MalformedUpstream as exc:
             self._end_stream(f"the upstream stream is malformed: {exc}")
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, H1Error) as exc:
             self._end_stream(f"the upstream stream broke ({type(exc).__name__})")
         return None
 

@@ -1,4 +1,4 @@
-"""Calls to upstream channels: one pooled session, the channel's own secret, classified failures.
+"""Calls to upstream channels: one connection pool (h1.py), the channel's own secret, classified failures.
 
 Every failure becomes an `AttemptFailure` whose `outcome` is one of the retry
 classes of SPEC §1 (timeout, connect, 5xx, 429) or a class that is never
@@ -11,11 +11,10 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from ..catalog import Channel
+from .h1 import H1Error, H1Pool, H1Response
 
 
 class AttemptFailure(Exception):
@@ -26,13 +25,6 @@ class AttemptFailure(Exception):
         self.message = message
         self.status = status
         self.retry_after_s = retry_after_s
-
-
-def new_session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30)
-    return aiohttp.ClientSession(
-        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True,
-        json_serialize=lambda v: orjson.dumps(v).decode(), raise_for_status=False)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -61,28 +53,55 @@ def _upstream_message(raw: bytes) -> str:
 
 
 class _Prepared:
-    """One channel's per-request constants (UpstreamClient._prepare)."""
+    """One channel's per-request constants (UpstreamClient._prepare): where its requests go and, per path,
+    the request line and constant headers as bytes (each request adds its length, extra headers and body)."""
 
-    __slots__ = ("channel", "headers", "timeout", "_urls")
+    __slots__ = ("channel", "origin", "pool", "headers", "names", "connect_s", "total_s", "first_byte_s",
+                 "_heads")
 
-    def __init__(self, channel: Channel, headers: dict[str, str]) -> None:
+    def __init__(self, pool: H1Pool, channel: Channel, headers: dict[str, str]) -> None:
         self.channel = channel
-        self.headers = headers  # never mutated: a request with extra headers gets a copy
-        # `total` bounds the whole exchange, body and stream included. A `sock_read` equal to it could
-        # never fire first (it restarts on every read) yet re-arms a timer on every chunk received:
-        # ~15 µs of CPU per request, more per stream. So it is set only for a shorter first-byte bound.
+        self.pool = pool
+        self.origin = pool.origin(channel.base_url)[0]
+        self.headers = headers
+        self.names = frozenset(headers)
+        # `total` bounds the whole exchange, body and stream included; the first-byte bound only when shorter
+        self.total_s = channel.timeout_s
+        self.connect_s = channel.connect_timeout_s
         first_byte_s = channel.first_byte_timeout_s
-        self.timeout = aiohttp.ClientTimeout(
-            total=channel.timeout_s, sock_connect=channel.connect_timeout_s,
-            sock_read=first_byte_s if first_byte_s and first_byte_s < channel.timeout_s else None)
-        self._urls: dict[str, URL] = {}
+        self.first_byte_s = first_byte_s if first_byte_s and first_byte_s < channel.timeout_s else None
+        self._heads: dict[str, bytes] = {}
 
-    def url(self, path: str) -> URL:
-        """base_url + path, parsed once (aiohttp parses a string URL on every request)."""
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.channel.base_url + path)
-        return url
+    def head(self, path: str, headers: Mapping[str, str] | None = None) -> bytes:
+        """The request line and headers up to (not including) content-length; built once per path."""
+        if headers is None:
+            head = self._heads.get(path)
+            if head is not None:
+                return head
+        target = self.pool.origin(self.channel.base_url + path)[1]  # base_url + path, as aiohttp joined them
+        lines = [f"POST {target} HTTP/1.1",
+                 f"host: {self.origin.host_header}"]
+        lines += [f"{name}: {value}" for name, value in (self.headers if headers is None else headers).items()]
+        text = "\r\n".join(lines) + "\r\n"
+        if "\n" in text.replace("\r\n", "") or "\r" in text.replace("\r\n", ""):
+            raise ValueError("an upstream request line or header carries a line break")
+        head = text.encode()
+        if headers is None:
+            self._heads[path] = head
+        return head
+
+    def blob(self, path: str, payload: bytes, extra_headers: Mapping[str, str] | None) -> bytes:
+        """The whole request: one buffer for one write."""
+        length = b"content-length: %d\r\n" % len(payload)
+        if not extra_headers:
+            return b"".join((self.head(path), length, b"\r\n", payload))
+        if any(name.lower() in self.names for name in extra_headers):  # an override: the slow path
+            return b"".join((self.head(path, {**self.headers, **{k.lower(): v for k, v in extra_headers.items()}}),
+                             length, b"\r\n", payload))
+        extra = "".join(f"{name}: {value}\r\n" for name, value in extra_headers.items())
+        if "\n" in extra.replace("\r\n", "") or "\r" in extra.replace("\r\n", ""):
+            raise ValueError("an upstream header carries a line break")
+        return b"".join((self.head(path), length, extra.encode(), b"\r\n", payload))
 
 
 class UpstreamClient:
@@ -91,9 +110,9 @@ class UpstreamClient:
     Upstreams are untrusted: a non-streamed body larger than `max_body_bytes` is a failure,
     like a malformed one."""
 
-    def __init__(self, session: aiohttp.ClientSession, env: Mapping[str, str], *,
+    def __init__(self, pool: H1Pool, env: Mapping[str, str], *,
                  max_body_bytes: int = 16 * 1024 * 1024) -> None:
-        self.session = session
+        self.pool = pool
         self.env = env
         self.max_body_bytes = max_body_bytes
         self._limits: dict[str, asyncio.Semaphore] = {}
@@ -124,37 +143,39 @@ class UpstreamClient:
 
     def _prepare(self, channel: Channel) -> _Prepared:
         """What every request to `channel` shares, built once per channel object (a catalog reload
-        makes new ones): its timeouts, headers and parsed URLs."""
+        makes new ones): its origin, timeouts and request heads."""
         prepared = self._prepared.get(channel.id)
         if prepared is None or prepared.channel is not channel:
-            prepared = self._prepared[channel.id] = _Prepared(channel, self._headers(channel))
+            prepared = self._prepared[channel.id] = _Prepared(self.pool, channel, self._headers(channel))
         return prepared
 
     async def open(self, channel: Channel, path: str, payload: bytes,
-                   extra_headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
-        """POST and wait for the status line; non-2xx answers become AttemptFailure."""
+                   extra_headers: Mapping[str, str] | None = None) -> H1Response:
+        """POST and wait for the status line and headers; non-2xx answers become AttemptFailure."""
         prepared = self._prepare(channel)
         try:
-            headers = prepared.headers
-            if extra_headers:
-                headers = {**headers, **extra_headers}
-            response = await self.session.post(prepared.url(path), data=payload, headers=headers,
-                                               timeout=prepared.timeout)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+            response = await self.pool.request(
+                prepared.origin, prepared.blob(path, payload, extra_headers), connect_s=prepared.connect_s,
+                total_s=prepared.total_s, first_byte_s=prepared.first_byte_s)
+        except TimeoutError:
             raise AttemptFailure("timeout", f"channel {channel.id} timed out") from None
-        except aiohttp.ClientConnectorError:
-            raise AttemptFailure("connect", f"could not connect to channel {channel.id}") from None
-        except aiohttp.ClientError as exc:
-            raise AttemptFailure("connect", f"channel {channel.id} failed: {type(exc).__name__}") from None
+        except H1Error as exc:
+            if exc.outcome == "connect":
+                raise AttemptFailure("connect", f"could not connect to channel {channel.id} ({exc})") from None
+            raise AttemptFailure(exc.outcome, f"channel {channel.id} failed: {exc}") from None
         if response.status < 400:
             return response
+        parts: list[bytes] = []
+        size = 0
         try:
-            raw = await response.content.read(64 * 1024)  # enough for any error message; never unbounded
-        except (TimeoutError, aiohttp.ClientError):
-            raw = b""
+            while size < 64 * 1024 and (chunk := await response.readany()):  # enough for any error message
+                parts.append(chunk)
+                size += len(chunk)
+        except (TimeoutError, H1Error):
+            pass
         finally:
-            response.close()
-        message = self.scrub(channel, _upstream_message(raw))
+            response.release()  # kept for the next request if the error body came whole
+        message = self.scrub(channel, _upstream_message(b"".join(parts)))
         status = response.status
         if status == 429:
             raise AttemptFailure("429", message or "rate limited upstream", status=status,
@@ -162,28 +183,18 @@ class UpstreamClient:
         outcome = "5xx" if status >= 500 else "4xx"
         raise AttemptFailure(outcome, message or f"upstream answered {status}", status=status)
 
-    async def _read_capped(self, channel: Channel, response: aiohttp.ClientResponse) -> bytes:
-        chunks, size = [], 0
-        while chunk := await response.content.read(64 * 1024):
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise AttemptFailure("malformed", f"channel {channel.id} sent a body over the size limit",
-                                     status=response.status)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def read_json(self, channel: Channel, response: aiohttp.ClientResponse) -> dict[str, Any]:
+    async def read_json(self, channel: Channel, response: H1Response) -> dict[str, Any]:
         """The whole body of a non-streamed answer, parsed; malformed JSON or a body over the size
         cap is a failure."""
-        if (response.content_length or 0) > self.max_body_bytes:
-            raise AttemptFailure("malformed", f"channel {channel.id} sent a body over the size limit",
-                                 status=response.status)
         try:
-            raw = await response.read() if response.content_length is not None else await self._read_capped(
-                channel, response)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+            if (response.content_length or 0) > self.max_body_bytes:
+                raise H1Error("malformed", "sent a body over the size limit")
+            raw = await response.read(self.max_body_bytes)
+        except TimeoutError:
             raise AttemptFailure("timeout", f"channel {channel.id} timed out", status=response.status) from None
-        except aiohttp.ClientError:
+        except H1Error as exc:
+            if exc.outcome == "malformed":
+                raise AttemptFailure("malformed", f"channel {channel.id} {exc}", status=response.status) from None
             raise AttemptFailure("5xx", f"channel {channel.id} broke the response", status=response.status) from None
         finally:
             response.release()

@@ -24,9 +24,8 @@ class ByteSource(Protocol):
 class Prefetch:
     """A byte source read ahead while something else is awaited (a stream's trace being made durable).
 
-    aiohttp's reader raises a cut connection before it returns what it had buffered, so bytes an upstream
-    sent just before it broke off are lost unless they were read in time; reading them ahead while waiting
-    keeps them, and the cut is raised only after they were consumed."""
+    Bytes the upstream sends meanwhile are read ahead (the transport is not left to fill up and pause) and
+    kept, and a cut is raised only after they were consumed."""
 
     def __init__(self, source: ByteSource) -> None:
         self._source = source
