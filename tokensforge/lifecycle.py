@@ -53,7 +53,7 @@ from .receipts import Attempt, Trace, build_receipt, finish_receipt
 from .routing import fallback_routes
 from .state import Gateway
 from .upstream.h1 import H1Error
-from .upstream.streaming import ByteSource, Prefetch, SseReader
+from .upstream.streaming import SseReader
 
 log = logging.getLogger("tokensforge.lifecycle")
 T = TypeVar("T")
@@ -291,11 +291,12 @@ class Lifecycle:
         tracing = self.gw.wallet.trace_stream(self._hold, self._receipt())
         served = await self._serve(exchange)
         self._served = served
-        source: ByteSource = served.response.content
         if tracing is not None:  # LedgerUnavailable: the client gets a 503 and the exit ends the upstream
-            source = Prefetch(source)
-            await source.while_waiting(tracing)  # what the upstream sends meanwhile is kept, even if it then cuts
-        self._reader = SseReader(source, max_line_bytes=MAX_SSE_LINE_BYTES, max_total_bytes=MAX_STREAM_BYTES)
+            # meanwhile the response keeps what the upstream sends (bounded by its flow control), and a cut
+            # is raised only after what came before it was read
+            await tracing
+        self._reader = SseReader(served.response.content, max_line_bytes=MAX_SSE_LINE_BYTES,
+                                 max_total_bytes=MAX_STREAM_BYTES)
         self._decoder = exchange.decoder(served.channel)
 
     async def _serve(self, exchange: Exchange) -> Served:

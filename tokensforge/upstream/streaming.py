@@ -8,66 +8,12 @@ pump. Comments (`:` lines) and unknown fields are skipped.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from ..canonical import MalformedUpstream
 
-T = TypeVar("T")
-
-
 class ByteSource(Protocol):
     async def readany(self) -> bytes: ...
-
-
-class Prefetch:
-    """A byte source read ahead while something else is awaited (a stream's trace being made durable).
-
-    Bytes the upstream sends meanwhile are read ahead (the transport is not left to fill up and pause) and
-    kept, and a cut is raised only after they were consumed."""
-
-    def __init__(self, source: ByteSource) -> None:
-        self._source = source
-        self._chunks: list[bytes] = []
-        self._error: BaseException | None = None
-        self._eof = False
-
-    async def while_waiting(self, awaitable: Awaitable[T]) -> T:
-        """Await `awaitable`, reading the source meanwhile; its result (or exception)."""
-        waited = asyncio.ensure_future(awaitable)
-        try:
-            while not waited.done() and self._error is None and not self._eof:
-                read = asyncio.ensure_future(self._source.readany())
-                done, _ = await asyncio.wait({waited, read}, return_when=asyncio.FIRST_COMPLETED)
-                if read not in done:
-                    read.cancel()  # nothing is consumed by a read cancelled while it waits
-                    await asyncio.wait({read})
-                    if read.cancelled() or read.exception() is not None or not read.result():
-                        continue
-                try:
-                    chunk = read.result()
-                except Exception as exc:  # the upstream broke off: raised once what came before is read
-                    self._error = exc
-                    break
-                if chunk:
-                    self._chunks.append(chunk)
-                else:
-                    self._eof = True
-            return await waited
-        finally:
-            if not waited.done():
-                waited.cancel()
-
-    async def readany(self) -> bytes:
-        if self._chunks:
-            return self._chunks.pop(0)
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        if self._eof:
-            return b""
-        return await self._source.readany()
 
 
 class SseReader:
