@@ -391,10 +391,8 @@ class LedgerStore:
 
     async def _lease_finish_many(self, items: list[_LeaseSettlement]) -> list[tuple[str | None, int] | Exception]:
         try:
-            # small batches item by item, larger ones set-based: each is the cheaper one there (0005_leases.sql)
-            function = "tf_lease_finish_each" if len(items) <= _SMALL_BATCH else "tf_lease_finish_many"
             rows = await self._call(
-                "settle", f"SELECT * FROM {function}($1, $2, $3, $4) ORDER BY idx",
+                "settle", lease_finish_sql(len(items)),
                 [i[0] for i in items], [i[1] for i in items], [i[2] for i in items], [i[3] for i in items])
         except _NothingSent:
             raise
@@ -685,6 +683,14 @@ FROM (SELECT (receipt #>> '{usage,prompt_tokens}')::bigint AS prompt_tokens,
       WHERE account_id = $1 AND ($3::text IS NULL OR project_id = $3)
         AND status = 'succeeded' AND jsonb_typeof(receipt #> '{usage,prompt_tokens}') = 'number'
       ORDER BY seq DESC LIMIT $2) last"""
+
+def lease_finish_sql(items: int) -> str:
+    """The statement that settles a batch of `items` lease settlements: small batches item by item,
+    larger ones set-based, each the cheaper one there (0005_leases.sql; benchmarks/ledger_bench.py
+    measures both)."""
+    function = "tf_lease_finish_each" if items <= _SMALL_BATCH else "tf_lease_finish_many"
+    return f"SELECT * FROM {function}($1, $2, $3, $4) ORDER BY idx"
+
 
 def _cleaned(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if record is None else clean_record(record)
