@@ -16,6 +16,11 @@
 --    function PostgreSQL parses and plans again in every transaction, it cost 0.15 ms of 0.39 ms.
 --    Both settlements ask the one-row guard table whether a request has its record already, not
 --    every monthly partition of usage_records.
+-- 4. The set-based settlement (batches of more than 3) writes its usage records' guard rows itself,
+--    in one statement, and inserts only the records whose guard row it wrote; the row trigger
+--    usage_once, which would do the same one plpgsql call per record, steps aside while it does
+--    (its WHEN reads a transaction-local setting, tokensforge.usage_guarded, that only this
+--    function turns on, around that one statement). Every other writer still goes through it.
 
 -- 1. ------------------------------------------------------------------------------------------------
 
@@ -119,12 +124,20 @@ BEGIN
     END LOOP;
 END $$;
 
--- The set-based settlement (batches of more than 3): unchanged but for that probe.
+-- 4. ------------------------------------------------------------------------------------------------
+
+DROP TRIGGER usage_once ON usage_records;
+CREATE TRIGGER usage_once BEFORE INSERT ON usage_records FOR EACH ROW
+    WHEN (current_setting('tokensforge.usage_guarded', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION tf_usage_once();
+
+-- The set-based settlement: as 0005 wrote it but for the guard probe and the guard rows (4).
 CREATE OR REPLACE FUNCTION tf_lease_finish_many(p_leases text[], p_request_ids text[], p_charges bigint[], p_records jsonb[])
 RETURNS TABLE (idx integer, outcome text, ledger_entry_id text, balance_after_nanos bigint)
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM tf_lock_for(ARRAY(SELECT DISTINCT unnest(p_leases)));  -- budget rows, then bucket rows, sorted
+    PERFORM set_config('tokensforge.usage_guarded', 'on', true);
     RETURN QUERY
     WITH items AS (
         SELECT t.i::integer AS idx, t.lease_id, t.request_id, t.charge, t.rec,
@@ -177,6 +190,12 @@ BEGIN
         FROM running r WHERE r.charge > 0 ORDER BY r.idx
         RETURNING ledger_entries.id, ledger_entries.request_id
     ),
+    guards AS (  -- what usage_once would write, one statement for the batch; a request that has its record is skipped
+        INSERT INTO usage_request_ids (request_id, created_at)
+        SELECT x.rec ->> 'request_id', now() FROM running x WHERE x.rec IS NOT NULL ORDER BY 1
+        ON CONFLICT DO NOTHING
+        RETURNING usage_request_ids.request_id
+    ),
     records AS (
         INSERT INTO usage_records (
             request_id, account_id, project_id, key_id, status, model, route_id, route_kind, bucket,
@@ -189,11 +208,12 @@ BEGIN
                                            'charge_nanos', x.charge),
                CASE WHEN x.charge > 0 THEN x.lease_id END
         FROM running x LEFT JOIN entries e ON e.request_id = x.request_id
-        WHERE x.rec IS NOT NULL
+        WHERE x.rec IS NOT NULL AND x.rec ->> 'request_id' IN (SELECT g.request_id FROM guards g)
         ON CONFLICT DO NOTHING
     )
     SELECT j.idx, j.outcome, e.id, r.balance_after
     FROM judged j LEFT JOIN running r ON r.idx = j.idx LEFT JOIN entries e ON e.request_id = j.request_id
          AND j.outcome = 'ok'
     ORDER BY j.idx;
+    PERFORM set_config('tokensforge.usage_guarded', 'off', true);
 END $$;
