@@ -297,22 +297,36 @@ class _SettleDb:
         return items
 
     async def drive(self, ledger: LedgerStore, size: int, batches: int, inflight: int,
-                    pg_pid: int) -> tuple[int, float, float, list[str]]:
+                    pg_pid: int) -> tuple[int, float, float, float, list[str]]:
         """`batches` batches of `size` through `LedgerStore._lease_finish_many`, `inflight` at a time:
-        (settles, seconds, PostgreSQL CPU seconds, errors)."""
+        (settles, seconds, PostgreSQL CPU seconds, of them the pool's backends', errors). The backends'
+        share leaves out the background processes (WAL writer, checkpointer, autovacuum), whose work
+        is partly the settlements' and partly the machine's: the steadier figure to compare."""
         todo = itertools.count()
         errors: list[str] = []
+        pids = await _backend_pids(ledger.pool, inflight)
 
         async def worker() -> None:
             while next(todo) < batches:
                 results = await ledger._lease_finish_many(self.batch(size))
                 errors.extend(str(r) for r in results if isinstance(r, Exception))
 
-        cpu0 = cpu_seconds(pg_pid, tree=True)
+        cpu0, own0 = cpu_seconds(pg_pid, tree=True), sum(cpu_seconds(p) for p in pids)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(inflight)))
         elapsed = time.perf_counter() - t0
-        return batches * size, elapsed, cpu_seconds(pg_pid, tree=True) - cpu0, errors
+        cpu1, own1 = cpu_seconds(pg_pid, tree=True), sum(cpu_seconds(p) for p in pids)
+        return batches * size, elapsed, cpu1 - cpu0, own1 - own0, errors
+
+
+async def _backend_pids(pool: asyncpg.Pool, n: int) -> list[int]:
+    """The server pids of the pool's `n` connections (all held at once, so each is asked)."""
+    conns = [await pool.acquire() for _ in range(n)]
+    try:
+        return [int(await c.fetchval("SELECT pg_backend_pid()")) for c in conns]
+    finally:
+        for c in conns:
+            await pool.release(c)
 
 
 async def _migrate_upto(dsn: str, upto: int | None) -> None:
@@ -380,22 +394,23 @@ async def _rate(main: _SettleDb, before: _SettleDb | None, *, size: int, settles
                 pools[key] = await create_pool(db.dsn, max_size=inflight, min_size=inflight)
         ledgers = {key: LedgerStore(pool, reservation_ttl_s=3600) for key, pool in pools.items()}
         dbs = {"after": main, "before": before}
-        totals = {key: [0, 0.0, 0.0] for key in ledgers}
+        totals = {key: [0, 0.0, 0.0, 0.0] for key in ledgers}
         errors: list[str] = []
         for key, ledger in ledgers.items():  # warm each connection's plans
             await dbs[key].drive(ledger, size, inflight * 6, inflight, pg_pid)  # type: ignore[union-attr]
         batches = max(1, settles // size // rounds)
         for _ in range(rounds):
             for key, ledger in ledgers.items():
-                n, elapsed, cpu, errs = await dbs[key].drive(ledger, size, batches, inflight, pg_pid)  # type: ignore[union-attr]
-                totals[key][0] += n
-                totals[key][1] += elapsed
-                totals[key][2] += cpu
+                n, elapsed, cpu, own, errs = await dbs[key].drive(  # type: ignore[union-attr]
+                    ledger, size, batches, inflight, pg_pid)
+                for i, value in enumerate((n, elapsed, cpu, own)):
+                    totals[key][i] += value
                 errors += errs
 
-        def summary(n: float, elapsed: float, cpu: float) -> dict[str, Any]:
+        def summary(n: float, elapsed: float, cpu: float, own: float) -> dict[str, Any]:
             return {"settles": int(n), "elapsed_s": round(elapsed, 3), "settles_per_s": round(n / elapsed, 1),
-                    "postgres_cpu_ms_per_settle": round(cpu / n * 1000, 4)}
+                    "postgres_cpu_ms_per_settle": round(cpu / n * 1000, 4),
+                    "backend_cpu_ms_per_settle": round(own / n * 1000, 4)}
 
         row = {**summary(*totals["after"]), "errors": len(errors), "error_samples": errors[:3]}
         if "before" in totals:
@@ -420,7 +435,7 @@ async def _tracked(admin: asyncpg.Connection[Any], db: _SettleDb, *, size: int, 
         await db.drive(ledger, size, inflight * 6, inflight, pg_pid)  # warm the plans
         async with pool.acquire() as conn:
             await conn.execute("SELECT pg_stat_statements_reset()")
-        n, elapsed, cpu, errors = await db.drive(ledger, size, max(1, settles // size), inflight, pg_pid)
+        n, elapsed, cpu, _own, errors = await db.drive(ledger, size, max(1, settles // size), inflight, pg_pid)
         result: dict[str, Any] = {"settles": n, "errors": len(errors), "elapsed_s": round(elapsed, 3),
                                   "settles_per_s": round(n / elapsed, 1),
                                   "postgres_cpu_ms_per_settle": round(cpu / n * 1000, 4)}
@@ -472,9 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-upto", type=int, default=None,
                         help="profile: also settle, in alternating slices, on a database migrated only up to this "
                              "migration number (before/after of the later ones in one run)")
+    parser.add_argument("--profile-inflight", type=int, default=2, help="profile: batches in the database at once")
+    parser.add_argument("--profile-accounts", type=int, default=1, help="profile: accounts settling (one lease each)")
     args = parser.parse_args(argv)
     if args.profile_only:
-        profile = profile_on_own_cluster(settles=args.profile_settles, compare_upto=args.compare_upto)
+        profile = profile_on_own_cluster(settles=args.profile_settles, compare_upto=args.compare_upto,
+                                         inflight=args.profile_inflight, accounts=args.profile_accounts)
         print("LEDGER_JSON " + json.dumps({"settle_profile": profile}), flush=True)
         return 0 if "error" not in profile else 1
     if not args.admin_dsn:
