@@ -348,15 +348,16 @@ async def _migrate_upto(dsn: str, upto: int | None) -> None:
 
 
 async def settle_profile(admin_dsn: str, *, pg_pid: int, batch_sizes: tuple[int, ...] = (1, 16),
-                         settles: int = 2000, accounts: int = 1, inflight: int = 2,
+                         settles: int = 2000, accounts: int = 1, inflight: int = 1,
                          compare_upto: int | None = None, rounds: int = 6) -> dict[str, Any]:
     """The lease settlement (`LedgerStore._lease_finish_many`, the statement the gateway sends per batch) at
     fixed batch sizes — 1 is what c=4 sends, ~8–16 what c=32 sends — with `inflight` batches in the database
-    at once as the store's batcher allows; ~1 KB receipts; `accounts` accounts (1: the HTTP scenarios' one
-    hot account), each settling against its lease. For each size: settles/s and PostgreSQL CPU per settle
-    with statement tracking off; then the same with pg_stat_statements counting every statement, nested ones
-    included (track = all): the top statements per settlement; then EXPLAIN (ANALYZE, BUFFERS, WAL) of one
-    batch with the plans of the statements it ran. Needs a cluster from durable_throwaway(statements=True).
+    at once (1: what the store's batcher sends for one lease, its shard's one batch in flight); ~1 KB
+    receipts; `accounts` accounts (1: the HTTP scenarios' one hot account), each settling against its lease.
+    For each size: settles/s and PostgreSQL CPU per settle with statement tracking off; then the same with
+    pg_stat_statements counting every statement, nested ones included (track = all): the top statements per
+    settlement; then EXPLAIN (ANALYZE, BUFFERS, WAL) of one batch with the plans of the statements it ran.
+    Needs a cluster from durable_throwaway(statements=True).
 
     With `compare_upto`, a second database migrated only up to that migration settles too, in `rounds`
     alternating slices with the first (same cluster, same moments of a shared machine's load): the
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-upto", type=int, default=None,
                         help="profile: also settle, in alternating slices, on a database migrated only up to this "
                              "migration number (before/after of the later ones in one run)")
-    parser.add_argument("--profile-inflight", type=int, default=2, help="profile: batches in the database at once")
+    parser.add_argument("--profile-inflight", type=int, default=1, help="profile: batches in the database at once")
     parser.add_argument("--profile-accounts", type=int, default=1, help="profile: accounts settling (one lease each)")
     args = parser.parse_args(argv)
     if args.profile_only:

@@ -966,7 +966,8 @@ def settle_profile_lines(profile: dict[str, Any] | None) -> list[str]:
         return [*lines, f"Not measured: {profile['error']}"]
     lines.append(
         f"`LedgerStore._lease_finish_many` (the statement the gateway sends per batch) at fixed batch sizes, "
-        f"{profile['inflight']} batches in flight (the store's batcher), {profile['accounts']} account(s) settling "
+        f"{profile['inflight']} batch(es) in flight (the store's batcher sends one per lease shard), "
+        f"{profile['accounts']} account(s) settling "
         "against their lease, ~1 KB receipts, on a durable cluster of its own with pg_stat_statements preloaded "
         "(off for the rate and CPU, `track = all` for the statements: nested ones — inside plpgsql functions "
         "and triggers — are counted, and a top-level statement's time includes theirs).")
