@@ -142,7 +142,7 @@ SELECT s.toplevel, s.calls, s.total_exec_time, s.mean_exec_time, s.rows, s.wal_b
        s.shared_blks_hit, s.shared_blks_read, s.shared_blks_dirtied, s.query
 FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
 WHERE d.datname = current_database()
-  AND s.query !~* '^\\s*(explain|load|set|reset|select pg_stat_statements_reset)'
+  AND s.query !~* '^\\s*(explain|load|set|reset|select pg_stat_statements_reset|select pg_backend_pid)'
 ORDER BY s.total_exec_time DESC
 LIMIT $1
 """
