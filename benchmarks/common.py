@@ -401,12 +401,37 @@ TOOLS_DIR = BENCH_DIR / ".tools"  # py-spy, installed on first use (pip --target
 PY_SPY_REQUIREMENT = "py-spy>=0.3.14"
 
 
-def durable_throwaway(*, durable: bool = True) -> EmbeddedPostgres:
+#: the module pg_stat_statements needs preloaded (Debian's postgresql-15 package ships it)
+STATEMENTS_MODULE = "pg_stat_statements"
+
+
+class _StatementsPostgres(EmbeddedPostgres):
+    """A cluster that preloads pg_stat_statements, counting nothing until a session or database
+    asks for it (`compute_query_id` and `pg_stat_statements.track` are superuser-settable per
+    session, so the CPU measured beside it runs with both off)."""
+
+    def _server_options(self, port: int, socket_dir: Path) -> str:
+        return " ".join([super()._server_options(port, socket_dir),
+                         f"-c shared_preload_libraries={STATEMENTS_MODULE}",
+                         "-c pg_stat_statements.track=none", "-c compute_query_id=off",
+                         "-c pg_stat_statements.max=2000", "-c track_functions=pl"])
+
+
+def statements_module_available(bindir: Path | None = None) -> bool:
+    """Is pg_stat_statements' shared library installed next to the server found for throwaways?"""
+    from tokensforge.embedded_pg import find_pg_bindir
+
+    lib = (bindir or find_pg_bindir()).parent / "lib" / f"{STATEMENTS_MODULE}.so"
+    return lib.exists()
+
+
+def durable_throwaway(*, durable: bool = True, statements: bool = False) -> EmbeddedPostgres:
     """A throwaway cluster (fresh dir under /tmp, removed by close()) with PostgreSQL's durability
     defaults — fsync, synchronous_commit and full_page_writes on — unless `durable=False` (the
     test suite's settings: all three off). The product promises a receipt's ledger entry is on disk
-    before the answer leaves, so every headline figure is measured on the durable one."""
-    pg = EmbeddedPostgres.throwaway()
+    before the answer leaves, so every headline figure is measured on the durable one. With
+    `statements`, pg_stat_statements is preloaded (off until a session turns it on)."""
+    pg = (_StatementsPostgres if statements else EmbeddedPostgres).throwaway()
     pg.durable = durable  # read by initdb (no --no-sync) and the server options; set before start()
     return pg
 

@@ -132,3 +132,51 @@ def durability_probe(dsn: str, commits: int = 300) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
         loop.close()
+
+
+# --------------------------------------------------------------------------- per-statement timings
+
+#: pg_stat_statements' columns read for the report (PostgreSQL 14+: toplevel, wal_bytes)
+_STATEMENTS_SQL = """
+SELECT s.toplevel, s.calls, s.total_exec_time, s.mean_exec_time, s.rows, s.wal_bytes, s.wal_fpi,
+       s.shared_blks_hit, s.shared_blks_read, s.shared_blks_dirtied, s.query
+FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+WHERE d.datname = current_database()
+  AND s.query !~* '^\\s*(explain|load|set|reset|select pg_stat_statements_reset|select pg_backend_pid)'
+ORDER BY s.total_exec_time DESC
+LIMIT $1
+"""
+
+
+def one_line(sql: str, limit: int = 160) -> str:
+    """A statement's text on one line, whitespace folded, cut to `limit` characters."""
+    text = " ".join(sql.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+async def top_statements(conn: asyncpg.Connection[Any], *, per: int, limit: int = 15) -> list[dict[str, Any]]:
+    """The current database's statements by total execution time (pg_stat_statements, nested ones
+    included when `pg_stat_statements.track = all`): calls, total and mean ms, and per `per`
+    settlements the calls, ms, WAL bytes and full-page images — so the rows read as a settlement's cost.
+    A top-level statement's time includes the nested statements it ran."""
+    rows = await conn.fetch(_STATEMENTS_SQL, limit)
+    per = max(per, 1)
+    return [{"toplevel": r["toplevel"], "calls": r["calls"], "total_ms": round(r["total_exec_time"], 1),
+             "mean_ms": round(r["mean_exec_time"], 4), "rows": r["rows"],
+             "calls_per_settle": round(r["calls"] / per, 3),
+             "ms_per_settle": round(r["total_exec_time"] / per, 4),
+             "wal_bytes_per_settle": round(int(r["wal_bytes"]) / per),
+             "wal_fpi_per_settle": round(r["wal_fpi"] / per, 3),
+             "blks_dirtied_per_settle": round(r["shared_blks_dirtied"] / per, 3),
+             "query": one_line(r["query"])} for r in rows]
+
+
+def statements_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table of top_statements() rows."""
+    out = ["| statement | top | calls | mean ms | ms / settle | WAL B / settle | FPI / settle |",
+           "|---|:-:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        query = r["query"].replace("|", "\\|")
+        out.append(f"| `{query}` | {'✓' if r['toplevel'] else ''} | {r['calls']:,} | {r['mean_ms']} | "
+                   f"{r['ms_per_settle']} | {r['wal_bytes_per_settle']:,} | {r['wal_fpi_per_settle']} |")
+    return out

@@ -529,7 +529,8 @@ class Harness:
         try:
             cmd = [self.python, "-m", "benchmarks.ledger_bench", "--admin-dsn", self.pg.admin_dsn("postgres"),
                    "--ops", str(self.args.ledger_ops), "--warmup", str(max(50, self.args.ledger_ops // 20)),
-                   "--concurrency", "64", "--accounts", "50", "--pool-size", "20",
+                   "--concurrency", "64", "--accounts", "50", "--pool-size", "20", "--settle-profile",
+                   "--profile-settles", str(max(100, min(4000, self.args.ledger_ops // 2))),
                    *(["--pg-pid", str(self.pg_pid)] if self.pg_pid else [])]
             proc = run_capture(cmd, timeout_s=900, nofile=self.nofile, cwd=REPO)
         finally:
@@ -956,6 +957,42 @@ def _peer_target(results: dict[str, Any], args: argparse.Namespace, gw: dict[str
     return _target(name, None, "≥ 30×", None, why[:200])
 
 
+def settle_profile_lines(profile: dict[str, Any] | None) -> list[str]:
+    """The settlement statement by statement (benchmarks.ledger_bench.settle_profile) as report lines."""
+    if not profile:
+        return []
+    lines = ["", "### The settlement, statement by statement", ""]
+    if "error" in profile:
+        return [*lines, f"Not measured: {profile['error']}"]
+    lines.append(
+        f"`LedgerStore._lease_finish_many` (the statement the gateway sends per batch) at fixed batch sizes, "
+        f"{profile['inflight']} batch(es) in flight (the store's batcher sends one per lease shard), "
+        f"{profile['accounts']} account(s) settling "
+        "against their lease, ~1 KB receipts, on a durable cluster of its own with pg_stat_statements preloaded "
+        "(off for the rate and CPU, `track = all` for the statements: nested ones — inside plpgsql functions "
+        "and triggers — are counted, and a top-level statement's time includes theirs).")
+    for size, row in (profile.get("sizes") or {}).items():
+        tracked = row.get("tracked") or {}
+        lines += ["", f"**Batch of {size}** (c={'4' if size == '1' else '32'}-like): {_fmt(row['settles_per_s'])} "
+                      f"settles/s, PostgreSQL CPU {row['postgres_cpu_ms_per_settle']} ms per settle (its "
+                      f"backends alone {row.get('backend_cpu_ms_per_settle')} ms) "
+                      f"({row['settles']:,} settles, {row['errors']} errors); with statement tracking "
+                      f"{_fmt(tracked.get('settles_per_s'))} settles/s.", ""]
+        before = row.get("before")
+        if before:
+            lines[-1:-1] = [f"Same run, alternating slices, on a database migrated only up to "
+                            f"{profile.get('compare_upto'):04d}: {_fmt(before['settles_per_s'])} settles/s, "
+                            f"PostgreSQL CPU {before['postgres_cpu_ms_per_settle']} ms per settle (its backends "
+                            f"alone {before.get('backend_cpu_ms_per_settle')} ms).", ""]
+        lines += pgstats.statements_table(tracked.get("statements") or [])
+        explain = tracked.get("explain")
+        if explain:
+            lines += ["", f"<details><summary>EXPLAIN (ANALYZE, BUFFERS, WAL) of one batch of {size}, and the "
+                          f"plans of the {len(explain['nested'])} statements it ran</summary>", "", "```",
+                      explain["plan"], *[n.strip() + "\n" for n in explain["nested"]], "```", "", "</details>"]
+    return lines
+
+
 def _ledger_targets(results: dict[str, Any], args: argparse.Namespace) -> list[TargetResult]:
     out: list[TargetResult] = []
     gw = _row(results, "chat-c32", "gateway")
@@ -1119,6 +1156,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"`{name}` {f['mean_ms']} ms" for name, f in funcs.items() if name != "tf_topup") + ".")
     else:
         lines.append(f"Not measured: {led.get('skipped') or led.get('error')}")
+    lines += settle_profile_lines(led.get("settle_profile"))
     s = results.get("streams", {})
     lines += ["", "## Many concurrent streams (one gateway worker)", ""]
     if "peak_open" in s:

@@ -64,6 +64,13 @@ def test_quick_benchmark_runs_and_reports_every_target(tmp_path: Path) -> None:
         spread = rows[("chat-c32", "gateway-2acct")]  # the hot-account twin over two accounts
         assert spread["rps"] > 0 and spread["accounts"] == 2 and spread["preflight"] == "ok", spread
         assert data["ledger"]["settled"] == 200 and data["ledger"]["errors"] == 0, data["ledger"]
+        profile = data["ledger"]["settle_profile"]  # the settlement statement by statement, batches of 1 and 16
+        for size in ("1", "16"):
+            assert profile["sizes"][size]["errors"] == 0 and profile["sizes"][size]["settles_per_s"] > 0, profile
+            statements = profile["sizes"][size]["tracked"]["statements"]
+            assert any("tf_lease_finish" in s["query"] and s["toplevel"] for s in statements), statements
+            assert any(not s["toplevel"] for s in statements), "nested statements are counted (track = all)"
+            assert "WAL:" in profile["sizes"][size]["tracked"]["explain"]["plan"]
         assert data["streams"]["completed"] == 50 and data["streams"]["errors"] == 0, data["streams"]
         assert data["streams"]["gateway_peak_rss_mb"] > 0 and data["streams"]["kb_per_open_stream"] > 0
         assert data["streams"]["listen_overflows"] >= 0, data["streams"]
@@ -78,6 +85,7 @@ def test_quick_benchmark_runs_and_reports_every_target(tmp_path: Path) -> None:
         md = (out / "latest.md").read_text()
         assert "**durable**" in md, md[:1500]
         assert "| chat-c32 | gateway |" in md and "CPUs" in md and "wrk" in md
+        assert "statement by statement" in md and "EXPLAIN (ANALYZE, BUFFERS, WAL)" in md
         assert md.rindex("## Targets") > md.rindex("## PostgreSQL per proxied request"), "targets table last"
     finally:
         for path in out.glob("*"):
