@@ -124,6 +124,16 @@ async def test_partitions_are_made_ahead_and_on_demand(dsn: str) -> None:
             "INSERT INTO ledger_entries (account_id, bucket, kind, amount_nanos, balance_after_nanos, created_at)"
             " VALUES ('a', 'credit', 'adjustment', 1, 1, $1), ('a', 'credit', 'adjustment', -1, 0, $1)", far)
         assert await conn.fetchval(f"SELECT count(*) FROM ledger_entries_p{far:%Y_%m}") == 2
+        # the CHECK that let ATTACH skip its scan is gone once attached: the bound says the same (0012)
+        checks = await conn.fetch(
+            "SELECT c.conname FROM pg_constraint c JOIN pg_inherits i ON i.inhrelid = c.conrelid"
+            " WHERE c.contype = 'c' AND i.inhparent IN ('usage_records'::regclass, 'ledger_entries'::regclass)"
+            " AND c.conname LIKE '%\\_range'")
+        assert checks == []
+        with pytest.raises(asyncpg.CheckViolationError):  # the table's own CHECKs stay on every partition
+            await conn.execute(
+                "INSERT INTO ledger_entries (account_id, bucket, kind, amount_nanos, balance_after_nanos, created_at)"
+                " VALUES ('a', 'credit', 'adjustment', 0, 0, $1)", far)
     finally:
         await conn.close()
 
