@@ -90,3 +90,14 @@ def test_quick_benchmark_runs_and_reports_every_target(tmp_path: Path) -> None:
     finally:
         for path in out.glob("*"):
             path.unlink()
+
+
+def test_a_process_trees_cpu_keeps_what_exited_children_spent() -> None:
+    """PostgreSQL's CPU per request is read from the postmaster's tree: a backend that exits mid-row (a
+    pool replacing a connection) must not take its CPU out of the total."""
+    from benchmarks.common import cpu_seconds
+
+    before = cpu_seconds(os.getpid(), tree=True)
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    subprocess.run([sys.executable, "-c", burn], check=True)  # exits and is reaped before the reading below
+    assert cpu_seconds(os.getpid(), tree=True) - before >= 0.25
