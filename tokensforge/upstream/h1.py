@@ -531,6 +531,9 @@ class H1Pool:
             raise
         except OSError:  # refused, unreachable, no such host, a TLS handshake or certificate failure
             raise H1Error("connect", "could not connect") from None
+        if self._closing:  # close() ran while this connection was being made: it never saw it
+            conn.abort()
+            raise H1Error("connect", "the gateway is shutting down")
         self._conns.add(conn)
         return conn
 
