@@ -10,8 +10,10 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tokensforge.db import migrate
+from tokensforge.accounts import AccountStore
+from tokensforge.db import create_pool, migrate
 from tokensforge.embedded_pg import EmbeddedPostgres
+from tokensforge.ledger.store import LedgerStore
 
 from .harness import Gw, Mock, gateway_of, gateway_settings, start_gateway, start_mock, write_catalog
 from .invariants import assert_ledger_invariants
@@ -78,3 +80,13 @@ async def gw(dsn: str, mock_upstream: Mock, tmp_path: Path) -> AsyncIterator[Gw]
         finally:
             for client in harness.clients:
                 await client.close()
+
+
+@pytest.fixture
+async def ledger(dsn: str) -> AsyncIterator[tuple[LedgerStore, AccountStore, str]]:
+    """A ledger store and an account store on a fresh database, and its DSN (a test file may define its own)."""
+    pool = await create_pool(dsn, max_size=20)
+    try:
+        yield LedgerStore(pool, reservation_ttl_s=60), AccountStore(pool), dsn
+    finally:
+        await pool.close()

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from tokensforge.accounts import AccountStore
-from tokensforge.db import create_pool
 from tokensforge.errors import BudgetExceeded, InsufficientBalance, ReservationResolved
 from tokensforge.ledger.leases import PRESSURE_PREFIX, Hold, LeaseConfig, Wallet
 from tokensforge.ledger.model import BudgetLimit
@@ -19,15 +18,6 @@ from tokensforge.ledger.store import LedgerStore
 from .invariants import assert_ledger_invariants
 
 _ids = itertools.count()
-
-
-@pytest.fixture
-async def ledger(dsn: str):
-    pool = await create_pool(dsn, max_size=20)
-    try:
-        yield LedgerStore(pool, reservation_ttl_s=60), AccountStore(pool), dsn
-    finally:
-        await pool.close()
 
 
 async def _funded(ledger: LedgerStore, accounts: AccountStore, credit: int) -> str:

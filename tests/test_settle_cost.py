@@ -11,22 +11,12 @@ import asyncpg
 import pytest
 
 from tokensforge.accounts import AccountStore
-from tokensforge.db import create_pool
 from tokensforge.errors import ReservationResolved
 from tokensforge.ledger.store import LedgerStore, lease_finish_sql
 
 from .invariants import assert_ledger_invariants
 
 _ids = itertools.count()
-
-
-@pytest.fixture
-async def ledger(dsn: str):
-    pool = await create_pool(dsn, max_size=4)
-    try:
-        yield LedgerStore(pool, reservation_ttl_s=60), AccountStore(pool), dsn
-    finally:
-        await pool.close()
 
 
 def _record(request_id: str, account: str, model: str) -> dict[str, Any]:
